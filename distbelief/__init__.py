@@ -1,0 +1,3 @@
+"""distbelief: asynchronous parameter-server training in the style of DistBelief."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from distbelief.cli import main
+
+main()

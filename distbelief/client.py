@@ -1,0 +1,328 @@
+"""The client side of the protocol: one DEALER per server, every request to all at once.
+
+Contract:
+
+- :class:`ParameterClient` is **not thread-safe**: one thread at a time uses it (the
+  replica's loop, or its background communication thread with ``--overlap``).
+- Every public call **blocks** until each server involved has answered, sending to
+  all servers first and collecting the replies after, so the servers work in parallel.
+- ``push(grads)`` sends slices of ``grads`` **zero-copy** (for ``f32``): the caller
+  must not modify ``grads`` until ``push`` returns; after it returns the buffer is the
+  caller's again (every server has received its slice).
+- ``pull(weights)`` writes each server's range into ``weights`` (a 1-D float32 CPU
+  tensor the caller owns); nothing is allocated per call at model size.
+- A server that does not answer within ``timeout_s`` is retried (Lazy Pirate): the
+  socket is closed and reopened and the same request sent again after a back-off that
+  doubles from ``backoff_s`` up to ``max_backoff_s``. A push keeps its ``(worker, seq)``
+  across retries, so a server that did receive the first copy applies it only once.
+  After ``retries`` retries :class:`ServerUnavailable` is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zmq
+
+from distbelief import protocol
+from distbelief.layout import Layout
+from distbelief.protocol import ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+def default_worker_id() -> str:
+    """Unique per process: host, pid and a random suffix (a restarted replica is new)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    servers: tuple[str, ...]
+    worker: str = field(default_factory=default_worker_id)
+    timeout_s: float = 30.0  # a 50 MB push to a busy shard on a loaded 2-core host can take seconds
+    retries: int = 5
+    backoff_s: float = 1.0
+    max_backoff_s: float = 32.0
+    wire_dtype: str = "f32"
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ValueError("no servers given (expected tcp://host:port,...)")
+        for address in self.servers:
+            if not address.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ValueError(f"server address {address!r} must look like tcp://host:port")
+        if self.wire_dtype not in protocol.DTYPES:
+            known = ", ".join(protocol.DTYPES)
+            raise ValueError(f"unknown wire dtype {self.wire_dtype!r}; known: {known}")
+        if self.timeout_s <= 0 or self.retries < 0:
+            raise ValueError("timeout_s must be positive and retries non-negative")
+
+
+class ServerUnavailable(ConnectionError):
+    """A server did not answer after every retry."""
+
+
+class ServerRefused(RuntimeError):
+    """A server answered with an error; ``code`` is the protocol's stable error code."""
+
+    def __init__(self, index: int, address: str, code: str, message: str) -> None:
+        super().__init__(f"server {index} ({address}) refused: {code}: {message}")
+        self.index = index
+        self.code = code
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerInfo:
+    index: int
+    address: str
+    start: int
+    stop: int
+    total: int
+    version: int
+    hparams: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PushResult:
+    version: int
+    applied: bool
+    staleness: int
+
+
+@dataclass
+class _Pending:
+    rid: int
+    header: bytes
+    payload: list[Any]
+    deadline: float
+    resend_at: float | None = None
+    attempts: int = 0
+
+
+class ParameterClient:
+    """Pull and push the flat parameter vector across every server at once."""
+
+    def __init__(self, cfg: ClientConfig, layout: Layout | None = None) -> None:
+        self.cfg = cfg
+        self.layout = layout
+        self.context = zmq.Context()
+        self.sockets: list[zmq.Socket] = [self._open(a) for a in cfg.servers]
+        self.info: list[ServerInfo] = []
+        self.versions = [0] * len(cfg.servers)  # version of each server at our last pull
+        self.seq = 0
+        self.rid = 0
+        self.retries_total = 0
+        self._scratch: list[torch.Tensor | None] = [None] * len(cfg.servers)
+
+    # -- public verbs ----------------------------------------------------------------
+
+    def connect(self) -> list[ServerInfo]:
+        """``hello`` every server; check fingerprints and that the ranges tile the vector."""
+        if self.layout is None:
+            raise ValueError("connect() needs the model layout")
+        fingerprint = self.layout.fingerprint(len(self.cfg.servers))
+        replies = self._exchange(
+            {i: ("hello", {"fingerprint": fingerprint}, []) for i in self._all}
+        )
+        self.info = [
+            ServerInfo(
+                index=i,
+                address=self.cfg.servers[i],
+                start=h["start"],
+                stop=h["stop"],
+                total=h["total"],
+                version=h["version"],
+                hparams=h.get("hparams", {}),
+            )
+            for i, (h, _) in sorted(replies.items())
+        ]
+        edges = [0] + [s.stop for s in self.info]
+        if [s.start for s in self.info] != edges[:-1] or edges[-1] != self.layout.total:
+            ranges = ", ".join(f"[{s.start}, {s.stop})" for s in self.info)
+            raise ValueError(
+                f"servers' ranges {ranges} do not tile [0, {self.layout.total}): "
+                "list the servers in shard order"
+            )
+        self.versions = [s.version for s in self.info]
+        return self.info
+
+    def pull(self, weights: torch.Tensor) -> list[int]:
+        """Fill ``weights`` from every server; return their versions. Blocks."""
+        self._need_info()
+        fields = {"dtype": self.cfg.wire_dtype}
+        replies = self._exchange({i: ("pull", fields, []) for i in self._all})
+        for i, (header, payload) in replies.items():
+            info = self.info[i]
+            dtype = header.get("dtype")
+            body = payload[0].buffer if len(payload) == 1 else b""
+            if dtype not in protocol.DTYPES or len(body) != protocol.wire_bytes(
+                dtype, info.stop - info.start
+            ):
+                raise ServerRefused(i, info.address, "bad_size", "pull reply has the wrong size")
+            weights[info.start : info.stop].copy_(protocol.from_wire(body, dtype))
+            if header["version"] < self.versions[i]:
+                log.warning(
+                    "server %d went back from version %d to %d (restarted from a checkpoint?)",
+                    i,
+                    self.versions[i],
+                    header["version"],
+                )
+            self.versions[i] = header["version"]
+        return list(self.versions)
+
+    def push(self, grads: torch.Tensor, examples: int) -> list[PushResult]:
+        """Send every server its slice of ``grads`` (computed at the last pulled versions).
+
+        Blocks until every server has answered; ``grads`` is the caller's again after.
+        """
+        self._need_info()
+        self.seq += 1
+        dtype = self.cfg.wire_dtype
+        requests = {}
+        for i, info in enumerate(self.info):
+            fields = {
+                "worker": self.cfg.worker,
+                "seq": self.seq,
+                "base_version": self.versions[i],
+                "examples": examples,
+                "dtype": dtype,
+            }
+            requests[i] = ("push", fields, [self._encode(i, grads[info.start : info.stop])])
+        replies = self._exchange(requests)
+        return [
+            PushResult(version=h["version"], applied=h["applied"], staleness=h["staleness"])
+            for _, (h, _) in sorted(replies.items())
+        ]
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each server's counters and hyper-parameters."""
+        replies = self._exchange({i: ("stats", {}, []) for i in self._all})
+        return [h["stats"] for _, (h, _) in sorted(replies.items())]
+
+    def save(self) -> list[str]:
+        """Ask every server to write a checkpoint now; return the paths."""
+        replies = self._exchange({i: ("save", {}, []) for i in self._all})
+        return [h["path"] for _, (h, _) in sorted(replies.items())]
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close(linger=0)
+        self.context.term()
+
+    def __enter__(self) -> ParameterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- machinery -------------------------------------------------------------------
+
+    @property
+    def _all(self) -> range:
+        return range(len(self.cfg.servers))
+
+    def _need_info(self) -> None:
+        if not self.info:
+            raise RuntimeError("call connect() first")
+
+    def _encode(self, i: int, values: torch.Tensor) -> Any:
+        dtype = self.cfg.wire_dtype
+        if dtype != "f32" and self._scratch[i] is None:
+            self._scratch[i] = torch.empty(values.numel(), dtype=protocol.DTYPES[dtype][0])
+        return protocol.to_wire(values, dtype, self._scratch[i])
+
+    def _open(self, address: str) -> zmq.Socket:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        return sock
+
+    def _reopen(self, i: int) -> None:
+        self.sockets[i].close(linger=0)
+        self.sockets[i] = self._open(self.cfg.servers[i])
+
+    def _exchange(
+        self, requests: dict[int, tuple[str, dict[str, Any], list[Any]]]
+    ) -> dict[int, tuple[dict[str, Any], list[zmq.Frame]]]:
+        """Send each request to its server at once, then collect every reply (with retries)."""
+        pending: dict[int, _Pending] = {}
+        now = time.monotonic()
+        for i, (op, fields, payload) in requests.items():
+            self.rid += 1
+            p = _Pending(self.rid, protocol.request(op, self.rid, **fields), payload, 0.0)
+            self._send(i, p, now)
+            pending[i] = p
+        done: dict[int, tuple[dict[str, Any], list[zmq.Frame]]] = {}
+        while pending:
+            self._poll_once(pending, done)
+        return done
+
+    def _send(self, i: int, p: _Pending, now: float) -> None:
+        self.sockets[i].send_multipart([p.header, *p.payload], copy=False)
+        p.deadline = now + self.cfg.timeout_s
+        p.resend_at = None
+
+    def _poll_once(self, pending: dict[int, _Pending], done: dict) -> None:
+        now = time.monotonic()
+        wake = min(p.resend_at if p.resend_at is not None else p.deadline for p in pending.values())
+        poller = zmq.Poller()
+        for i, p in pending.items():
+            if p.resend_at is None:
+                poller.register(self.sockets[i], zmq.POLLIN)
+        ready = dict(poller.poll(max(0.0, wake - now) * 1000)) if poller.sockets else {}
+        if not poller.sockets:
+            time.sleep(max(0.0, wake - now))
+        for i in list(pending):
+            if self.sockets[i] in ready:
+                self._receive(i, pending, done)
+        now = time.monotonic()
+        for i, p in list(pending.items()):
+            if p.resend_at is not None and now >= p.resend_at:
+                self._send(i, p, now)
+            elif p.resend_at is None and now >= p.deadline:
+                self._retry_later(i, p, now)
+
+    def _receive(self, i: int, pending: dict[int, _Pending], done: dict) -> None:
+        frames = self.sockets[i].recv_multipart(copy=False)
+        try:
+            header = protocol.decode(frames[0].buffer)
+        except ProtocolError as exc:
+            log.warning("dropping undecodable reply from server %d: %s", i, exc)
+            return
+        if header.get("rid") != pending[i].rid:
+            return  # a late reply to a request we already retried
+        del pending[i]
+        if not header.get("ok"):
+            raise ServerRefused(
+                i, self.cfg.servers[i], str(header.get("error")), str(header.get("message"))
+            )
+        done[i] = (header, frames[1:])
+
+    def _retry_later(self, i: int, p: _Pending, now: float) -> None:
+        p.attempts += 1
+        if p.attempts > self.cfg.retries:
+            raise ServerUnavailable(
+                f"no answer from server {i} ({self.cfg.servers[i]}) after {p.attempts} tries "
+                f"of {self.cfg.timeout_s:g} s: unreachable or not authorised"
+            )
+        self.retries_total += 1
+        backoff = min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2 ** (p.attempts - 1))
+        log.warning(
+            "server %d (%s) did not answer in %g s; reconnecting, retry %d/%d in %g s",
+            i,
+            self.cfg.servers[i],
+            self.cfg.timeout_s,
+            p.attempts,
+            self.cfg.retries,
+            backoff,
+        )
+        self._reopen(i)
+        p.resend_at = now + backoff

@@ -1,0 +1,127 @@
+"""The flat parameter layout and its partition into shards.
+
+All trainable parameters, in ``model.named_parameters()`` order, lie end to end
+in one float32 vector. A :class:`Layout` records where each one lives; a
+:class:`ShardPlan` cuts ``[0, total)`` into contiguous, size-balanced ranges, one
+per shard (a key-range partition, as ps-lite does).
+
+A worker keeps its parameters *and* their gradients as views into two flat
+buffers (:func:`flatten_into`), so a pull is one copy into a slice of the
+weight buffer and a push is one slice of the gradient buffer per shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class Entry:
+    """One parameter in the flat vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layout:
+    """Where every trainable parameter of a model lies in the flat vector."""
+
+    model_name: str
+    entries: tuple[Entry, ...]
+    total: int
+
+    @classmethod
+    def of(cls, model: nn.Module, model_name: str) -> Layout:
+        """The layout of ``model``'s trainable parameters, in ``named_parameters()`` order."""
+        entries = []
+        offset = 0
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            entries.append(
+                Entry(name=name, shape=tuple(param.shape), offset=offset, size=param.numel())
+            )
+            offset += param.numel()
+        return cls(model_name=model_name, entries=tuple(entries), total=offset)
+
+    def fingerprint(self, num_shards: int) -> str:
+        """A short hash of model name, parameter names and shapes, and the shard count.
+
+        Two processes agree on the fingerprint exactly when they cut the same flat
+        vector the same way; ``hello`` refuses a peer whose fingerprint differs.
+        """
+        h = hashlib.sha256()
+        h.update(f"{self.model_name}|{num_shards}|{self.total}".encode())
+        for e in self.entries:
+            h.update(f"|{e.name}:{'x'.join(map(str, e.shape))}".encode())
+        return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardPlan:
+    """Contiguous, size-balanced ranges ``[start, stop)`` of the flat vector, one per shard."""
+
+    total: int
+    num_shards: int
+
+    def __post_init__(self) -> None:
+        if self.num_shards < 1:
+            raise ValueError(f"num_shards must be at least 1, got {self.num_shards}")
+        if self.total < self.num_shards:
+            raise ValueError(
+                f"cannot cut {self.total} parameters into {self.num_shards} non-empty shards"
+            )
+
+    def range(self, index: int) -> tuple[int, int]:
+        """The range of shard ``index``; sizes differ by at most one element."""
+        if not 0 <= index < self.num_shards:
+            raise ValueError(f"shard index {index} out of range for {self.num_shards} shards")
+        base, extra = divmod(self.total, self.num_shards)
+        start = index * base + min(index, extra)
+        return start, start + base + (1 if index < extra else 0)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return [self.range(i) for i in range(self.num_shards)]
+
+
+def flatten_into(model: nn.Module, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make ``model``'s parameters and gradients views into two flat float32 buffers.
+
+    Returns ``(weights, grads)``. The current parameter values are copied into
+    ``weights``; afterwards writing a slice of ``weights`` changes the model and
+    ``backward()`` accumulates into ``grads`` (which starts at zero). The buffers live
+    on the device of the model's first parameter.
+    """
+    params = dict(model.named_parameters())
+    if not layout.entries:
+        raise ValueError("model has no trainable parameters")
+    device = params[layout.entries[0].name].device
+    weights = torch.zeros(layout.total, dtype=torch.float32, device=device)
+    grads = torch.zeros(layout.total, dtype=torch.float32, device=device)
+    for e in layout.entries:
+        p = params[e.name]
+        if tuple(p.shape) != e.shape:
+            raise ValueError(
+                f"parameter {e.name} has shape {tuple(p.shape)}, layout says {e.shape}"
+            )
+        w_view = weights[e.offset : e.offset + e.size].view(e.shape)
+        w_view.copy_(p.detach())
+        p.data = w_view
+        p.grad = grads[e.offset : e.offset + e.size].view(e.shape)
+    return weights, grads
+
+
+def flat_weights(model: nn.Module, layout: Layout) -> torch.Tensor:
+    """A new flat float32 CPU vector holding ``model``'s parameters in layout order."""
+    params = dict(model.named_parameters())
+    out = torch.empty(layout.total, dtype=torch.float32)
+    for e in layout.entries:
+        out[e.offset : e.offset + e.size].copy_(params[e.name].detach().reshape(-1))
+    return out

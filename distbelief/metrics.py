@@ -1,0 +1,93 @@
+"""Prometheus metrics: one registry per process, served on its own ``/metrics`` port.
+
+Names follow Prometheus conventions: prefix ``distbelief_``, the role next
+(``shard``, ``worker``, ``averager``), base units, ``_total`` for counters,
+``_seconds`` for durations.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from distbelief import __version__
+
+log = logging.getLogger(__name__)
+
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class MetricsPortError(RuntimeError):
+    """The metrics port could not be bound."""
+
+
+def new_registry(role: str) -> CollectorRegistry:
+    """A fresh registry holding ``distbelief_build_info``."""
+    registry = CollectorRegistry(auto_describe=True)
+    info = Info(
+        "distbelief_build", "Version and role of this distbelief process", registry=registry
+    )
+    info.info({"version": __version__, "role": role})
+    return registry
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1") -> None:
+    """Serve ``registry`` on ``http://addr:port/metrics`` from a daemon thread.
+
+    ``port`` 0 turns the endpoint off. Raises MetricsPortError naming the port when
+    it cannot be bound (for example because it is in use).
+    """
+    if port == 0:
+        return
+    try:
+        start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:
+        raise MetricsPortError(
+            f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc} "
+            "(choose another --metrics-port, or 0 to turn metrics off)"
+        ) from None
+    log.info("metrics on http://%s:%d/metrics", addr, port)
+
+
+@dataclass
+class ShardMetrics:
+    """The metrics a parameter shard exports."""
+
+    registry: CollectorRegistry
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        p = "distbelief_shard_"
+        self.pushes = Counter(p + "pushes", "Pushes applied to the weights", registry=r)
+        self.duplicates = Counter(
+            p + "duplicate_pushes",
+            "Retried pushes recognised by (worker, seq), not applied",
+            registry=r,
+        )
+        self.pulls = Counter(p + "pulls", "Pull requests answered", registry=r)
+        self.rejected = Counter(
+            p + "rejected_messages", "Requests refused, by error code", ["reason"], registry=r
+        )
+        self.received_bytes = Counter(p + "received_bytes", "Bytes received", registry=r)
+        self.sent_bytes = Counter(p + "sent_bytes", "Bytes sent", registry=r)
+        self.examples = Counter(p + "examples", "Training examples reported by pushes", registry=r)
+        self.apply_seconds = Histogram(
+            p + "apply_seconds",
+            "Time to check and apply one push",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.staleness = Histogram(
+            p + "staleness",
+            "Versions applied between a push's base version and its arrival",
+            buckets=STALENESS_BUCKETS,
+            registry=r,
+        )
+        self.version = Gauge(p + "version", "Updates applied (the shard's version)", registry=r)
+        self.learning_rate = Gauge(p + "learning_rate", "Learning rate in force", registry=r)
+        self.epoch = Gauge(p + "epoch", "Examples seen divided by the data set size", registry=r)
+        self.parameters = Gauge(p + "parameters", "Parameters held by this shard", registry=r)
+        self.workers = Gauge(p + "workers", "Workers heard from in the last minute", registry=r)

@@ -1,0 +1,1 @@
+"""Parameter shards and update rules (installed as ``distbelief.server``)."""

@@ -1,0 +1,365 @@
+"""A parameter shard: one contiguous range of the flat vector and its update rule.
+
+One thread owns all state: :func:`run_shard` polls a ROUTER socket and hands each
+request to :meth:`Shard.handle`, which returns the reply frames. Pushes are applied
+as soon as they arrive (asynchronous SGD: no barrier, no ordering across shards).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import OrderedDict, deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+
+from distbelief import protocol
+from distbelief.layout import Layout, ShardPlan, flat_weights
+from distbelief.metrics import ShardMetrics, new_registry, serve_metrics
+from distbelief.models import build_model
+from distbelief.protocol import ProtocolError
+
+from .rules import RULES, Schedule, make_rule
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.2  # how often the loop wakes to notice a stop request
+WORKER_SEEN_WINDOW_S = 60.0  # a worker counts as "recent" this long after its last push
+MAX_TRACKED_WORKERS = 4096  # bound on the (worker -> last seq) table for idempotent pushes
+STALENESS_WINDOW = 1024  # recent staleness values kept for p50/p95 in `stats`
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardConfig:
+    """Everything one shard process needs. ``port`` is already this shard's own port."""
+
+    index: int = 0
+    num_shards: int = 1
+    bind: str = "127.0.0.1"
+    port: int = 5570
+    metrics_port: int = 9100
+    metrics_bind: str = "127.0.0.1"
+    model: str = "googlenet"
+    num_classes: int = 1000
+    seed: int = 0
+    rule: str = "momentum"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0002
+    lr_decay: float = 0.96
+    lr_decay_epochs: float = 8.0
+    dataset_size: int = 1_281_167
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown update rule {self.rule!r}; known: {', '.join(RULES)}")
+        if not 0 <= self.index < self.num_shards:
+            raise ValueError(f"shard index {self.index} out of range for {self.num_shards} shards")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+
+    def schedule(self) -> Schedule:
+        return Schedule(
+            lr=self.lr,
+            decay=self.lr_decay,
+            decay_epochs=self.lr_decay_epochs,
+            dataset_size=self.dataset_size,
+        )
+
+    def hparams(self) -> dict[str, Any]:
+        keys = ("rule", "lr", "momentum", "weight_decay", "lr_decay", "lr_decay_epochs")
+        d = asdict(self)
+        return {k: d[k] for k in keys} | {"dataset_size": self.dataset_size}
+
+
+def initial_weights(model_name: str, num_classes: int, seed: int) -> tuple[Layout, torch.Tensor]:
+    """The model's layout and its full flat initial weights, deterministic in ``seed``."""
+    torch.manual_seed(seed)
+    model = build_model(model_name, num_classes)
+    layout = Layout.of(model, model_name)
+    return layout, flat_weights(model, layout)
+
+
+class Shard:
+    """The state of one shard and the request handler. Not thread-safe: one owner."""
+
+    def __init__(self, cfg: ShardConfig, layout: Layout, weights: torch.Tensor) -> None:
+        self.cfg = cfg
+        self.layout = layout
+        self.plan = ShardPlan(total=layout.total, num_shards=cfg.num_shards)
+        self.start, self.stop = self.plan.range(cfg.index)
+        self.size = self.stop - self.start
+        self.fingerprint = layout.fingerprint(cfg.num_shards)
+        self.weights = weights[self.start : self.stop].clone()
+        self.rule = make_rule(
+            cfg.rule, self.size, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+        )
+        self.schedule = cfg.schedule()
+        self.grad = torch.empty(self.size, dtype=torch.float32)  # bf16/f16 pushes land here
+        self.version = 0
+        self.examples = 0
+        self.last_seq: OrderedDict[str, int] = OrderedDict()
+        self.last_seen: dict[str, float] = {}
+        self.staleness: deque[int] = deque(maxlen=STALENESS_WINDOW)
+        self.push_times: deque[float] = deque(maxlen=256)
+        self.counts = {"pushes": 0, "duplicates": 0, "pulls": 0}
+        self.rejected = dict.fromkeys(protocol.ERRORS, 0)
+        self.metrics = ShardMetrics(new_registry("shard"))
+        for code in protocol.ERRORS:
+            self.metrics.rejected.labels(reason=code)
+        self.metrics.parameters.set(self.size)
+        self._publish()
+
+    # -- the request handler ---------------------------------------------------------
+
+    def handle(self, frames: list[Any]) -> list[Any]:
+        """Answer one request (frames without the ROUTER identity). Never raises."""
+        self.metrics.received_bytes.inc(sum(len(_buf(f)) for f in frames))
+        rid: Any = None
+        try:
+            if not frames:
+                raise ProtocolError("bad_header", "empty message")
+            header = protocol.decode(_buf(frames[0]))
+            rid = header.get("rid")
+            op = protocol.validate_request(header)
+            out = getattr(self, "_on_" + op)(header, frames[1:])
+        except ProtocolError as exc:
+            self._reject(exc.code)
+            log.warning("refused %s: %s", protocol.describe(frames[:1]), exc)
+            out = [protocol.error_reply(rid, exc.code, exc.message)]
+        except Exception as exc:  # a bug must not take the shard down
+            log.exception("internal error on %s", protocol.describe(frames[:1]))
+            self._reject("internal")
+            out = [protocol.error_reply(rid, "internal", f"{type(exc).__name__}: {exc}")]
+        self.metrics.sent_bytes.inc(sum(_nbytes(f) for f in out))
+        return out
+
+    def _reject(self, code: str) -> None:
+        self.rejected[code] += 1
+        self.metrics.rejected.labels(reason=code).inc()
+
+    def _on_hello(self, header: dict, payload: list) -> list[Any]:
+        _expect_payload(payload, 0)
+        if header["fingerprint"] != self.fingerprint:
+            raise ProtocolError(
+                "layout_mismatch",
+                f"shard {self.cfg.index} holds {self.cfg.model} with {self.cfg.num_classes} "
+                f"classes cut into {self.cfg.num_shards} shards (fingerprint {self.fingerprint}); "
+                f"the peer's fingerprint {header['fingerprint'][:32]!r} differs: check --model, "
+                "--num-classes and the number of servers",
+            )
+        return [
+            protocol.reply(
+                header["rid"],
+                fingerprint=self.fingerprint,
+                index=self.cfg.index,
+                start=self.start,
+                stop=self.stop,
+                total=self.layout.total,
+                version=self.version,
+                hparams=self.cfg.hparams(),
+            )
+        ]
+
+    def _on_pull(self, header: dict, payload: list) -> list[Any]:
+        _expect_payload(payload, 0)
+        dtype = header.get("dtype", "f32")
+        # a snapshot: the send is zero-copy and the weights change with the next push
+        data = self.weights.clone().numpy() if dtype == "f32" else self._narrow(dtype)
+        self.counts["pulls"] += 1
+        self.metrics.pulls.inc()
+        return [protocol.reply(header["rid"], version=self.version, dtype=dtype), data]
+
+    def _narrow(self, dtype: str) -> np.ndarray:
+        return protocol.to_wire(self.weights, dtype)
+
+    def _on_push(self, header: dict, payload: list) -> list[Any]:
+        began = time.perf_counter()
+        dtype = header["dtype"]
+        _expect_payload(payload, 1)
+        body = _buf(payload[0])
+        expected = protocol.wire_bytes(dtype, self.size)
+        if len(body) != expected:
+            raise ProtocolError(
+                "bad_size",
+                f"gradient of {len(body)} bytes; shard {self.cfg.index} holds {self.size} "
+                f"parameters = {expected} bytes as {dtype}",
+            )
+        worker, seq = header["worker"], header["seq"]
+        staleness = max(0, self.version - header["base_version"])
+        if seq <= self.last_seq.get(worker, -1):
+            self.counts["duplicates"] += 1
+            self.metrics.duplicates.inc()
+            return [self._push_reply(header["rid"], applied=False, staleness=staleness)]
+        grad = protocol.from_wire(body, dtype)
+        if dtype != "f32":
+            grad = self.grad.copy_(grad)
+        _check_finite(grad)
+        self.rule.apply(self.weights, grad, self.schedule.lr_at(self.examples))
+        self._count_push(worker, seq, header["examples"], staleness)
+        self.metrics.apply_seconds.observe(time.perf_counter() - began)
+        return [self._push_reply(header["rid"], applied=True, staleness=staleness)]
+
+    def _push_reply(self, rid: int, *, applied: bool, staleness: int) -> bytes:
+        return protocol.reply(rid, version=self.version, applied=applied, staleness=staleness)
+
+    def _count_push(self, worker: str, seq: int, examples: int, staleness: int) -> None:
+        self.version += 1
+        self.examples += examples
+        self.last_seq[worker] = seq
+        self.last_seq.move_to_end(worker)
+        if len(self.last_seq) > MAX_TRACKED_WORKERS:
+            self.last_seq.popitem(last=False)
+        now = time.monotonic()
+        self.last_seen[worker] = now
+        self.push_times.append(now)
+        self.staleness.append(staleness)
+        self.counts["pushes"] += 1
+        self.metrics.pushes.inc()
+        self.metrics.examples.inc(examples)
+        self.metrics.staleness.observe(staleness)
+        self._publish()
+
+    def _on_stats(self, header: dict, payload: list) -> list[Any]:
+        _expect_payload(payload, 0)
+        return [protocol.reply(header["rid"], stats=self.stats())]
+
+    def _on_save(self, header: dict, payload: list) -> list[Any]:
+        _expect_payload(payload, 0)
+        raise ProtocolError("not_available", "this shard was started without --checkpoint-dir")
+
+    # -- bookkeeping -----------------------------------------------------------------
+
+    def _publish(self) -> None:
+        m = self.metrics
+        m.version.set(self.version)
+        m.learning_rate.set(self.schedule.lr_at(self.examples))
+        m.epoch.set(self.schedule.epoch(self.examples))
+
+    def recent_workers(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        return sum(1 for t in self.last_seen.values() if now - t <= WORKER_SEEN_WINDOW_S)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and hyper-parameters, as the ``stats`` op returns them."""
+        now = time.monotonic()
+        self.metrics.workers.set(self.recent_workers(now))
+        recent = [t for t in self.push_times if now - t <= 10.0]
+        span = now - recent[0] if len(recent) > 1 else 0.0
+        stale = sorted(self.staleness)
+        return {
+            "index": self.cfg.index,
+            "start": self.start,
+            "stop": self.stop,
+            "version": self.version,
+            "examples": self.examples,
+            "epoch": self.schedule.epoch(self.examples),
+            "lr": self.schedule.lr_at(self.examples),
+            "updates_per_s": (len(recent) - 1) / span if span > 0 else 0.0,
+            "staleness_p50": _quantile(stale, 0.5),
+            "staleness_p95": _quantile(stale, 0.95),
+            "workers_recent": self.recent_workers(now),
+            **self.counts,
+            "rejected": dict(self.rejected),
+            "hparams": self.cfg.hparams(),
+        }
+
+
+def _buf(frame: Any) -> memoryview | bytes:
+    return frame.buffer if isinstance(frame, zmq.Frame) else frame
+
+
+def _nbytes(frame: Any) -> int:
+    return frame.nbytes if isinstance(frame, np.ndarray) else len(frame)
+
+
+def _expect_payload(payload: list, count: int) -> None:
+    if len(payload) != count:
+        raise ProtocolError("bad_size", f"expected {count} payload frame(s), got {len(payload)}")
+
+
+def _check_finite(grad: torch.Tensor) -> None:
+    # one reduction pass; only when the sum is not finite look closer (a sum can
+    # overflow while every element is finite)
+    if not torch.isfinite(grad.sum()) and not bool(torch.isfinite(grad).all()):
+        bad = int((~torch.isfinite(grad)).sum())
+        raise ProtocolError("non_finite", f"gradient holds {bad} NaN or Inf values; not applied")
+
+
+def _quantile(values: list[int], q: float) -> float:
+    if not values:
+        return 0.0
+    return float(values[min(len(values) - 1, int(q * len(values)))])
+
+
+class ShardServer:
+    """Binds the shard's socket and runs the poll loop until asked to stop."""
+
+    def __init__(self, cfg: ShardConfig, shard: Shard) -> None:
+        self.cfg = cfg
+        self.shard = shard
+        self.running = True
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        # the largest legal message is an f32 gradient of this shard's range
+        self.socket.setsockopt(zmq.MAXMSGSIZE, protocol.wire_bytes("f32", shard.size) + 65536)
+        self.address = f"tcp://{cfg.bind}:{cfg.port}"
+        try:
+            self.socket.bind(self.address)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise OSError(
+                f"shard {cfg.index} cannot listen on {cfg.bind}:{cfg.port}: {exc.strerror}"
+                + (" (port in use? choose another --port)" if exc.errno == zmq.EADDRINUSE else "")
+            ) from None
+
+    def stop(self, *_: Any) -> None:
+        self.running = False
+
+    def run(self, deadline_s: float | None = None) -> None:
+        """Serve requests until :meth:`stop` (or SIGINT/SIGTERM via the CLI) or the deadline."""
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        end = None if deadline_s is None else time.monotonic() + deadline_s
+        while self.running and (end is None or time.monotonic() < end):
+            if not poller.poll(POLL_INTERVAL_S * 1000):
+                continue
+            frames = self.socket.recv_multipart(copy=False)
+            if len(frames) < 2:
+                continue  # an identity with nothing after it: nothing to answer
+            reply = self.shard.handle(frames[1:])
+            self.socket.send_multipart([frames[0], *reply], copy=False)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.context.term()
+
+
+def run_shard(cfg: ShardConfig) -> None:
+    """Build the shard, bind its sockets and serve until SIGINT or SIGTERM."""
+    layout, weights = initial_weights(cfg.model, cfg.num_classes, cfg.seed)
+    shard = Shard(cfg, layout, weights)
+    server = ShardServer(cfg, shard)
+    try:
+        serve_metrics(shard.metrics.registry, cfg.metrics_port, cfg.metrics_bind)
+        signal.signal(signal.SIGTERM, server.stop)
+        signal.signal(signal.SIGINT, server.stop)
+        log.info(
+            "serving parameters [%d, %d) of %d (%s, %s) on %s",
+            shard.start,
+            shard.stop,
+            layout.total,
+            cfg.model,
+            cfg.rule,
+            server.address,
+        )
+        server.run()
+        log.info("stopping at version %d", shard.version)
+    finally:
+        server.close()

@@ -1,0 +1,133 @@
+"""Shared fixtures: free loopback ports and real `distbelief` processes that always stop."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from distbelief import protocol
+
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT_S = 90.0  # a cold `import torch` plus building GoogLeNet, on a loaded 2-core CI
+STOP_TIMEOUT_S = 30.0
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports (shard i listens on base+i)."""
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - count)
+        if all(port_is_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no run of free ports found")
+
+
+def free_port() -> int:
+    return free_ports(1)
+
+
+def raw_request(address: str, frames: list, timeout_s: float = 5.0) -> list[bytes] | None:
+    """Send ``frames`` on a fresh DEALER and return the reply, or None after the timeout."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        sock.send_multipart(frames)
+        if sock.poll(timeout_s * 1000):
+            return sock.recv_multipart()
+        return None
+    finally:
+        sock.close(linger=0)
+
+
+def wait_until_serving(address: str, proc: subprocess.Popen, log_path: Path) -> None:
+    """Poll ``stats`` until the server answers; fail the test if the process dies first."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        if raw_request(address, [protocol.request("stats", 1)], timeout_s=1.0) is not None:
+            return
+    pytest.fail(f"server at {address} did not answer in {START_TIMEOUT_S} s")
+
+
+class Processes:
+    """Starts `distbelief` subcommands; everything started is stopped at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(self, *args: str, name: str = "proc", env: dict | None = None) -> subprocess.Popen:
+        log_path = self.tmp_path / f"{name}-{len(self.started)}.log"
+        out = log_path.open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distbelief", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        proc.log_path = log_path  # type: ignore[attr-defined]
+        self.started.append((proc, log_path))
+        return proc
+
+    def serve(self, num_shards: int, *extra: str, name: str = "serve") -> list[str]:
+        """Start ``distbelief serve --shards N`` on free ports; return the shard addresses."""
+        base = free_ports(num_shards)
+        proc = self.start(
+            "serve", "--shards", str(num_shards), "--port", str(base), "--metrics-port", "0",
+            *extra, name=name,
+        )
+        addresses = [f"tcp://{LOOPBACK}:{base + i}" for i in range(num_shards)]
+        for address in addresses:
+            wait_until_serving(address, proc, proc.log_path)
+        return addresses
+
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for proc, _ in reversed(self.started):
+            self.stop(proc)
+            try:  # children of a supervisor that died hard share its process group
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    p = Processes(tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop_all()

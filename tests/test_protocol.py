@@ -1,0 +1,86 @@
+import math
+
+import msgpack
+import pytest
+import torch
+
+from distbelief import protocol
+from distbelief.protocol import ProtocolError
+
+
+def test_request_round_trip_and_validation():
+    header = protocol.decode(
+        protocol.request("push", 7, worker="w", seq=1, base_version=0, examples=8, dtype="bf16")
+    )
+    assert protocol.validate_request(header) == "push"
+    assert header["rid"] == 7
+
+
+@pytest.mark.parametrize(
+    "header,code",
+    [
+        ({"v": 99, "op": "pull", "rid": 1}, "bad_header"),
+        ({"v": 1, "rid": 1}, "bad_header"),
+        ({"v": 1, "op": "fly", "rid": 1}, "unknown_op"),
+        ({"v": 1, "op": "pull", "rid": -1}, "bad_field"),
+        ({"v": 1, "op": "pull", "rid": True}, "bad_field"),
+        ({"v": 1, "op": "pull", "rid": 1, "dtype": "f64"}, "bad_field"),
+        ({"v": 1, "op": "hello", "rid": 1}, "bad_field"),
+        ({"v": 1, "op": "hello", "rid": 1, "fingerprint": 5}, "bad_field"),
+        ({"v": 1, "op": "push", "rid": 1, "worker": "w", "seq": "1", "base_version": 0,
+          "examples": 1, "dtype": "f32"}, "bad_field"),
+        ({"v": 1, "op": "push", "rid": 1, "worker": "w", "seq": 2**63 + 5, "base_version": 0,
+          "examples": 1, "dtype": "f32"}, "bad_field"),
+    ],
+)
+def test_invalid_requests_get_stable_codes(header, code):
+    with pytest.raises(ProtocolError) as err:
+        protocol.validate_request(protocol.decode(msgpack.packb(header)))
+    assert err.value.code == code
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",  # never-used msgpack byte
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({"v": 1})[:-1],  # truncated
+        b"\xdd\xff\xff\xff\xff",  # array declaring 4 billion elements
+        b"\xdb\x7f\xff\xff\xff" + b"x" * 10,  # string declaring 2 GiB
+        msgpack.packb({1: 2}),  # non-string keys
+        b"x" * (protocol.MAX_HEADER_BYTES + 1),
+    ],
+)
+def test_hostile_headers_are_bad_header(data):
+    with pytest.raises(ProtocolError) as err:
+        header = protocol.decode(data)
+        protocol.validate_request(header)
+    assert err.value.code == "bad_header"
+
+
+def test_error_reply_never_echoes_a_hostile_rid():
+    reply = protocol.decode(protocol.error_reply({"x": 1}, "bad_field", "m"))
+    assert reply == {"v": 1, "rid": -1, "ok": False, "error": "bad_field", "message": "m"}
+
+
+@pytest.mark.parametrize("dtype,tol", [("f32", 0.0), ("bf16", 1e-2), ("f16", 1e-3)])
+def test_wire_round_trip(dtype, tol):
+    values = torch.randn(1001)
+    wire = protocol.to_wire(values, dtype)
+    assert wire.nbytes == protocol.wire_bytes(dtype, 1001)
+    back = protocol.from_wire(memoryview(wire.tobytes()), dtype).float()
+    torch.testing.assert_close(back, values, rtol=tol, atol=tol)
+
+
+def test_f32_to_wire_is_zero_copy():
+    values = torch.randn(10)
+    assert protocol.to_wire(values, "f32").ctypes.data == values.data_ptr()
+
+
+def test_describe_is_readable_for_good_and_bad_messages():
+    text = protocol.describe([protocol.request("pull", 3, dtype="f16"), b"abcd"])
+    assert "op='pull'" in text and "rid=3" in text and "payload 4 B" in text
+    assert "undecodable" in protocol.describe([b"\xc1"])
+    assert protocol.describe([]) == "<empty message>"
+    assert "nan" in protocol.describe([msgpack.packb({"x": math.nan})])

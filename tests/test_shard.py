@@ -1,0 +1,140 @@
+"""The shard's request handler, in process (the same code the poll loop calls)."""
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from distbelief import protocol
+from distbelief.layout import Layout, flat_weights
+from distbelief.server.shard import Shard, ShardConfig
+
+
+def make_shard(index=0, num_shards=2, **kw) -> tuple[Shard, Layout, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 20), nn.Linear(20, 5))
+    layout = Layout.of(model, "googlenet")
+    weights = flat_weights(model, layout)
+    cfg = ShardConfig(index=index, num_shards=num_shards, metrics_port=0, num_classes=10, **kw)
+    return Shard(cfg, layout, weights), layout, weights
+
+
+def call(shard: Shard, op: str, *payload, **fields) -> tuple[dict, list]:
+    out = shard.handle([protocol.request(op, 1, **fields), *payload])
+    return protocol.decode(out[0]), out[1:]
+
+
+def push(shard, grad, seq=1, worker="w", base_version=0, dtype="f32", examples=4):
+    body = protocol.to_wire(grad, dtype).tobytes()
+    return call(shard, "push", body, worker=worker, seq=seq, base_version=base_version,
+                examples=examples, dtype=dtype)[0]
+
+
+def test_hello_reports_range_and_refuses_other_layouts():
+    shard, layout, _ = make_shard()
+    reply, _ = call(shard, "hello", fingerprint=layout.fingerprint(2))
+    assert reply["ok"] and (reply["start"], reply["stop"]) == (0, (layout.total + 1) // 2)
+    reply, _ = call(shard, "hello", fingerprint=layout.fingerprint(3))
+    assert reply["error"] == "layout_mismatch" and "--num-classes" in reply["message"]
+    assert shard.rejected["layout_mismatch"] == 1
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
+def test_pull_returns_the_range_in_the_asked_dtype(dtype):
+    shard, layout, weights = make_shard(index=1)
+    reply, payload = call(shard, "pull", dtype=dtype)
+    got = protocol.from_wire(memoryview(payload[0]), dtype).float()
+    tol = {"f32": 0, "bf16": 1e-2, "f16": 1e-3}[dtype]
+    torch.testing.assert_close(got, weights[shard.start :], rtol=tol, atol=tol)
+    assert shard.stop == layout.total
+    assert reply["version"] == 0 and reply["dtype"] == dtype
+
+
+def test_pull_is_a_snapshot_not_a_view():
+    shard, _, _ = make_shard(lr=1.0, momentum=0.0, weight_decay=0.0)
+    _, payload = call(shard, "pull")
+    before = np.array(payload[0], copy=True)
+    push(shard, torch.ones(shard.size))
+    assert np.array_equal(payload[0], before)
+
+
+def test_push_applies_sgd_counts_examples_and_staleness():
+    shard, _, _ = make_shard(lr=0.5, momentum=0.0, weight_decay=0.0)
+    w0 = shard.weights.clone()
+    assert push(shard, torch.ones(shard.size), seq=1)["applied"]
+    reply = push(shard, torch.ones(shard.size), seq=2, worker="v", base_version=0)
+    assert reply["staleness"] == 1 and reply["version"] == 2
+    torch.testing.assert_close(shard.weights, w0 - 1.0)
+    stats = shard.stats()
+    assert stats["version"] == 2 and stats["examples"] == 8 and stats["workers_recent"] == 2
+
+
+def test_duplicate_push_changes_nothing():
+    shard, _, _ = make_shard(lr=0.5, momentum=0.0, weight_decay=0.0)
+    assert push(shard, torch.ones(shard.size), seq=5)["applied"]
+    after = shard.weights.clone()
+    for seq in (5, 4):
+        reply = push(shard, torch.ones(shard.size), seq=seq)
+        assert reply["ok"] and not reply["applied"] and reply["version"] == 1
+    assert torch.equal(shard.weights, after)
+    assert shard.counts["duplicates"] == 2 and shard.examples == 4
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_gradient_is_refused_and_changes_nothing(bad):
+    shard, _, _ = make_shard()
+    w0 = shard.weights.clone()
+    grad = torch.zeros(shard.size)
+    grad[3] = bad
+    reply = push(shard, grad)
+    assert reply["error"] == "non_finite"
+    assert torch.equal(shard.weights, w0) and shard.version == 0
+    assert shard.rejected["non_finite"] == 1
+    # the same (worker, seq) sent again with a good gradient is not a duplicate
+    assert push(shard, torch.zeros(shard.size))["applied"]
+
+
+def test_large_but_finite_gradient_is_not_mistaken_for_non_finite():
+    shard, _, _ = make_shard(lr=1e-38, momentum=0.0, weight_decay=0.0)
+    assert push(shard, torch.full((shard.size,), 3e38))["applied"]
+
+
+@pytest.mark.parametrize(
+    "frames,code",
+    [
+        ([], "bad_header"),
+        ([b"\x00garbage"], "bad_header"),
+        ([msgpack.packb({"v": 1, "op": "pull", "rid": 1}), b"extra"], "bad_size"),
+        ([protocol.request("push", 1, worker="w", seq=1, base_version=0, examples=1,
+                           dtype="f32"), b"\x00" * 12], "bad_size"),
+        ([protocol.request("push", 1, worker="w", seq=1, base_version=0, examples=1,
+                           dtype="f32")], "bad_size"),
+        ([protocol.request("save", 1)], "not_available"),
+    ],
+)
+def test_malformed_requests_are_answered_with_codes(frames, code):
+    shard, _, _ = make_shard()
+    w0 = shard.weights.clone()
+    reply = protocol.decode(shard.handle(frames)[0])
+    assert reply["ok"] is False and reply["error"] == code
+    assert torch.equal(shard.weights, w0)
+    assert shard.rejected[code] == 1
+
+
+def test_metrics_count_what_the_handler_saw():
+    shard, _, _ = make_shard()
+    call(shard, "pull")
+    shard.handle([b"junk"])
+    text = shard_metrics_text(shard)
+    assert 'distbelief_shard_rejected_messages_total{reason="bad_header"} 1.0' in text
+    assert "distbelief_shard_pulls_total 1.0" in text
+    assert "distbelief_build_info" in text
+
+
+def shard_metrics_text(shard) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(shard.metrics.registry).decode()

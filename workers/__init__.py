@@ -1,0 +1,1 @@
+"""Worker replicas (installed as ``distbelief.workers``)."""
