@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -30,7 +31,7 @@ def model_options(f):
     return f
 
 
-def rule_options(f):
+def rule_options(f, *, dataset_size_default: int | None = 1_281_167):
     for decl, kw in reversed(
         [
             ("--rule", dict(type=RULE_CHOICES, default="momentum", help="Update rule.")),
@@ -123,6 +124,154 @@ def _shard_config(cls, index: int, num_shards: int, kw: dict):
     )
 
 
+def servers_option(f):
+    return option(
+        "--servers",
+        default="tcp://127.0.0.1:5570",
+        help="Comma-separated shard addresses, in shard order.",
+    )(f)
+
+
+def split_servers(value: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in value.split(",") if a.strip())
+
+
+def data_options(f):
+    f = option("--batch-size", type=click.IntRange(min=1), default=32)(f)
+    f = option("--image-size", type=click.IntRange(min=32), default=32)(f)
+    f = option("--data", default="demo", help="demo, synthetic, or an ImageNet-style folder.")(f)
+    return f
+
+
+def downpour_options(f):
+    for decl, kw in reversed(
+        [
+            (
+                "--fetch-every",
+                dict(type=click.IntRange(min=1), default=1, help="Pull the weights every N steps."),
+            ),
+            (
+                "--push-every",
+                dict(
+                    type=click.IntRange(min=1),
+                    default=1,
+                    help="Push the accumulated gradient every N steps.",
+                ),
+            ),
+            (
+                "--wire-dtype",
+                dict(
+                    type=click.Choice(["f32", "bf16", "f16"]),
+                    default="f32",
+                    help="Element type on the wire (shards keep float32).",
+                ),
+            ),
+            (
+                "--overlap/--no-overlap",
+                dict(default=False, help="Push and pull in the background."),
+            ),
+            ("--steps", dict(type=click.IntRange(min=1), default=None, help="Steps per replica.")),
+            (
+                "--epochs",
+                dict(
+                    type=click.FloatRange(min=0, min_open=True),
+                    default=None,
+                    help="Epochs over the data, shared by the replicas.",
+                ),
+            ),
+        ]
+    ):
+        f = option(decl, **kw)(f)
+    return f
+
+
+@cli.command()
+@config_option("work")
+@servers_option
+@option("--gpu", type=click.IntRange(min=1), default=None, help="Replicas on cuda:0..N-1.")
+@option("--gpu-ids", default=None, help="Replicas on these GPUs, e.g. 2,3.")
+@option("--cpu", type=click.IntRange(min=1), default=None, help="K CPU replicas (default 1).")
+@data_options
+@downpour_options
+@option("--amp", type=click.Choice(["bf16", "f16"]), default=None, help="Autocast on GPU.")
+@option("--channels-last/--no-channels-last", default=False)
+@model_options
+@option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=9200,
+    help="Metrics port of replica 0 (replica i: +i); 0 turns metrics off.",
+)
+@option("--metrics-bind", default="127.0.0.1")
+@option(
+    "--max-restarts",
+    type=click.IntRange(min=0),
+    default=3,
+    help="Restarts per replica after a crash.",
+)
+@option(
+    "--timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    help="Seconds to wait for a shard before retrying.",
+)
+@option("--retries", type=click.IntRange(min=0), default=5)
+@option(
+    "--status-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where replicas write their status files (default: a temporary folder).",
+)
+@option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO")
+@option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def work(
+    servers, gpu, gpu_ids, cpu, metrics_port, max_restarts, status_dir, log_level, as_json, **kw
+) -> None:
+    """Run worker replicas (Downpour SGD) against the shards."""
+    import json
+    import tempfile
+
+    from distbelief.workers.replica import ReplicaConfig
+    from distbelief.workers.supervisor import DeviceError, plan_devices, run_replicas
+    from distbelief.workers.supervisor import threads_per_replica as threads_for
+
+    if sum(x is not None for x in (gpu, gpu_ids, cpu)) > 1:
+        raise click.UsageError("give one of --gpu, --gpu-ids, --cpu")
+    try:
+        devices = plan_devices(gpu=gpu, gpu_ids=gpu_ids, cpu=cpu)
+    except DeviceError as exc:
+        raise click.ClickException(str(exc)) from None
+    status_dir = status_dir or tempfile.mkdtemp(prefix="distbelief-work-")
+    os.makedirs(status_dir, exist_ok=True)
+    threads = threads_for(devices)
+    try:
+        configs = [
+            ReplicaConfig(
+                servers=split_servers(servers),
+                index=i,
+                num_replicas=len(devices),
+                device=device,
+                threads=threads if device == "cpu" else 1,
+                metrics_port=metrics_port + i if metrics_port else 0,
+                status_file=os.path.join(status_dir, f"replica-{i}.json"),
+                **kw,
+            )
+            for i, device in enumerate(devices)
+        ]
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    level = getattr(logging, log_level)
+    setup_logging("work", level=level)
+    code, summaries = run_replicas(configs, max_restarts=max_restarts, level=level)
+    if as_json:
+        click.echo(json.dumps(summaries))
+    else:
+        from distbelief.report import replica_table, show
+
+        show(replica_table(summaries))
+    sys.exit(code)
+
+
 @cli.command()
 @config_option("train")
 @option("--data", default="demo", help="demo, synthetic, or an ImageNet-style folder.")
@@ -152,6 +301,145 @@ def train(as_json, threads, **kw) -> None:
         click.echo(json.dumps(result.summary()))
     else:
         click.echo(result.describe())
+
+
+@cli.command()
+@config_option("status")
+@servers_option
+@option("--watch", is_flag=True, help="Refresh every --interval-s seconds until Ctrl-C.")
+@option("--interval-s", type=click.FloatRange(min=0.2), default=2.0)
+@option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=2.0)
+@option("--json", "as_json", is_flag=True, help="Print the shards' stats as JSON.")
+def status(servers, watch, interval_s, timeout_s, as_json) -> None:
+    """Show every shard's version, throughput, epoch, learning rate and staleness."""
+    import json
+    import time
+
+    from rich.live import Live
+
+    from distbelief.client import probe_stats
+    from distbelief.report import shard_table, show
+
+    addresses = list(split_servers(servers))
+    if as_json:
+        click.echo(json.dumps(probe_stats(addresses, timeout_s)))
+        return
+    if not watch:
+        stats = probe_stats(addresses, timeout_s)
+        show(shard_table(stats, addresses))
+        for i, s in enumerate(stats):
+            if s is None:
+                click.echo(f"shard {i} at {addresses[i]} did not answer in {timeout_s:g} s")
+        sys.exit(0 if all(s is not None for s in stats) else 1)
+    try:
+        with Live(shard_table(probe_stats(addresses, timeout_s), addresses)) as live:
+            while True:
+                time.sleep(interval_s)
+                live.update(shard_table(probe_stats(addresses, timeout_s), addresses))
+    except KeyboardInterrupt:
+        pass
+
+
+def up_rule_options(f):
+    return rule_options(f, dataset_size_default=None)
+
+
+@cli.command()
+@config_option("up")
+@option("--shards", type=click.IntRange(min=1), default=2)
+@option("--cpu", type=click.IntRange(min=1), default=None, help="CPU replicas (default 2).")
+@option("--gpu", type=click.IntRange(min=1), default=None, help="GPU replicas.")
+@data_options
+@downpour_options
+@option("--model", type=MODEL_CHOICES, default="googlenet")
+@option(
+    "--num-classes",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Default: the data set's class count.",
+)
+@option("--seed", type=int, default=0)
+@up_rule_options
+@option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Logs, status files and summary (default runs/<time>).",
+)
+@option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def up(
+    shards, cpu, gpu, data, image_size, batch_size, model, num_classes, seed, run_dir, as_json, **kw
+) -> None:
+    """Run shards and replicas on this machine with a live display (the demo)."""
+    import json
+    import time
+
+    from distbelief.data import DataError, load_dataset
+    from distbelief.launcher import UpConfig, run_up
+
+    if cpu is not None and gpu is not None:
+        raise click.UsageError("give --cpu or --gpu, not both")
+    if kw["steps"] is not None and kw["epochs"] is not None:
+        raise click.UsageError("give --steps or --epochs, not both")
+    setup_logging("up")
+    try:
+        train_set = load_dataset(data, "train", image_size=image_size, seed=seed)
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from None
+    if gpu:
+        from distbelief.workers.supervisor import DeviceError, plan_devices
+
+        try:
+            plan_devices(gpu=gpu, gpu_ids=None, cpu=None)
+        except DeviceError as exc:
+            raise click.ClickException(str(exc)) from None
+    serve_args = _flags(kw, "rule", "lr", "momentum", "weight_decay", "lr_decay", "lr_decay_epochs")
+    serve_args += ["--dataset-size", str(kw["dataset_size"] or len(train_set))]
+    work_args = _flags(kw, "fetch_every", "push_every", "wire_dtype", "steps", "epochs")
+    work_args += ["--batch-size", str(batch_size), "--overlap" if kw["overlap"] else "--no-overlap"]
+    cfg = UpConfig(
+        shards=shards,
+        cpu=cpu,
+        gpu=gpu,
+        data=data,
+        image_size=image_size,
+        model=model,
+        num_classes=num_classes or train_set.num_classes,
+        seed=seed,
+        run_dir=run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")),
+        serve_args=tuple(serve_args),
+        work_args=tuple(work_args),
+        live=not as_json,
+    )
+    try:
+        result = run_up(cfg)
+    except (RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    else:
+        _print_up_summary(result, cfg.run_dir)
+    sys.exit(result.exit_code)
+
+
+def _flags(values: dict, *names: str) -> list[str]:
+    out = []
+    for name in names:
+        if values.get(name) is not None:
+            out += ["--" + name.replace("_", "-"), str(values[name])]
+    return out
+
+
+def _print_up_summary(result, run_dir: str) -> None:
+    from distbelief.report import replica_table, shard_table, show
+
+    show(replica_table(result.replicas), shard_table(result.shards, result.addresses))
+    if result.top1 is not None:
+        click.echo(f"held-out top-1 {result.top1:.2%}  top-5 {result.top5:.2%}  (final weights)")
+    else:
+        click.echo(f"the replicas failed (exit {result.exit_code}); see {run_dir}/work.log")
+    click.echo(f"finished in {result.seconds:.0f} s; logs, status and summary.json in {run_dir}")
+    click.echo("metrics (while running): " + ", ".join(result.metrics))
 
 
 def main() -> None:

@@ -326,3 +326,44 @@ class ParameterClient:
         )
         self._reopen(i)
         p.resend_at = now + backoff
+
+
+def probe_stats(addresses: list[str], timeout_s: float = 2.0) -> list[dict[str, Any] | None]:
+    """Ask every server for ``stats`` at once; ``None`` for each one that does not answer.
+
+    Never raises for an unreachable server: for status displays, not for training.
+    """
+    context = zmq.Context()
+    sockets = []
+    try:
+        for rid, address in enumerate(addresses):
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address)
+            sock.send(protocol.request("stats", rid))
+            sockets.append(sock)
+        results: list[dict[str, Any] | None] = [None] * len(addresses)
+        poller = zmq.Poller()
+        for sock in sockets:
+            poller.register(sock, zmq.POLLIN)
+        deadline = time.monotonic() + timeout_s
+        while any(r is None for r in results) and time.monotonic() < deadline:
+            ready = dict(poller.poll(max(0.0, deadline - time.monotonic()) * 1000))
+            for i, sock in enumerate(sockets):
+                if sock in ready:
+                    results[i] = _stats_of(sock.recv_multipart())
+                    poller.unregister(sock)
+        return results
+    finally:
+        for sock in sockets:
+            sock.close(linger=0)
+        context.term()
+
+
+def _stats_of(frames: list[bytes]) -> dict[str, Any] | None:
+    try:
+        header = protocol.decode(frames[0])
+    except ProtocolError:
+        return None
+    stats = header.get("stats") if header.get("ok") else None
+    return stats if isinstance(stats, dict) else None

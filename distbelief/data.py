@@ -37,12 +37,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.datasets import ImageFolder
 
 from distbelief.crops import (
     CROP_COUNTS,
@@ -338,3 +340,260 @@ def demo_dataset(
         augment=augment,
         classes=DEMO_CLASSES[:num_classes],
     )
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+
+class SyntheticDataset:
+    """Random data for benchmarks: ``num_examples`` examples, none of them stored.
+
+    Images are standard normal (already "normalised") from a pool of a few random
+    images, so a batch costs one gather; labels are uniform random per example. Same
+    interface as ``ArrayDataset``; nothing to learn from it.
+    """
+
+    def __init__(self, *, num_examples: int, image_size: int, num_classes: int, seed: int = 0):
+        if num_examples < 1 or image_size < 1 or num_classes < 1:
+            raise DataError(
+                f"synthetic data needs num_examples, image_size and num_classes ≥ 1, got "
+                f"{num_examples}, {image_size}, {num_classes}"
+            )
+        gen = torch.Generator().manual_seed(_seed_int(seed, 2))
+        self.num_classes, self.augment, self._size = num_classes, "none", image_size
+        self.classes = tuple(str(i) for i in range(num_classes))
+        self.labels = torch.randint(num_classes, (num_examples,), generator=gen)
+        self._pool = torch.randn(SYNTHETIC_POOL, 3, image_size, image_size, generator=gen)
+
+    @property
+    def image_size(self) -> int:
+        return self._size
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(
+        self,
+        indices: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        augment: bool | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Images and labels of ``indices`` (the same every time; no augmentation)."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return self._pool[indices % SYNTHETIC_POOL], self.labels[indices]
+
+    def eval_images(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """Same as ``batch``: the images are already at ``image_size``."""
+        return self.batch(indices)
+
+
+def synthetic_dataset(
+    *, num_examples: int, image_size: int, num_classes: int, seed: int = 0
+) -> SyntheticDataset:
+    """Random tensors for benchmarks (see ``SyntheticDataset``)."""
+    return SyntheticDataset(
+        num_examples=num_examples, image_size=image_size, num_classes=num_classes, seed=seed
+    )
+
+
+# --------------------------------------------------------------------------- folder data
+
+
+class _FixedClassesFolder(ImageFolder):
+    """ImageFolder whose class list is given (the train split's), so labels agree across splits."""
+
+    def __init__(self, root: Path, classes: Sequence[str]) -> None:
+        self._fixed = list(classes)
+        super().__init__(str(root), allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self._fixed, {name: i for i, name in enumerate(self._fixed)}
+
+
+def _class_folders(path: Path) -> list[str]:
+    return sorted(entry.name for entry in path.iterdir() if entry.is_dir())
+
+
+def _check_folder(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise DataError(f"data folder {path} does not exist (expected {what})")
+
+
+class FolderDataset:
+    """An ImageNet-style split folder (``ROOT/<split>/<class>/*.jpg``) read with ImageFolder.
+
+    ``batch`` decodes the images and applies ``crops.train_transform`` (``augment``)
+    or ``crops.eval_transform``. Classes are the sub-folders of ``ROOT/train`` when it
+    exists (else of the split), in sorted order. Raises DataError for a missing folder
+    or one without images.
+    """
+
+    def __init__(self, root: str | Path, split: str, *, image_size: int, augment: bool) -> None:
+        _check_split(split)
+        root = Path(root)
+        layout = f"{root}/{split}/<class>/*.jpg"
+        _check_folder(root, f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
+        folder = root / split
+        _check_folder(folder, layout)
+        train = root / "train"
+        classes = _class_folders(train if train.is_dir() else folder)
+        if not classes:
+            raise DataError(
+                f"data folder {train if train.is_dir() else folder} has no class "
+                f"folders (expected {layout})"
+            )
+        self.folder = _FixedClassesFolder(folder, classes)
+        if len(self.folder) == 0:
+            raise DataError(f"data folder {folder} holds no images (expected {layout})")
+        self.classes = tuple(classes)
+        self.num_classes, self.image_size, self.augment = len(classes), image_size, augment
+        self.labels = torch.tensor(self.folder.targets, dtype=torch.long)
+        self._train = train_transform(image_size)
+        self._eval = eval_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def _decode(self, indices: Tensor, transform: Callable) -> tuple[Tensor, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long).view(-1)
+        images = [transform(self.folder.loader(self.folder.samples[i][0])) for i in idx.tolist()]
+        if not images:
+            return torch.empty(0, 3, self.image_size, self.image_size), self.labels[idx]
+        return torch.stack(images), self.labels[idx]
+
+    def batch(
+        self,
+        indices: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        augment: bool | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Decoded, transformed, normalised N×3×S×S images of ``indices`` and their labels.
+
+        The random transforms use torch's global generator, or, when ``generator`` is
+        given, a private one seeded from it (the global state is left untouched).
+        """
+        if not (self.augment if augment is None else augment):
+            return self._decode(indices, self._eval)
+        if generator is None:
+            return self._decode(indices, self._train)
+        seed = int(torch.randint(2**62, (), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._decode(indices, self._train)
+
+    def eval_images(self, indices: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Whole decoded images (normalised 3×H×W, sizes vary) and labels, for ``eval_crops``."""
+        idx = torch.as_tensor(indices, dtype=torch.long).view(-1)
+        images = []
+        for i in idx.tolist():
+            with self.folder.loader(self.folder.samples[i][0]) as image:
+                pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
+            images.append(normalize(pixels.permute(2, 0, 1).float() / 255.0))
+        return images, self.labels[idx]
+
+
+# --------------------------------------------------------------------------- choosing a source
+
+Dataset = ArrayDataset | SyntheticDataset | FolderDataset
+
+
+def load_dataset(
+    source: str,
+    split: str,
+    *,
+    image_size: int,
+    num_classes: int | None = None,
+    augment: bool | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """The ``split`` ("train" or "val") of ``source``: "demo", "synthetic" or a folder path.
+
+    ``num_classes`` defaults to 10 (demo), 1000 (synthetic) or the folder's class
+    count (and must match it when given). ``augment`` defaults to on for train and
+    off for val; on means mirror flips for the demo set (``True`` asks for the paper's
+    full pipeline there too) and the paper's pipeline for folders. Synthetic data is
+    never augmented; its train split has 100000 examples, val 1000. ``seed`` seeds the
+    demo and synthetic generators. Raises DataError for a bad source or split.
+    """
+    _check_split(split)
+    if image_size < 1:
+        raise DataError(f"image_size must be positive, got {image_size}")
+    on = split == "train" if augment is None else augment
+    if source == "demo":
+        mode: Augment = "none" if not on else ("paper" if augment else "flip")
+        classes = 10 if num_classes is None else num_classes
+        return demo_dataset(
+            split, image_size=image_size, num_classes=classes, seed=seed, augment=mode
+        )
+    if source == "synthetic":
+        return synthetic_dataset(
+            num_examples=SYNTHETIC_SIZES[split],
+            image_size=image_size,
+            num_classes=1000 if num_classes is None else num_classes,
+            seed=seed,
+        )
+    if not source:
+        raise DataError("data source is empty (expected demo, synthetic or a folder path)")
+    dataset = FolderDataset(Path(source).expanduser(), split, image_size=image_size, augment=on)
+    if num_classes is not None and num_classes != dataset.num_classes:
+        raise DataError(
+            f"data folder {dataset.folder.root} has {dataset.num_classes} classes, "
+            f"but num_classes is {num_classes}"
+        )
+    return dataset
+
+
+# --------------------------------------------------------------------------- data order
+
+
+def partition_indices(n: int, *, rank: int, world: int, epoch: int, seed: int) -> Tensor:
+    """Indices (int64) of ``rank``'s share of a data set of ``n`` examples in ``epoch``.
+
+    A permutation of range(n) seeded by (seed, epoch), then every ``world``-th entry
+    from position ``rank``: the shares of ranks 0..world-1 are disjoint and together
+    cover range(n) in every epoch. Deterministic in (n, rank, world, epoch, seed).
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+    if n < 0 or epoch < 0 or seed < 0:
+        raise ValueError(f"n, epoch and seed must be non-negative, got {n}, {epoch}, {seed}")
+    gen = torch.Generator().manual_seed(_seed_int(seed, epoch, 3))
+    return torch.randperm(n, generator=gen)[rank::world]
+
+
+def iterate_batches(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    start_epoch: int = 0,
+    drop_last: bool = True,
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Yield ``(epoch, images, labels)`` forever, epoch after epoch from ``start_epoch``.
+
+    Each epoch walks ``partition_indices(len(dataset), ...)`` in batches of
+    ``batch_size`` (the last, short one dropped when ``drop_last``). Augmentation
+    draws from a generator seeded by (seed, rank, epoch), so the stream is the same
+    for the same arguments, and resuming at ``start_epoch`` repeats that epoch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    share = len(partition_indices(len(dataset), rank=rank, world=world, epoch=0, seed=seed))
+    if share == 0 or (drop_last and share < batch_size):
+        raise ValueError(
+            f"rank {rank} of {world} gets {share} of {len(dataset)} examples per epoch, "
+            f"fewer than one batch of {batch_size}"
+        )
+    epoch = start_epoch
+    while True:
+        order = partition_indices(len(dataset), rank=rank, world=world, epoch=epoch, seed=seed)
+        gen = torch.Generator().manual_seed(_seed_int(seed, rank, epoch, 4))
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        for start in range(0, stop, batch_size):
+            images, labels = dataset.batch(order[start : start + batch_size], generator=gen)
+            yield epoch, images, labels
+        epoch += 1

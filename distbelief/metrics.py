@@ -10,7 +10,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    start_http_server,
+)
 
 from distbelief import __version__
 
@@ -26,6 +34,7 @@ class MetricsPortError(RuntimeError):
 
 def new_registry(role: str) -> CollectorRegistry:
     """A fresh registry holding ``distbelief_build_info``."""
+    disable_created_metrics()  # the *_created series only double what scrapes show
     registry = CollectorRegistry(auto_describe=True)
     info = Info(
         "distbelief_build", "Version and role of this distbelief process", registry=registry
@@ -91,3 +100,34 @@ class ShardMetrics:
         self.epoch = Gauge(p + "epoch", "Examples seen divided by the data set size", registry=r)
         self.parameters = Gauge(p + "parameters", "Parameters held by this shard", registry=r)
         self.workers = Gauge(p + "workers", "Workers heard from in the last minute", registry=r)
+
+
+@dataclass
+class WorkerMetrics:
+    """The metrics a worker replica exports."""
+
+    registry: CollectorRegistry
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        p = "distbelief_worker_"
+        self.steps = Counter(p + "steps", "Training steps completed", registry=r)
+        self.examples = Counter(p + "examples", "Training examples processed", registry=r)
+        self.loss = Gauge(p + "loss", "Training loss of the last step", registry=r)
+        self.step_seconds = Histogram(
+            p + "step_seconds", "Forward and backward time of one step",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.pull_seconds = Histogram(
+            p + "pull_seconds", "Time to pull the weights from every shard",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.push_seconds = Histogram(
+            p + "push_seconds", "Time to push the gradient to every shard",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.retries = Counter(p + "retries", "Requests retried after a timeout", registry=r)
+        self.staleness = Histogram(
+            p + "staleness", "Mean staleness over shards of this worker's pushes",
+            buckets=STALENESS_BUCKETS, registry=r,
+        )

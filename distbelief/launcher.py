@@ -1,0 +1,276 @@
+"""``distbelief up``: shards and replicas on this machine, with a live display.
+
+It is a composition of the real commands: ``distbelief serve --shards S`` and
+``distbelief work --cpu K`` (or ``--gpu N``) run as child processes on free
+loopback ports, their logs in the run folder. While they run, the display shows
+each replica's status file and each shard's ``stats``. When the replicas finish,
+the launcher pulls the final weights, evaluates them on the held-out split, stops
+the shards (SIGTERM: they write a final checkpoint when they have a folder) and
+prints a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distbelief.client import ClientConfig, ParameterClient, probe_stats
+from distbelief.report import replica_table, shard_table
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 120.0  # shards import torch and build the model before they listen
+REFRESH_S = 1.0
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpConfig:
+    shards: int = 2
+    cpu: int | None = None
+    gpu: int | None = None
+    run_dir: str
+    serve_args: tuple[str, ...] = ()  # flags passed through to `distbelief serve`
+    work_args: tuple[str, ...] = ()  # flags passed through to `distbelief work`
+    model: str = "googlenet"
+    num_classes: int = 10
+    seed: int = 0
+    data: str = "demo"
+    image_size: int = 32
+    live: bool = True
+
+
+@dataclass
+class UpResult:
+    replicas: list[dict[str, Any]] = field(default_factory=list)
+    shards: list[dict[str, Any] | None] = field(default_factory=list)
+    top1: float | None = None
+    top5: float | None = None
+    seconds: float = 0.0
+    exit_code: int = 0
+    addresses: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def free_port_run(count: int, start: int) -> int:
+    """The first of ``count`` consecutive free loopback ports at or above ``start``."""
+    import socket
+
+    port = start
+    while port + count < 65535:
+        ok = True
+        for p in range(port, port + count):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    port = p + 1
+                    break
+        if ok:
+            return port
+    raise OSError(f"no {count} consecutive free ports at or above {start}")
+
+
+class Launcher:
+    def __init__(self, cfg: UpConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        num_replicas = cfg.gpu or cfg.cpu or 2
+        self.num_replicas = num_replicas
+        self.shard_port = free_port_run(cfg.shards, 5570)
+        self.shard_metrics = free_port_run(cfg.shards, 9100)
+        self.work_metrics = free_port_run(num_replicas, 9200)
+        self.addresses = [f"tcp://127.0.0.1:{self.shard_port + i}" for i in range(cfg.shards)]
+        self.serve: subprocess.Popen | None = None
+        self.work: subprocess.Popen | None = None
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        out = (self.run_dir / f"{name}.log").open("wb")
+        return subprocess.Popen(
+            [sys.executable, "-m", "distbelief", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def start(self) -> None:
+        cfg = self.cfg
+        self.serve = self._spawn(
+            "serve",
+            [
+                "serve",
+                "--shards",
+                str(cfg.shards),
+                "--port",
+                str(self.shard_port),
+                "--metrics-port",
+                str(self.shard_metrics),
+                "--model",
+                cfg.model,
+                "--num-classes",
+                str(cfg.num_classes),
+                "--seed",
+                str(cfg.seed),
+                *cfg.serve_args,
+            ],
+        )
+        self._wait_for_shards()
+        devices = ["--gpu", str(cfg.gpu)] if cfg.gpu else ["--cpu", str(self.num_replicas)]
+        self.work = self._spawn(
+            "work",
+            [
+                "work",
+                "--servers",
+                ",".join(self.addresses),
+                *devices,
+                "--metrics-port",
+                str(self.work_metrics),
+                "--status-dir",
+                str(self.run_dir),
+                "--model",
+                cfg.model,
+                "--num-classes",
+                str(cfg.num_classes),
+                "--seed",
+                str(cfg.seed),
+                "--data",
+                cfg.data,
+                "--image-size",
+                str(cfg.image_size),
+                *cfg.work_args,
+            ],
+        )
+
+    def _wait_for_shards(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.serve.poll() is not None:
+                raise RuntimeError(
+                    f"the shards exited with {self.serve.returncode}; see {self.run_dir}/serve.log:"
+                    f"\n{_tail(self.run_dir / 'serve.log')}"
+                )
+            if all(s is not None for s in probe_stats(self.addresses, 1.0)):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"the shards did not answer in {READY_TIMEOUT_S:g} s")
+
+    def statuses(self) -> list[dict[str, Any]]:
+        out = []
+        for i in range(self.num_replicas):
+            try:
+                out.append(json.loads((self.run_dir / f"replica-{i}.json").read_text()))
+            except (OSError, ValueError):
+                out.append({})
+        return out
+
+    def watch(self) -> int:
+        """Show progress until the replicas finish; return their exit code."""
+        if self.cfg.live and sys.stdout.isatty():
+            from rich.console import Group
+            from rich.live import Live
+
+            def view():
+                return Group(
+                    replica_table(self.statuses()),
+                    shard_table(probe_stats(self.addresses, 1.0), self.addresses),
+                )
+
+            with Live(view(), refresh_per_second=2) as live:
+                while self.work.poll() is None:
+                    time.sleep(REFRESH_S)
+                    live.update(view())
+        else:
+            last = 0.0
+            while self.work.poll() is None:
+                time.sleep(REFRESH_S)
+                if time.monotonic() - last >= 10:
+                    last = time.monotonic()
+                    log.info("%s", _one_line(self.statuses()))
+        return self.work.returncode
+
+    def final_weights(self):
+        """The shards' current weights loaded into a fresh model (eval mode)."""
+        import torch
+
+        from distbelief.layout import Layout, flatten_into
+        from distbelief.models import build_model
+
+        model = build_model(self.cfg.model, self.cfg.num_classes)
+        layout = Layout.of(model, self.cfg.model)
+        weights, _ = flatten_into(model, layout)
+        with ParameterClient(ClientConfig(servers=tuple(self.addresses)), layout) as client:
+            client.connect()
+            with torch.no_grad():
+                client.pull(weights)
+        return model.eval()
+
+    def metrics_urls(self) -> list[str]:
+        shards = [self.shard_metrics + i for i in range(self.cfg.shards)]
+        workers = [self.work_metrics + i for i in range(self.num_replicas)]
+        return [f"http://127.0.0.1:{p}/metrics" for p in shards + workers]
+
+    def stop(self) -> None:
+        for proc in (self.work, self.serve):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in (self.work, self.serve):
+            if proc is None:
+                continue
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def _one_line(statuses: list[dict[str, Any]]) -> str:
+    parts = []
+    for s in statuses:
+        if s:
+            parts.append(
+                f"replica[{s['index']}] step {s['step']}/{s['total_steps']} "
+                f"loss {s['loss']:.3f} {s['images_per_s']:.0f} img/s"
+            )
+    return "; ".join(parts) or "replicas starting"
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_up(cfg: UpConfig) -> UpResult:
+    """Start everything, watch it, evaluate the result, stop everything."""
+    from distbelief.data import evaluate, load_dataset
+
+    began = time.monotonic()
+    launcher = Launcher(cfg)
+    result = UpResult(addresses=launcher.addresses, metrics=launcher.metrics_urls())
+    try:
+        launcher.start()
+        log.info("shards on %s; logs and status in %s", ",".join(launcher.addresses), cfg.run_dir)
+        result.exit_code = launcher.watch()
+        result.replicas = launcher.statuses()
+        result.shards = probe_stats(launcher.addresses, 5.0)
+        if result.exit_code == 0:
+            val = load_dataset(cfg.data, "val", image_size=cfg.image_size, seed=cfg.seed)
+            scores = evaluate(launcher.final_weights(), val, crops=1)
+            result.top1, result.top5 = scores["top1"], scores["top5"]
+    finally:
+        launcher.stop()
+    result.seconds = time.monotonic() - began
+    (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
+    return result

@@ -1,0 +1,88 @@
+"""Tables people read: replicas, shards, and the end-of-run summary (rich)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _num(value: Any, fmt: str = "{:,.0f}") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def replica_table(statuses: list[dict[str, Any]], *, title: str = "replicas") -> Table:
+    """One row per replica: steps, images, images/s, loss, staleness, retries."""
+    table = Table(title=title, title_justify="left")
+    for col in (
+        "replica",
+        "device",
+        "step",
+        "images",
+        "images/s",
+        "loss",
+        "staleness",
+        "retries",
+        "restarts",
+    ):
+        table.add_column(col, justify="left" if col in ("replica", "device") else "right")
+    for i, s in enumerate(statuses):
+        if not s:
+            table.add_row(str(i), "-", "no status", *["-"] * 6)
+            continue
+        step = f"{s.get('step', 0)}/{s.get('total_steps', 0)}"
+        table.add_row(
+            str(s.get("index", i)),
+            s.get("device", "-"),
+            step,
+            _num(s.get("examples")),
+            _num(s.get("images_per_s"), "{:.1f}"),
+            _num(s.get("loss"), "{:.4f}"),
+            _num(s.get("staleness"), "{:.1f}"),
+            _num(s.get("retries")),
+            _num(s.get("restarts")),
+        )
+    return table
+
+
+def shard_table(stats: list[dict[str, Any] | None], addresses: list[str]) -> Table:
+    """One row per shard; a shard that did not answer gets a row saying so."""
+    table = Table(title="shards", title_justify="left")
+    for col in (
+        "shard",
+        "address",
+        "version",
+        "updates/s",
+        "examples",
+        "epoch",
+        "lr",
+        "staleness p50/p95",
+        "replicas",
+    ):
+        table.add_column(col, justify="left" if col in ("shard", "address") else "right")
+    for i, (s, address) in enumerate(zip(stats, addresses, strict=True)):
+        if s is None:
+            table.add_row(str(i), address, "[red]no answer[/red]", *["-"] * 6)
+            continue
+        table.add_row(
+            str(i),
+            address,
+            _num(s["version"]),
+            _num(s["updates_per_s"], "{:.1f}"),
+            _num(s["examples"]),
+            _num(s["epoch"], "{:.2f}"),
+            _num(s["lr"], "{:.4g}"),
+            f"{s['staleness_p50']:.0f}/{s['staleness_p95']:.0f}",
+            _num(s["workers_recent"]),
+        )
+    return table
+
+
+def show(*renderables: Any, stderr: bool = False) -> None:
+    console = Console(stderr=stderr)
+    for r in renderables:
+        console.print(r)

@@ -1,0 +1,185 @@
+"""`distbelief serve` as real processes on loopback: exactness, concurrency, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from distbelief.client import ClientConfig, ParameterClient, ServerRefused
+from distbelief.data import load_dataset
+from distbelief.layout import Layout, flat_weights, flatten_into
+from distbelief.models import build_model
+from distbelief.server.rules import Schedule
+from distbelief.server.shard import initial_weights
+from distbelief.train import forward_backward
+
+from .conftest import free_port, port_is_free
+
+NUM_CLASSES = 10
+BATCH = 8
+STEPS = 30
+DATASET_SIZE = 32  # tiny, so the 0.96 step schedule kicks in every 2 steps (decay epochs 0.5)
+
+
+def client_for(addresses, layout, **kw) -> ParameterClient:
+    cfg = ClientConfig(servers=tuple(addresses), timeout_s=20, retries=1, **kw)
+    client = ParameterClient(cfg, layout)
+    client.connect()
+    return client
+
+
+def reference_weights(rule: str, batches, hp) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = build_model("googlenet", NUM_CLASSES)
+    opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"],
+                          weight_decay=hp["weight_decay"], nesterov=rule == "nesterov")
+    schedule = Schedule(lr=hp["lr"], decay=0.96, decay_epochs=0.5, dataset_size=DATASET_SIZE)
+    examples = 0
+    for step, (images, labels) in enumerate(batches):
+        opt.param_groups[0]["lr"] = schedule.lr_at(examples)
+        opt.zero_grad(set_to_none=False)
+        torch.manual_seed(1000 + step)  # dropout masks, the same on both sides
+        forward_backward(model, images, labels)
+        opt.step()
+        examples += len(labels)
+    return flat_weights(model, Layout.of(model, "googlenet"))
+
+
+@pytest.mark.parametrize("rule", ["momentum", "nesterov"])
+def test_one_worker_through_two_shards_reproduces_torch_sgd(procs, rule):
+    hp = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.0005}
+    addresses = procs.serve(
+        2, "--num-classes", str(NUM_CLASSES), "--seed", "0", "--rule", rule,
+        "--lr", str(hp["lr"]), "--momentum", str(hp["momentum"]),
+        "--weight-decay", str(hp["weight_decay"]), "--dataset-size", str(DATASET_SIZE),
+        "--lr-decay-epochs", "0.5",
+    )
+    data = load_dataset("demo", "train", image_size=32)
+    batches = [data.batch(torch.arange(i * BATCH, (i + 1) * BATCH)) for i in range(STEPS)]
+
+    torch.manual_seed(123)  # the worker's own init must not matter: it pulls first
+    model = build_model("googlenet", NUM_CLASSES)
+    layout = Layout.of(model, "googlenet")
+    weights, grads = flatten_into(model, layout)
+    with client_for(addresses, layout) as client:
+        for step, (images, labels) in enumerate(batches):
+            client.pull(weights)
+            grads.zero_()
+            torch.manual_seed(1000 + step)
+            forward_backward(model, images, labels)
+            results = client.push(grads, examples=len(labels))
+            assert all(r.applied and r.staleness == 0 for r in results)
+        client.pull(weights)
+        stats = client.stats()
+    expected = reference_weights(rule, batches, hp)
+    assert not torch.equal(expected, initial_weights("googlenet", NUM_CLASSES, 0)[1])
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-7)
+    assert [s["version"] for s in stats] == [STEPS, STEPS]
+    assert stats[0]["examples"] == STEPS * BATCH
+    assert stats[0]["lr"] == pytest.approx(hp["lr"] * 0.96 ** (STEPS * BATCH // 16))
+
+
+def test_concurrent_clients_lose_nothing_and_apply_retries_once(procs):
+    # momentum 0, lr 1, no decay and identical gradients: the final weights are the initial
+    # ones minus (accepted pushes) × g, whatever the order the pushes arrived in
+    addresses = procs.serve(2, "--num-classes", str(NUM_CLASSES), "--lr", "1", "--momentum", "0",
+                            "--weight-decay", "0", "--lr-decay", "1")
+    layout, initial = initial_weights("googlenet", NUM_CLASSES, 0)
+    g = torch.full((layout.total,), 2.0**-12)
+    pushes_each, num_clients = 12, 4
+    applied = []
+    errors = []
+
+    def run(worker: int) -> None:
+        try:
+            with client_for(addresses, layout, worker=f"w{worker}") as client:
+                n = 0
+                for i in range(pushes_each):
+                    n += all(r.applied for r in client.push(g, examples=1))
+                    if i % 3 == 0:  # a retried push: same (worker, seq) again, applied once
+                        client.seq -= 1
+                        assert not any(r.applied for r in client.push(g, examples=1))
+                applied.append(n)
+        except Exception as exc:  # surfaced in the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(num_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert sum(applied) == pushes_each * num_clients
+    weights = torch.empty(layout.total)
+    with client_for(addresses, layout) as client:
+        versions = client.pull(weights)
+        stats = client.stats()
+    assert versions == [pushes_each * num_clients] * 2
+    assert [s["duplicates"] for s in stats] == [num_clients * 4] * 2
+    expected = initial.clone()
+    for _ in range(pushes_each * num_clients):
+        expected -= g
+    assert torch.equal(weights, expected)
+
+
+def test_wrong_layout_is_refused_with_a_clear_message(procs):
+    addresses = procs.serve(1, "--num-classes", str(NUM_CLASSES))
+    layout = Layout.of(build_model("googlenet", NUM_CLASSES + 1), "googlenet")
+    client = ParameterClient(ClientConfig(servers=tuple(addresses), timeout_s=20), layout)
+    with client, pytest.raises(ServerRefused, match="layout_mismatch.*--num-classes"):
+        client.connect()
+
+
+def test_port_in_use_is_a_one_line_error(procs):
+    import socket
+
+    port = free_port()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", port))
+        blocker.listen()
+        proc = procs.start("serve", "--port", str(port), "--metrics-port", "0",
+                           "--num-classes", "10", name="busy")
+        assert proc.wait(90) == 2
+    text = proc.log_path.read_text()
+    assert f"cannot listen on 127.0.0.1:{port}" in text and "port in use" in text
+    assert "Traceback" not in text
+
+
+def test_unknown_rule_and_flag_are_one_line_errors(procs):
+    for args, message in [
+        (["--rule", "sgd"], "Invalid value for '--rule'"),
+        (["--lrr", "1"], "No such option '--lrr'"),
+        (["--shards", "2", "--shard-index", "0"], "either --shards N or --shard-index"),
+    ]:
+        proc = procs.start("serve", *args, name="bad")
+        assert proc.wait(60) == 2
+        text = proc.log_path.read_text()
+        assert message in text and "Traceback" not in text
+
+
+def test_config_file_and_environment_set_flags(procs, tmp_path):
+    port = free_port()
+    assert port_is_free(port + 1)
+    config = tmp_path / "cluster.toml"
+    config.write_text(f"lr = 0.125\nnum-classes = {NUM_CLASSES}\n[serve]\nport = {port}\n")
+    proc = procs.start("serve", "--config", str(config), "--metrics-port", "0",
+                       env={"DISTBELIEF_MOMENTUM": "0.5"}, name="cfg")
+    from .conftest import wait_until_serving
+
+    address = f"tcp://127.0.0.1:{port}"
+    wait_until_serving(address, proc, proc.log_path)
+    layout = Layout.of(build_model("googlenet", NUM_CLASSES), "googlenet")
+    with client_for([address], layout) as client:
+        hp = client.info[0].hparams
+    assert hp["lr"] == 0.125 and hp["momentum"] == 0.5
+
+
+def test_config_file_with_unknown_key_is_refused(procs, tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("[serve]\nlearning_rate = 3\n")
+    proc = procs.start("serve", "--config", str(config), name="badcfg")
+    assert proc.wait(60) == 2
+    text = proc.log_path.read_text()
+    assert "unknown setting 'learning_rate'" in text and "Traceback" not in text

@@ -1,0 +1,332 @@
+"""A model replica running Downpour SGD against the parameter shards.
+
+The loop, top to bottom: every ``fetch_every`` steps pull the weights into the flat
+buffer; forward/backward with the aux losses, accumulating into the flat gradient
+buffer; every ``push_every`` steps push the accumulated gradient (with the versions
+it was computed on and its example count) and clear it; log and export metrics.
+
+With ``overlap`` the push and the following pull run in a background thread while
+the next step computes, as Downpour's separate fetch and push threads did: the
+gradient of step t travels while step t+1 runs, and the weights it brings back are
+installed at the next step boundary (one step more staleness, no idle compute).
+
+Data: each replica reads a disjoint share of every epoch (a seeded permutation of
+the training set cut into ``num_replicas`` strided shares; see
+:func:`distbelief.data.partition_indices`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distbelief.client import ClientConfig, ParameterClient
+from distbelief.data import iterate_batches, load_dataset
+from distbelief.layout import Layout, flatten_into
+from distbelief.metrics import WorkerMetrics, new_registry, serve_metrics
+from distbelief.models import build_model
+from distbelief.train import forward_backward
+
+log = logging.getLogger(__name__)
+
+STATUS_EVERY_S = 1.0  # how often the status file that `up` and `work` read is rewritten
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicaConfig:
+    servers: tuple[str, ...]
+    index: int = 0
+    num_replicas: int = 1
+    device: str = "cpu"
+    threads: int | None = None
+    model: str = "googlenet"
+    num_classes: int = 1000
+    seed: int = 0
+    data: str = "demo"
+    image_size: int = 32
+    batch_size: int = 32
+    fetch_every: int = 1
+    push_every: int = 1
+    wire_dtype: str = "f32"
+    overlap: bool = False
+    amp: str | None = None  # "bf16" or "f16": autocast on CUDA
+    channels_last: bool = False
+    steps: int | None = None
+    epochs: float | None = None
+    metrics_port: int = 0
+    metrics_bind: str = "127.0.0.1"
+    timeout_s: float = 30.0
+    retries: int = 5
+    log_every: int = 20
+    status_file: str | None = None
+    # where a restarted replica picks up (set by the supervisor from the status file)
+    start_step: int = 0
+    start_examples: int = 0
+    start_epoch: int = 0
+    restarts: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fetch_every < 1 or self.push_every < 1:
+            raise ValueError("--fetch-every and --push-every must be at least 1")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        if self.amp not in (None, "bf16", "f16"):
+            raise ValueError(f"--amp must be bf16 or f16, got {self.amp!r}")
+        if not 0 <= self.index < self.num_replicas:
+            raise ValueError(f"replica index {self.index} out of range for {self.num_replicas}")
+
+
+@dataclass
+class ReplicaStatus:
+    """What a replica reports in its status file (and its final summary)."""
+
+    index: int
+    device: str
+    step: int = 0
+    total_steps: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+    loss: float = math.nan
+    images_per_s: float = 0.0
+    pushes: int = 0
+    pulls: int = 0
+    retries: int = 0
+    staleness: float = 0.0
+    epoch: int = 0
+    restarts: int = 0
+    done: bool = False
+
+    def write(self, path: str | None) -> None:
+        if not path:
+            return
+        tmp = f"{path}.tmp"
+        Path(tmp).write_text(json.dumps(asdict(self)))
+        os.replace(tmp, path)
+
+
+class Replica:
+    """One model replica: a full model on one device, talking to every shard."""
+
+    def __init__(self, cfg: ReplicaConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.train_set = load_dataset(cfg.data, "train", image_size=cfg.image_size, seed=cfg.seed)
+        torch.manual_seed(cfg.seed + 1000 * (cfg.index + 1))  # dropout differs per replica
+        self.model = build_model(cfg.model, cfg.num_classes).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.layout = Layout.of(self.model, cfg.model)
+        self.weights, self.grads = flatten_into(self.model, self.layout)
+        on_cpu = self.device.type == "cpu"
+        pin = not on_cpu
+        # host buffers the client reads and writes; on CPU they are the model's own
+        self.host_weights = self.weights if on_cpu else _host(self.layout.total, pin)
+        self.host_grads = self.grads if on_cpu else _host(self.layout.total, pin)
+        self.client = ParameterClient(
+            ClientConfig(
+                servers=cfg.servers,
+                timeout_s=cfg.timeout_s,
+                retries=cfg.retries,
+                wire_dtype=cfg.wire_dtype,
+                worker=f"replica{cfg.index}-{os.getpid()}",
+            ),
+            self.layout,
+        )
+        self.metrics = WorkerMetrics(new_registry("worker"))
+        self.status = ReplicaStatus(
+            index=cfg.index,
+            device=str(self.device),
+            step=cfg.start_step,
+            examples=cfg.start_examples,
+            epoch=cfg.start_epoch,
+            restarts=cfg.restarts,
+        )
+
+    def total_steps(self) -> int:
+        cfg = self.cfg
+        if cfg.steps is not None:
+            return cfg.steps
+        per_epoch = len(self.train_set) // (cfg.batch_size * cfg.num_replicas)
+        return max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
+
+    def run(self) -> ReplicaStatus:
+        """Train for the configured steps; return the final status."""
+        cfg = self.cfg
+        serve_metrics(self.metrics.registry, cfg.metrics_port, cfg.metrics_bind)
+        info = self.client.connect()
+        log.info("connected to %d shard(s); %d parameters", len(info), self.layout.total)
+        total = self.total_steps()
+        self.status.total_steps = total
+        batches = iterate_batches(
+            self.train_set,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            rank=cfg.index,
+            world=cfg.num_replicas,
+            start_epoch=cfg.start_epoch,
+        )
+        comm = _Overlap(self) if cfg.overlap else None
+        began = last_status = time.perf_counter()
+        pending = 0  # examples accumulated in the gradient buffer since the last push
+        self.model.train()
+        for step in range(cfg.start_step, total):
+            if comm is not None:
+                comm.install_weights()
+            elif step % cfg.fetch_every == 0:
+                self._pull()
+            epoch, images, labels = next(batches)
+            loss = self._step(images, labels)
+            pending += len(labels)
+            if (step + 1) % cfg.push_every == 0 or step + 1 == total:
+                if comm is not None:
+                    comm.push_then_pull(pending)
+                else:
+                    self._push(pending)
+                pending = 0
+            now = time.perf_counter()
+            self._record(step + 1, epoch, loss, len(labels), now - began, step + 1 - cfg.start_step)
+            if now - last_status >= STATUS_EVERY_S or step + 1 == total:
+                self.status.write(cfg.status_file)
+                last_status = now
+            if (step + 1) % cfg.log_every == 0:
+                log.info(
+                    "step %d/%d loss %.4f %.1f img/s staleness %.1f",
+                    step + 1,
+                    total,
+                    loss,
+                    self.status.images_per_s,
+                    self.status.staleness,
+                )
+        if comm is not None:
+            comm.finish()
+        self.status.done = True
+        self.status.write(cfg.status_file)
+        self.client.close()
+        return self.status
+
+    # -- the pieces of a step --------------------------------------------------------
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        began = time.perf_counter()
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            loss = forward_backward(self.model, images, labels)  # .item() syncs the device
+        self.metrics.step_seconds.observe(time.perf_counter() - began)
+        return loss
+
+    def _autocast(self):
+        if self.cfg.amp is None or self.device.type != "cuda":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def _pull(self, into: torch.Tensor | None = None) -> None:
+        began = time.perf_counter()
+        self.client.pull(self.host_weights if into is None else into)
+        if into is None and self.host_weights is not self.weights:
+            self.weights.copy_(self.host_weights, non_blocking=True)
+        self.metrics.pull_seconds.observe(time.perf_counter() - began)
+        self.status.pulls += 1
+
+    def _push(self, examples: int, grads: torch.Tensor | None = None) -> None:
+        began = time.perf_counter()
+        if grads is None:
+            if self.host_grads is not self.grads:
+                self.host_grads.copy_(self.grads)  # blocks until the backward pass is done
+            grads = self.host_grads
+        results = self.client.push(grads, examples)
+        if grads is self.grads or grads is self.host_grads:
+            self.grads.zero_()
+        self.metrics.push_seconds.observe(time.perf_counter() - began)
+        staleness = sum(r.staleness for r in results) / len(results)
+        self.metrics.staleness.observe(staleness)
+        self.status.staleness = staleness
+        self.status.pushes += 1
+
+    def _record(
+        self, step: int, epoch: int, loss: float, examples: int, seconds: float, steps_here: int
+    ) -> None:
+        s = self.status
+        s.step, s.epoch, s.loss, s.seconds = step, epoch, loss, seconds
+        s.examples += examples
+        # images/s of this process's life (a restart starts the clock again)
+        s.images_per_s = steps_here * self.cfg.batch_size / seconds if seconds > 0 else 0.0
+        m = self.metrics
+        m.retries.inc(self.client.retries_total - s.retries)
+        s.retries = self.client.retries_total
+        m.steps.inc()
+        m.examples.inc(examples)
+        m.loss.set(loss)
+
+
+class _Overlap:
+    """Push and pull in a background thread while the next step computes."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        total = replica.layout.total
+        self.send = _host(total, replica.device.type != "cpu")
+        self.incoming = torch.empty(total, dtype=torch.float32)
+        self.fresh = False
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def push_then_pull(self, examples: int) -> None:
+        self.wait()
+        self.send.copy_(self.replica.grads)  # the grads buffer is free for the next step
+        self.replica.grads.zero_()
+        self.thread = threading.Thread(target=self._run, args=(examples,), daemon=True)
+        self.thread.start()
+
+    def _run(self, examples: int) -> None:
+        try:
+            self.replica._push(examples, grads=self.send)
+            self.replica._pull(into=self.incoming)
+            self.fresh = True
+        except BaseException as exc:  # re-raised in the training thread
+            self.error = exc
+
+    def install_weights(self) -> None:
+        """At a step boundary: first step pulls synchronously; later, take what arrived."""
+        if self.replica.status.pulls == 0:
+            self.replica._pull()
+            return
+        if self.thread is not None and not self.thread.is_alive():
+            self.wait()
+        if self.fresh:
+            self.replica.weights.copy_(self.incoming)
+            self.fresh = False
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> None:
+        self.wait()
+
+
+def _host(size: int, pin: bool) -> torch.Tensor:
+    return torch.zeros(size, dtype=torch.float32, pin_memory=pin)
+
+
+def run_replica(cfg: ReplicaConfig) -> dict[str, Any]:
+    """Build and run one replica; return its final status as a dict."""
+    return asdict(Replica(cfg).run())

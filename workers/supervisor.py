@@ -1,0 +1,115 @@
+"""``distbelief work``: one replica process per device, restarted when it crashes.
+
+Each replica writes a small JSON status file (step, images/s, loss, ...) that the
+supervisor reads for its final summary and that ``distbelief up`` reads for its
+live display. A restarted replica continues its step count from that file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distbelief.client import ServerRefused, ServerUnavailable
+from distbelief.data import DataError
+from distbelief.logs import setup_logging
+from distbelief.metrics import MetricsPortError
+from distbelief.supervise import Child, Supervisor
+
+from .replica import ReplicaConfig, run_replica
+
+log = logging.getLogger(__name__)
+
+
+class DeviceError(ValueError):
+    """The requested devices do not exist on this machine."""
+
+
+def plan_devices(*, gpu: int | None, gpu_ids: str | None, cpu: int | None) -> list[str]:
+    """The device of each replica: ``cuda:i`` for GPUs, ``cpu`` for CPU replicas."""
+    if gpu_ids:
+        try:
+            ids = [int(x) for x in gpu_ids.split(",") if x.strip()]
+        except ValueError:
+            raise DeviceError(
+                f"--gpu-ids must be comma-separated integers, got {gpu_ids!r}"
+            ) from None
+        if not ids:
+            raise DeviceError("--gpu-ids is empty")
+    elif gpu:
+        ids = list(range(gpu))
+    else:
+        return ["cpu"] * (cpu or 1)
+    found = torch.cuda.device_count()
+    missing = [i for i in ids if i >= found]
+    if missing:
+        raise DeviceError(
+            f"asked for GPU {', '.join(map(str, missing))} but this machine has {found} "
+            f"CUDA device(s){' (torch found no GPU)' if found == 0 else ''}"
+        )
+    return [f"cuda:{i}" for i in ids]
+
+
+def threads_per_replica(devices: list[str]) -> int:
+    """Divide this host's cores among CPU replicas (GPU replicas keep one core each)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    num_cpu = sum(1 for d in devices if d == "cpu")
+    return max(1, (cores or 1) // max(1, num_cpu))
+
+
+def replica_process(cfg: ReplicaConfig, level: int) -> None:
+    """Entry point of one replica child process."""
+    setup_logging("replica", cfg.index, level=level)
+    cfg = _resume(cfg)
+    try:
+        status = run_replica(cfg)
+    except (ServerUnavailable, ServerRefused, DataError, MetricsPortError, ValueError) as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+    log.info(
+        "done: %d steps, %.1f images/s, last loss %.4f",
+        status["step"],
+        status["images_per_s"],
+        status["loss"],
+    )
+
+
+def _resume(cfg: ReplicaConfig) -> ReplicaConfig:
+    """After a restart, run only the steps this replica had not finished."""
+    if not cfg.status_file or cfg.steps is None:
+        return cfg
+    before = read_status(cfg.status_file)
+    done = before.get("step", 0)
+    if 0 < done < cfg.steps:
+        log.info("resuming after a restart: %d of %d steps were done", done, cfg.steps)
+        return replace(
+            cfg,
+            start_step=done,
+            start_examples=before.get("examples", 0),
+            start_epoch=before.get("epoch", 0),
+            restarts=before.get("restarts", 0) + 1,
+        )
+    return cfg
+
+
+def run_replicas(
+    configs: list[ReplicaConfig], *, max_restarts: int, level: int = logging.INFO
+) -> tuple[int, list[dict[str, Any]]]:
+    """Run every replica to its end; return the exit status and each one's last status."""
+    children = [Child(f"replica[{c.index}]", replica_process, (c, level)) for c in configs]
+    status = Supervisor(children, max_restarts=max_restarts).run()
+    return status, [read_status(c.status_file) for c in configs]
+
+
+def read_status(path: str | None) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}
