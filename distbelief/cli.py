@@ -31,7 +31,8 @@ def model_options(f):
     return f
 
 
-def rule_options(f, *, dataset_size_default: int | None = 1_281_167):
+def rule_options(f, **defaults):
+    """The update-rule flags; ``defaults`` overrides their defaults (by flag name)."""
     for decl, kw in reversed(
         [
             ("--rule", dict(type=RULE_CHOICES, default="momentum", help="Update rule.")),
@@ -52,12 +53,13 @@ def rule_options(f, *, dataset_size_default: int | None = 1_281_167):
                 dict(
                     type=click.IntRange(min=1),
                     default=1_281_167,
-                    help="Training examples per epoch (drives the schedule).",
+                    help="Training examples per epoch (drives the schedule; default ImageNet).",
                 ),
             ),
         ]
     ):
-        f = option(decl, **kw)(f)
+        name = decl.lstrip("-").replace("-", "_")
+        f = option(decl, **(kw | ({"default": defaults[name]} if name in defaults else {})))(f)
     return f
 
 
@@ -341,7 +343,7 @@ def status(servers, watch, interval_s, timeout_s, as_json) -> None:
 
 
 def up_rule_options(f):
-    return rule_options(f, dataset_size_default=None)
+    return rule_options(f, dataset_size=None)
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -97,8 +98,15 @@ class Processes:
         """Start ``distbelief serve --shards N`` on free ports; return the shard addresses."""
         base = free_ports(num_shards)
         proc = self.start(
-            "serve", "--shards", str(num_shards), "--port", str(base), "--metrics-port", "0",
-            *extra, name=name,
+            "serve",
+            "--shards",
+            str(num_shards),
+            "--port",
+            str(base),
+            "--metrics-port",
+            "0",
+            *extra,
+            name=name,
         )
         addresses = [f"tcp://{LOOPBACK}:{base + i}" for i in range(num_shards)]
         for address in addresses:
@@ -118,10 +126,9 @@ class Processes:
     def stop_all(self) -> None:
         for proc, _ in reversed(self.started):
             self.stop(proc)
-            try:  # children of a supervisor that died hard share its process group
+            # children of a supervisor that died hard share its process group
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture

@@ -96,15 +96,15 @@ def test_linear_classifier_on_pixels_stays_far_below_convnet() -> None:
     # Multinomial logistic regression on raw pixels (L-BFGS, L2 penalty). By hand on
     # the full set (10000 train, 2000 val, 200 iterations) val accuracy is 0.26-0.29
     # for penalties 1.0-0.1 (0.14 without one, with train at 0.95: it overfits);
-    # chance is 0.10. Here a smaller run to stay fast: about 0.25.
+    # chance is 0.10. Here a smaller run to stay fast (4000 train, 60 iterations): 0.24.
     torch.manual_seed(0)
-    train, val = demo_dataset("train", num_train=5000), demo_dataset("val", num_val=1000)
+    train, val = demo_dataset("train", num_train=4000), demo_dataset("val", num_val=1000)
     x, y = train.batch(torch.arange(len(train)), augment=False)
     xv, yv = val.batch(torch.arange(len(val)), augment=False)
     x, xv = x.flatten(1), xv.flatten(1)
     linear = nn.Linear(x.shape[1], train.num_classes)
     opt = torch.optim.LBFGS(
-        linear.parameters(), max_iter=100, history_size=10, line_search_fn="strong_wolfe"
+        linear.parameters(), max_iter=60, history_size=10, line_search_fn="strong_wolfe"
     )
 
     def closure() -> torch.Tensor:
@@ -255,7 +255,7 @@ def test_crop_boxes_area_and_ratio(shape: tuple[int, int]) -> None:
     assert float(left.min()) >= 0 and float((left + w).max()) <= width + eps
     assert float(area.min()) < 0.1  # the whole range is used
     if height == width:
-        assert float(area.max()) > 0.95 and abs(float(area.mean()) - 0.54) < 0.02  # uniform
+        assert float(area.max()) > 0.95 and 0.4 < float(area.mean()) < 0.6
 
 
 def test_train_transform_and_interpolations() -> None:
@@ -319,7 +319,7 @@ def test_144_crops_take_three_squares_along_the_long_side(portrait: bool) -> Non
     assert torch.allclose(whole[:, 1], torch.zeros(4), atol=0.05)
     assert torch.allclose(whole[:, 2], -torch.ones(4), atol=0.05)
     centre_square = out[:, 1, 5, 0]  # 4×28×28; split along the long axis only
-    rows_differ = centre_square[:, 0].ne(centre_square[:, -1]).any()
+    rows_differ = (centre_square[:, 0] - centre_square[:, -1]).abs().max() > 0.5
     assert bool(rows_differ) == portrait
 
 

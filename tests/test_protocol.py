@@ -27,10 +27,32 @@ def test_request_round_trip_and_validation():
         ({"v": 1, "op": "pull", "rid": 1, "dtype": "f64"}, "bad_field"),
         ({"v": 1, "op": "hello", "rid": 1}, "bad_field"),
         ({"v": 1, "op": "hello", "rid": 1, "fingerprint": 5}, "bad_field"),
-        ({"v": 1, "op": "push", "rid": 1, "worker": "w", "seq": "1", "base_version": 0,
-          "examples": 1, "dtype": "f32"}, "bad_field"),
-        ({"v": 1, "op": "push", "rid": 1, "worker": "w", "seq": 2**63 + 5, "base_version": 0,
-          "examples": 1, "dtype": "f32"}, "bad_field"),
+        (
+            {
+                "v": 1,
+                "op": "push",
+                "rid": 1,
+                "worker": "w",
+                "seq": "1",
+                "base_version": 0,
+                "examples": 1,
+                "dtype": "f32",
+            },
+            "bad_field",
+        ),
+        (
+            {
+                "v": 1,
+                "op": "push",
+                "rid": 1,
+                "worker": "w",
+                "seq": 2**63 + 5,
+                "base_version": 0,
+                "examples": 1,
+                "dtype": "f32",
+            },
+            "bad_field",
+        ),
     ],
 )
 def test_invalid_requests_get_stable_codes(header, code):

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from distbelief.server.rules import Schedule, make_rule
 
 
@@ -10,8 +9,9 @@ def run_rule(name: str, steps: int = 12, **kw):
     grads = [torch.randn(257) for _ in range(steps)]
     lrs = [0.1 * 0.9**i for i in range(steps)]
     ours = w0.clone()
-    rule = make_rule(name, 257, weight_decay=kw.get("weight_decay", 0.0),
-                     momentum=kw.get("momentum", 0.0))
+    rule = make_rule(
+        name, 257, weight_decay=kw.get("weight_decay", 0.0), momentum=kw.get("momentum", 0.0)
+    )
     for g, lr in zip(grads, lrs, strict=True):
         g_before = g.clone()
         rule.apply(ours, g, lr)

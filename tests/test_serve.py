@@ -6,13 +6,13 @@ import threading
 
 import pytest
 import torch
+from distbelief.server.rules import Schedule
+from distbelief.server.shard import initial_weights
 
 from distbelief.client import ClientConfig, ParameterClient, ServerRefused
 from distbelief.data import load_dataset
 from distbelief.layout import Layout, flat_weights, flatten_into
 from distbelief.models import build_model
-from distbelief.server.rules import Schedule
-from distbelief.server.shard import initial_weights
 from distbelief.train import forward_backward
 
 from .conftest import free_port, port_is_free
@@ -33,8 +33,13 @@ def client_for(addresses, layout, **kw) -> ParameterClient:
 def reference_weights(rule: str, batches, hp) -> torch.Tensor:
     torch.manual_seed(0)
     model = build_model("googlenet", NUM_CLASSES)
-    opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"],
-                          weight_decay=hp["weight_decay"], nesterov=rule == "nesterov")
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=hp["lr"],
+        momentum=hp["momentum"],
+        weight_decay=hp["weight_decay"],
+        nesterov=rule == "nesterov",
+    )
     schedule = Schedule(lr=hp["lr"], decay=0.96, decay_epochs=0.5, dataset_size=DATASET_SIZE)
     examples = 0
     for step, (images, labels) in enumerate(batches):
@@ -51,10 +56,23 @@ def reference_weights(rule: str, batches, hp) -> torch.Tensor:
 def test_one_worker_through_two_shards_reproduces_torch_sgd(procs, rule):
     hp = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.0005}
     addresses = procs.serve(
-        2, "--num-classes", str(NUM_CLASSES), "--seed", "0", "--rule", rule,
-        "--lr", str(hp["lr"]), "--momentum", str(hp["momentum"]),
-        "--weight-decay", str(hp["weight_decay"]), "--dataset-size", str(DATASET_SIZE),
-        "--lr-decay-epochs", "0.5",
+        2,
+        "--num-classes",
+        str(NUM_CLASSES),
+        "--seed",
+        "0",
+        "--rule",
+        rule,
+        "--lr",
+        str(hp["lr"]),
+        "--momentum",
+        str(hp["momentum"]),
+        "--weight-decay",
+        str(hp["weight_decay"]),
+        "--dataset-size",
+        str(DATASET_SIZE),
+        "--lr-decay-epochs",
+        "0.5",
     )
     data = load_dataset("demo", "train", image_size=32)
     batches = [data.batch(torch.arange(i * BATCH, (i + 1) * BATCH)) for i in range(STEPS)]
@@ -84,8 +102,19 @@ def test_one_worker_through_two_shards_reproduces_torch_sgd(procs, rule):
 def test_concurrent_clients_lose_nothing_and_apply_retries_once(procs):
     # momentum 0, lr 1, no decay and identical gradients: the final weights are the initial
     # ones minus (accepted pushes) × g, whatever the order the pushes arrived in
-    addresses = procs.serve(2, "--num-classes", str(NUM_CLASSES), "--lr", "1", "--momentum", "0",
-                            "--weight-decay", "0", "--lr-decay", "1")
+    addresses = procs.serve(
+        2,
+        "--num-classes",
+        str(NUM_CLASSES),
+        "--lr",
+        "1",
+        "--momentum",
+        "0",
+        "--weight-decay",
+        "0",
+        "--lr-decay",
+        "1",
+    )
     layout, initial = initial_weights("googlenet", NUM_CLASSES, 0)
     g = torch.full((layout.total,), 2.0**-12)
     pushes_each, num_clients = 12, 4
@@ -139,8 +168,9 @@ def test_port_in_use_is_a_one_line_error(procs):
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", port))
         blocker.listen()
-        proc = procs.start("serve", "--port", str(port), "--metrics-port", "0",
-                           "--num-classes", "10", name="busy")
+        proc = procs.start(
+            "serve", "--port", str(port), "--metrics-port", "0", "--num-classes", "10", name="busy"
+        )
         assert proc.wait(90) == 2
     text = proc.log_path.read_text()
     assert f"cannot listen on 127.0.0.1:{port}" in text and "port in use" in text
@@ -164,8 +194,15 @@ def test_config_file_and_environment_set_flags(procs, tmp_path):
     assert port_is_free(port + 1)
     config = tmp_path / "cluster.toml"
     config.write_text(f"lr = 0.125\nnum-classes = {NUM_CLASSES}\n[serve]\nport = {port}\n")
-    proc = procs.start("serve", "--config", str(config), "--metrics-port", "0",
-                       env={"DISTBELIEF_MOMENTUM": "0.5"}, name="cfg")
+    proc = procs.start(
+        "serve",
+        "--config",
+        str(config),
+        "--metrics-port",
+        "0",
+        env={"DISTBELIEF_MOMENTUM": "0.5"},
+        name="cfg",
+    )
     from .conftest import wait_until_serving
 
     address = f"tcp://127.0.0.1:{port}"

@@ -6,11 +6,11 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from distbelief.server.shard import Shard, ShardConfig
 from torch import nn
 
 from distbelief import protocol
 from distbelief.layout import Layout, flat_weights
-from distbelief.server.shard import Shard, ShardConfig
 
 
 def make_shard(index=0, num_shards=2, **kw) -> tuple[Shard, Layout, torch.Tensor]:
@@ -29,8 +29,16 @@ def call(shard: Shard, op: str, *payload, **fields) -> tuple[dict, list]:
 
 def push(shard, grad, seq=1, worker="w", base_version=0, dtype="f32", examples=4):
     body = protocol.to_wire(grad, dtype).tobytes()
-    return call(shard, "push", body, worker=worker, seq=seq, base_version=base_version,
-                examples=examples, dtype=dtype)[0]
+    return call(
+        shard,
+        "push",
+        body,
+        worker=worker,
+        seq=seq,
+        base_version=base_version,
+        examples=examples,
+        dtype=dtype,
+    )[0]
 
 
 def test_hello_reports_range_and_refuses_other_layouts():
@@ -108,10 +116,23 @@ def test_large_but_finite_gradient_is_not_mistaken_for_non_finite():
         ([], "bad_header"),
         ([b"\x00garbage"], "bad_header"),
         ([msgpack.packb({"v": 1, "op": "pull", "rid": 1}), b"extra"], "bad_size"),
-        ([protocol.request("push", 1, worker="w", seq=1, base_version=0, examples=1,
-                           dtype="f32"), b"\x00" * 12], "bad_size"),
-        ([protocol.request("push", 1, worker="w", seq=1, base_version=0, examples=1,
-                           dtype="f32")], "bad_size"),
+        (
+            [
+                protocol.request(
+                    "push", 1, worker="w", seq=1, base_version=0, examples=1, dtype="f32"
+                ),
+                b"\x00" * 12,
+            ],
+            "bad_size",
+        ),
+        (
+            [
+                protocol.request(
+                    "push", 1, worker="w", seq=1, base_version=0, examples=1, dtype="f32"
+                )
+            ],
+            "bad_size",
+        ),
         ([protocol.request("save", 1)], "not_available"),
     ],
 )
