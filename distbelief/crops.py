@@ -69,11 +69,11 @@ def sample_crop_boxes(
 ) -> Tensor:
     """Sample ``n`` crop boxes ``(top, left, h, w)`` (float, pixels) inside a height×width image.
 
-    The area fraction ``h·w / (height·width)`` is uniform in ``scale`` and the aspect
-    ratio ``w / h`` log-uniform in ``ratio``, by rejection of boxes that do not fit
-    (``attempts`` rounds, as torchvision does). Boxes still rejected after that keep
-    their ratio and draw the area uniformly among the sizes that fit, so every box
-    lies in the image with area and ratio inside the bounds (only an image whose own
+    The area fraction ``h·w / (height·width)`` is drawn uniformly from ``scale`` and
+    the aspect ratio ``w / h`` log-uniformly from ``ratio``; a box that does not fit is
+    drawn again (``attempts`` rounds, as torchvision does). A box still left after that
+    draws a ratio, then an area uniformly among those that fit with it. Every box lies
+    in the image with its area and ratio inside the bounds (only an image whose own
     aspect is far outside ``ratio`` can force an area below ``scale[0]``).
     """
     if n < 0 or height < 1 or width < 1:
@@ -82,6 +82,10 @@ def sample_crop_boxes(
         raise ValueError(f"bad crop bounds: scale={scale}, ratio={ratio}")
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
     area = float(height * width)
+
+    def uniform(k: int, low: float, high: float) -> Tensor:
+        return low + (high - low) * torch.rand(k, generator=generator, dtype=torch.float64)
+
     s = torch.empty(n, dtype=torch.float64)
     r = torch.empty(n, dtype=torch.float64)
     todo = torch.ones(n, dtype=torch.bool)
@@ -89,27 +93,23 @@ def sample_crop_boxes(
         k = int(todo.sum())
         if k == 0:
             break
-        s_try = scale[0] + (scale[1] - scale[0]) * torch.rand(k, generator=generator, dtype=s.dtype)
-        r_try = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * torch.rand(k, generator=generator))
+        s_try, r_try = uniform(k, *scale), torch.exp(uniform(k, *log_r))
         w, h = torch.sqrt(s_try * area * r_try), torch.sqrt(s_try * area / r_try)
         fits = (w <= width) & (h <= height)
         where = todo.nonzero().squeeze(1)[fits]
-        s[where], r[where] = s_try[fits], r_try[fits].double()
+        s[where], r[where] = s_try[fits], r_try[fits]
         todo[where] = False
     k = int(todo.sum())
     if k:
-        r_left = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * torch.rand(k, generator=generator))
-        r_left = r_left.double()
-        s_max = torch.minimum(width / (height * r_left), height * r_left / width).clamp(
-            max=scale[1]
-        )
-        s_min = torch.minimum(torch.full_like(s_max, scale[0]), s_max)
-        s[todo] = s_min + (s_max - s_min) * torch.rand(k, generator=generator, dtype=s.dtype)
+        r_left = torch.exp(uniform(k, *log_r))
+        s_max = torch.minimum(width / (height * r_left), height * r_left / width)
+        s_max = s_max.clamp(max=scale[1])
+        s_min = s_max.clamp(max=scale[0])
+        s[todo] = s_min + (s_max - s_min) * uniform(k, 0.0, 1.0)
         r[todo] = r_left
     w = torch.sqrt(s * area * r).clamp(max=width)
     h = torch.sqrt(s * area / r).clamp(max=height)
-    top = (height - h) * torch.rand(n, generator=generator, dtype=h.dtype)
-    left = (width - w) * torch.rand(n, generator=generator, dtype=w.dtype)
+    top, left = (height - h) * uniform(n, 0.0, 1.0), (width - w) * uniform(n, 0.0, 1.0)
     return torch.stack([top, left, h, w], dim=1).float()
 
 
@@ -135,9 +135,8 @@ class RandomInterpolationResizedCrop:
 
     def __call__(self, image: Any) -> Any:
         height, width = TF.get_size(image)
-        top, left, h, w = sample_crop_boxes(1, height, width, scale=self.scale, ratio=self.ratio)[
-            0
-        ].tolist()
+        box = sample_crop_boxes(1, height, width, scale=self.scale, ratio=self.ratio)
+        top, left, h, w = box[0].tolist()
         h_px, w_px = max(1, min(height, round(h))), max(1, min(width, round(w)))
         top_px, left_px = min(round(top), height - h_px), min(round(left), width - w_px)
         mode = self.interpolations[int(torch.randint(len(self.interpolations), ()))]
@@ -217,13 +216,13 @@ def _rotate_hue(x: Tensor, turns: Tensor) -> Tensor:
 
 
 def photometric_batch(images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-    """Brightness, contrast, saturation and hue distortions of B×3×H×W pixels in [0, 1].
+    """Brightness, contrast, saturation and hue distortions of B×3×H×W CPU pixels in [0, 1].
 
     Same strengths as ``train_transform``'s ColorJitter, applied in that fixed order
     with factors drawn per image; the hue turns in YIQ space (a linear map per image).
     """
     n = images.shape[0]
-    x = images * _jitter(n, BRIGHTNESS, generator)
+    x = (images * _jitter(n, BRIGHTNESS, generator)).clamp(0, 1)
     mean = _rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True)
     x = (mean + _jitter(n, CONTRAST, generator) * (x - mean)).clamp(0, 1)
     gray = _rgb_to_gray(x)
@@ -235,7 +234,7 @@ def photometric_batch(images: Tensor, *, generator: torch.Generator | None = Non
 def augment_batch(
     images: Tensor, *, image_size: int | None = None, generator: torch.Generator | None = None
 ) -> Tensor:
-    """The paper's training augmentation, batched: B×3×H×W floats in [0, 1] → B×3×S×S.
+    """The paper's training augmentation, batched: B×3×H×W CPU floats in [0, 1] → B×3×S×S.
 
     Each image gets its own crop box (``sample_crop_boxes``), interpolation (bilinear,
     bicubic or nearest, via ``grid_sample``), photometric distortion and mirror flip.
@@ -369,26 +368,28 @@ def predict_crops(
 
     ``images``: a B×3×H×W tensor or a sequence of 3×H×W tensors, uint8 (0..255) or
     already normalised float. ``image_size`` defaults to each image's shorter side.
-    Runs the model (in whatever mode it is in) on at most ``chunk_size`` crops at a
-    time, on the device of its parameters.
+    Runs the model (in whatever mode it is in) on the device of its parameters, on the
+    crops of whole images at a time, at most max(``chunk_size``, ``crops``) crops.
+    Returns float32 probabilities on that device.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    if chunk_size < 1 or len(images) == 0:
+        raise ValueError(f"need chunk_size ≥ 1 and an image, got {chunk_size}, {len(images)}")
     device = _model_device(model)
-    views = [
-        eval_crops(to_normalized(im), image_size=image_size or min(im.shape[-2:]), crops=crops)
-        for im in images
-    ]
-    if not views:
-        raise ValueError("predict_crops needs at least one image")
-    flat = torch.cat(views)
-    probs = torch.cat(
-        [
-            torch.softmax(logits_of(model(flat[i : i + chunk_size].to(device))).float(), dim=1)
-            for i in range(0, len(flat), chunk_size)
-        ]
-    )
-    return probs.view(len(views), crops, -1).mean(dim=1)
+    per_forward = max(1, chunk_size // crops)
+    probs = []
+    for start in range(0, len(images), per_forward):
+        group = images[start : start + per_forward]
+        flat = torch.cat(
+            [
+                eval_crops(
+                    to_normalized(im), image_size=image_size or min(im.shape[-2:]), crops=crops
+                )
+                for im in group
+            ]
+        )
+        p = torch.softmax(logits_of(model(flat.to(device))).float(), dim=1)
+        probs.append(p.view(len(group), crops, -1).mean(dim=1))
+    return torch.cat(probs)
 
 
 class EvalSource(Protocol):
@@ -427,13 +428,14 @@ def evaluate(
     n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
     if n <= 0:
         raise ValueError("evaluate needs at least one example")
-    k = min(5, dataset.num_classes)
+    # With several crops an image, read fewer images at a time (whole decoded images).
+    step = batch_size if crops == 1 else max(1, batch_size // crops)
     was_training = model.training
     model.to(device).eval()
     top1 = top5 = 0
     try:
-        for start in range(0, n, batch_size):
-            idx = torch.arange(start, min(n, start + batch_size))
+        for start in range(0, n, step):
+            idx = torch.arange(start, min(n, start + step))
             if crops == 1:
                 x, y = dataset.batch(idx, augment=False)
                 scores = logits_of(model(x.to(device))).float()
@@ -442,6 +444,7 @@ def evaluate(
                 scores = predict_crops(
                     model, images, crops, image_size=dataset.image_size, chunk_size=batch_size
                 )
+            k = min(5, dataset.num_classes, scores.shape[1])
             best = scores.topk(k, dim=1).indices.cpu()
             y = y.cpu()
             top1 += int((best[:, 0] == y).sum())

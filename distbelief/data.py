@@ -8,9 +8,10 @@ Three sources (``load_dataset``):
   ``num_classes`` > 10). Every image draws its position, size, rotation or stripe
   period and phase, foreground and background colours (independent, so the same in
   distribution for every class) and pixel noise, so the class cannot be read from
-  colour or position: the mean image of every class is the same, and a linear
-  classifier on raw pixels does little better than chance while a small convnet
-  learns it. Built in memory in about a second.
+  colour or position: the expected image of every class is the same. Logistic
+  regression on raw pixels reaches about 29% on val (chance 10%) while a 4-layer
+  convnet reaches 99% in 4 epochs. 10000 + 2000 images at 32×32 take about half a
+  second to build.
 - ``"synthetic"``: random tensors for benchmarks, from a small pool, cheap per batch.
 - a path: an ImageNet-style folder, ``PATH/train/<class>/*.jpg`` and
   ``PATH/val/<class>/*.jpg``, read with torchvision's ``ImageFolder``.
@@ -156,11 +157,14 @@ class ArrayDataset:
     ) -> tuple[Tensor, Tensor]:
         """Normalised float32 images and labels of ``indices``, augmented as configured.
 
-        ``augment=False`` forces the plain images (evaluation); ``generator`` drives the
-        augmentation (torch's global generator when None).
+        ``augment``: None applies the configured augmentation, False none (evaluation),
+        True the configured one or, when that is "none", mirror flips. ``generator``
+        drives the augmentation (torch's global generator when None).
         """
         x = self.images[indices].float() / 255.0
         mode = self.augment if augment is not False else "none"
+        if augment and mode == "none":
+            mode = "flip"
         if mode == "flip":
             x = flip_batch(x, generator=generator)
         elif mode == "paper":

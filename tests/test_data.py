@@ -235,7 +235,10 @@ def test_folder_errors_name_the_path(tmp_path: Path, image_tree: Path) -> None:
 def test_load_dataset_augmentation_defaults() -> None:
     assert load_dataset("demo", "train", image_size=32).augment == "flip"
     assert load_dataset("demo", "val", image_size=32).augment == "none"
-    assert load_dataset("demo", "train", image_size=32, augment=True).augment == "paper"
+    paper = load_dataset("demo", "train", image_size=32, augment=True)
+    assert paper.augment == "paper"
+    x, _ = paper.batch(torch.arange(16), generator=torch.Generator().manual_seed(0))
+    assert x.shape == (16, 3, 32, 32) and float(x.abs().max()) <= 2.0
     assert load_dataset("demo", "train", image_size=32, augment=False).augment == "none"
 
 

@@ -286,6 +286,22 @@ def test_deterministic_init() -> None:
     )
 
 
+def test_init_keeps_forward_signal_bounded() -> None:
+    # Without batch norm the init alone sets the scale: Kaiming fan_in keeps the RMS of
+    # 5b's output near 3 at 64×64; fan_out gives ~80 and logits ~30 (and diverges).
+    torch.manual_seed(0)
+    net = googlenet(num_classes=10, aux_logits=False).eval()
+    rms: list[float] = []
+    hook = net.inception5b.register_forward_hook(
+        lambda _m, _i, out: rms.append(out.pow(2).mean().sqrt().item())
+    )
+    with torch.no_grad():
+        logits = net(torch.randn(2, 3, 64, 64))
+    hook.remove()
+    assert 0.5 < rms[0] < 10.0
+    assert logits.abs().max() < 5.0
+
+
 def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         googlenet(num_classes=0)

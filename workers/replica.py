@@ -23,6 +23,7 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from distbelief.train import forward_backward
 log = logging.getLogger(__name__)
 
 STATUS_EVERY_S = 1.0  # how often the status file that `up` and `work` read is rewritten
+LOSS_WINDOW = 10  # steps averaged for the status file's first and recent loss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +99,8 @@ class ReplicaStatus:
     examples: int = 0
     seconds: float = 0.0
     loss: float = math.nan
+    loss_first: float = math.nan  # mean training loss of the first LOSS_WINDOW steps
+    loss_recent: float = math.nan  # mean training loss of the last LOSS_WINDOW steps
     images_per_s: float = 0.0
     pushes: int = 0
     pulls: int = 0
@@ -104,6 +108,7 @@ class ReplicaStatus:
     staleness: float = 0.0
     epoch: int = 0
     restarts: int = 0
+    pid: int = 0
     done: bool = False
 
     def write(self, path: str | None) -> None:
@@ -145,6 +150,7 @@ class Replica:
             self.layout,
         )
         self.metrics = WorkerMetrics(new_registry("worker"))
+        self.losses: deque[float] = deque(maxlen=LOSS_WINDOW)
         self.status = ReplicaStatus(
             index=cfg.index,
             device=str(self.device),
@@ -152,6 +158,7 @@ class Replica:
             examples=cfg.start_examples,
             epoch=cfg.start_epoch,
             restarts=cfg.restarts,
+            pid=os.getpid(),
         )
 
     def total_steps(self) -> int:
@@ -169,14 +176,7 @@ class Replica:
         log.info("connected to %d shard(s); %d parameters", len(info), self.layout.total)
         total = self.total_steps()
         self.status.total_steps = total
-        batches = iterate_batches(
-            self.train_set,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            rank=cfg.index,
-            world=cfg.num_replicas,
-            start_epoch=cfg.start_epoch,
-        )
+        batches = replica_batches(cfg, self.train_set)
         comm = _Overlap(self) if cfg.overlap else None
         began = last_status = time.perf_counter()
         pending = 0  # examples accumulated in the gradient buffer since the last push
@@ -263,6 +263,10 @@ class Replica:
     ) -> None:
         s = self.status
         s.step, s.epoch, s.loss, s.seconds = step, epoch, loss, seconds
+        self.losses.append(loss)
+        s.loss_recent = sum(self.losses) / len(self.losses)
+        if steps_here <= LOSS_WINDOW:
+            s.loss_first = s.loss_recent
         s.examples += examples
         # images/s of this process's life (a restart starts the clock again)
         s.images_per_s = steps_here * self.cfg.batch_size / seconds if seconds > 0 else 0.0
@@ -321,6 +325,18 @@ class _Overlap:
 
     def finish(self) -> None:
         self.wait()
+
+
+def replica_batches(cfg: ReplicaConfig, dataset: Any):
+    """This replica's batches: its own disjoint share of every epoch, epoch after epoch."""
+    return iterate_batches(
+        dataset,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=cfg.index,
+        world=cfg.num_replicas,
+        start_epoch=cfg.start_epoch,
+    )
 
 
 def _host(size: int, pin: bool) -> torch.Tensor:

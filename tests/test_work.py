@@ -1,0 +1,163 @@
+"""`distbelief work` and `distbelief up` as real processes: Downpour, restarts, devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distbelief.client import probe_stats
+from distbelief.data import load_dataset
+from distbelief.workers.replica import ReplicaConfig, replica_batches
+
+NUM_CLASSES = 10
+TINY = ["--num-classes", str(NUM_CLASSES), "--batch-size", "8", "--metrics-port", "0"]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_push_every_4_pushes_steps_over_4_per_replica(procs, tmp_path):
+    addresses = procs.serve(2, "--num-classes", str(NUM_CLASSES))
+    status_dir = tmp_path / "status"
+    proc = procs.start(
+        "work",
+        "--servers",
+        ",".join(addresses),
+        "--cpu",
+        "2",
+        "--steps",
+        "12",
+        "--fetch-every",
+        "4",
+        "--push-every",
+        "4",
+        "--status-dir",
+        str(status_dir),
+        *TINY,
+        name="work",
+    )
+    assert proc.wait(240) == 0, proc.log_path.read_text()[-3000:]
+    stats = probe_stats(addresses, 10)
+    assert [s["version"] for s in stats] == [2 * 12 // 4] * 2
+    assert [s["pulls"] for s in stats] == [2 * 12 // 4] * 2
+    for i in range(2):
+        status = read_json(status_dir / f"replica-{i}.json")
+        assert status["step"] == 12 and status["pushes"] == 3 and status["done"]
+        assert status["examples"] == 12 * 8
+    summary = proc.log_path.read_text()
+    assert "replicas" in summary and "images/s" in summary  # the closing table
+
+
+def test_killed_replica_is_restarted_and_the_other_goes_on(procs, tmp_path):
+    addresses = procs.serve(1, "--num-classes", str(NUM_CLASSES))
+    status_dir = tmp_path / "status"
+    steps = 40
+    proc = procs.start(
+        "work",
+        "--servers",
+        ",".join(addresses),
+        "--cpu",
+        "2",
+        "--steps",
+        str(steps),
+        "--max-restarts",
+        "2",
+        "--status-dir",
+        str(status_dir),
+        *TINY,
+        name="work",
+    )
+    victim = status_dir / "replica-0.json"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if victim.exists() and read_json(victim)["step"] >= 3:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("replica 0 made no progress:\n" + proc.log_path.read_text()[-3000:])
+    killed = read_json(victim)
+    os.kill(killed["pid"], signal.SIGKILL)
+    other_before = read_json(status_dir / "replica-1.json")["step"]
+    assert proc.wait(300) == 0, proc.log_path.read_text()[-3000:]
+    after = read_json(victim)
+    assert after["restarts"] == 1 and after["pid"] != killed["pid"]
+    assert after["step"] == steps and after["done"]
+    other = read_json(status_dir / "replica-1.json")
+    assert other["step"] == steps and other["restarts"] == 0 and other_before < steps
+    (stats,) = probe_stats(addresses, 10)
+    # every completed step was pushed once; steps the killed process did after its last
+    # status write are done again, so the version may exceed 2 × steps by a few
+    assert 2 * steps <= stats["version"] <= 2 * steps + 10
+    assert "replica[0] exited with -9; restart 1/2" in proc.log_path.read_text()
+
+
+def test_replicas_read_disjoint_shares_of_each_epoch():
+    data = load_dataset("demo", "train", image_size=32)
+    n, batch = len(data), 50
+    seen = []
+    for index in range(3):
+        cfg = ReplicaConfig(servers=("tcp://x:1",), index=index, num_replicas=3, batch_size=batch)
+        batches = replica_batches(cfg, data)
+        labels = [next(batches) for _ in range((n // 3) // batch)]
+        assert {epoch for epoch, _, _ in labels} == {0}
+        seen.append(torch.cat([lab for _, _, lab in labels]))
+    # disjoint index shares: label histograms add up to at most the data set's
+    total = torch.bincount(torch.cat(seen), minlength=NUM_CLASSES)
+    assert torch.all(total <= torch.bincount(data.labels, minlength=NUM_CLASSES))
+    assert sum(len(s) for s in seen) > 0.95 * n
+    # the same replica sees another order in the next epoch
+    cfg = ReplicaConfig(servers=("tcp://x:1",), index=0, num_replicas=3, batch_size=batch)
+    batches = replica_batches(cfg, data)
+    first = next(batches)[2]
+    for _ in range((n // 3) // batch - 1):
+        next(batches)
+    epoch, _, again = next(batches)
+    assert epoch == 1 and not torch.equal(first, again)
+
+
+def test_gpu_without_a_gpu_is_a_one_line_error(procs):
+    proc = procs.start(
+        "work",
+        "--gpu",
+        "1",
+        "--servers",
+        "tcp://127.0.0.1:1",
+        name="gpu",
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert proc.wait(60) == 1
+    text = proc.log_path.read_text()
+    assert "asked for GPU 0 but this machine has 0 CUDA device(s)" in text
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1
+
+
+def test_up_with_tiny_settings_trains_and_reports(procs, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = procs.start(
+        "up",
+        "--steps",
+        "30",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.01",
+        "--run-dir",
+        str(run_dir),
+        "--json",
+        name="up",
+    )
+    assert proc.wait(400) == 0, proc.log_path.read_text()[-3000:]
+    summary = read_json(run_dir / "summary.json")
+    assert summary["exit_code"] == 0 and len(summary["replicas"]) == 2
+    for replica in summary["replicas"]:
+        assert replica["step"] == 30
+        assert replica["loss_recent"] < replica["loss_first"]
+    assert [s["version"] for s in summary["shards"]] == [60, 60]
+    assert 0.0 <= summary["top5"] <= 1.0 and summary["top5"] >= summary["top1"]
