@@ -89,8 +89,14 @@ def rule_options(f, **defaults):
 @option("--metrics-bind", default="127.0.0.1", help="Address of the /metrics endpoints.")
 @model_options
 @rule_options
+@option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch threads per shard (default: this host's cores / --shards).",
+)
 @option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO")
-def serve(shards, shard_index, num_shards, log_level, **kw) -> None:
+def serve(shards, shard_index, num_shards, log_level, threads, **kw) -> None:
     """Run parameter shards: --shards N here, or --shard-index I --num-shards N."""
     from distbelief.server.shard import ShardConfig
     from distbelief.server.supervisor import run_shards, shard_process
@@ -101,6 +107,11 @@ def serve(shards, shard_index, num_shards, log_level, **kw) -> None:
         raise click.UsageError("--shard-index and --num-shards go together")
     if shards is None and shard_index is None:
         shards = 1
+    from distbelief.tuning import available_cores
+
+    if threads is None and shards:
+        threads = max(1, available_cores() // shards)  # the shards of one host share its cores
+    kw["threads"] = threads
     try:
         if shards is not None:
             configs = [_shard_config(ShardConfig, i, shards, kw) for i in range(shards)]

@@ -115,19 +115,27 @@ class WorkerMetrics:
         self.examples = Counter(p + "examples", "Training examples processed", registry=r)
         self.loss = Gauge(p + "loss", "Training loss of the last step", registry=r)
         self.step_seconds = Histogram(
-            p + "step_seconds", "Forward and backward time of one step",
-            buckets=LATENCY_BUCKETS, registry=r,
+            p + "step_seconds",
+            "Forward and backward time of one step",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.pull_seconds = Histogram(
-            p + "pull_seconds", "Time to pull the weights from every shard",
-            buckets=LATENCY_BUCKETS, registry=r,
+            p + "pull_seconds",
+            "Time to pull the weights from every shard",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.push_seconds = Histogram(
-            p + "push_seconds", "Time to push the gradient to every shard",
-            buckets=LATENCY_BUCKETS, registry=r,
+            p + "push_seconds",
+            "Time to push the gradient to every shard",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.retries = Counter(p + "retries", "Requests retried after a timeout", registry=r)
         self.staleness = Histogram(
-            p + "staleness", "Mean staleness over shards of this worker's pushes",
-            buckets=STALENESS_BUCKETS, registry=r,
+            p + "staleness",
+            "Mean staleness over shards of this worker's pushes",
+            buckets=STALENESS_BUCKETS,
+            registry=r,
         )

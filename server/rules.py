@@ -1,7 +1,9 @@
 """Update rules a shard applies to its slice of the flat parameter vector.
 
-Every rule works in place on float32 1-D tensors with a few fused torch ops and
-preallocated scratch space: no Python loop over parameters, no allocation per push.
+Every rule is the torch optimizer it names, stepping one flat float32 parameter (the
+shard's slice) with its fused kernel where this torch has one: one pass over
+weights, gradient and state per push, no Python loop over parameters, and by
+construction exactly what ``torch.optim`` computes.
 
 - ``momentum`` (default): ``g ← g + λ·w; v ← μ·v + g; w ← w − lr·v`` — exactly
   ``torch.optim.SGD(momentum=μ, weight_decay=λ)``.
@@ -19,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 RULES = ("momentum", "nesterov", "adagrad")
 ADAGRAD_EPS = 1e-10  # torch.optim.Adagrad's default
@@ -52,79 +55,109 @@ class Schedule:
 
 
 class UpdateRule:
-    """Base class: holds named optimizer-state tensors (saved in checkpoints)."""
+    """A torch optimizer over one flat parameter; ``apply`` is one optimizer step."""
 
     name = "base"
 
-    def __init__(self, size: int, *, weight_decay: float) -> None:
-        if weight_decay < 0:
-            raise ValueError(f"weight decay must be non-negative, got {weight_decay}")
-        self.weight_decay = weight_decay
-        self.scratch = torch.empty(size, dtype=torch.float32)
-        self.state: dict[str, torch.Tensor] = {}
+    def __init__(self, weights: torch.Tensor, **hyper: float) -> None:
+        self.param = nn.Parameter(weights, requires_grad=True)
+        self.optimizer = self._build(self.param, hyper)
 
-    def apply(self, weights: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-        """Update ``weights`` in place from ``grad`` (read only) at rate ``lr``."""
+    def _build(self, param: nn.Parameter, hyper: dict) -> torch.optim.Optimizer:
         raise NotImplementedError
 
-    def _decayed(self, weights: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """``grad + λ·weights`` in the scratch buffer (or ``grad`` itself when λ = 0)."""
-        if self.weight_decay == 0:
-            return grad
-        return torch.add(grad, weights, alpha=self.weight_decay, out=self.scratch)
+    @property
+    def weights(self) -> torch.Tensor:
+        """The slice the rule updates in place (shares memory with what was passed in)."""
+        return self.param.data
+
+    def apply(self, grad: torch.Tensor, lr: float) -> None:
+        """One step from ``grad`` (float32, same length, read only) at rate ``lr``."""
+        self.optimizer.param_groups[0]["lr"] = lr
+        self.param.grad = grad
+        self.optimizer.step()
+        self.param.grad = None  # the gradient buffer belongs to the caller
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The optimizer's per-parameter tensors (for checkpoints), zero before any step."""
+        raise NotImplementedError
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+def _with_fused(factory, param: nn.Parameter, **kwargs) -> torch.optim.Optimizer:
+    """The fused (single-kernel) variant where this torch has it for the device."""
+    try:
+        return factory([param], fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # older torch: no fused CPU kernel
+        return factory([param], foreach=False, **kwargs)
 
 
 class Momentum(UpdateRule):
     name = "momentum"
+    nesterov = False
 
-    def __init__(self, size: int, *, weight_decay: float, momentum: float) -> None:
-        super().__init__(size, weight_decay=weight_decay)
+    def _build(self, param: nn.Parameter, hyper: dict) -> torch.optim.Optimizer:
+        momentum = hyper["momentum"]
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
-        self.momentum = momentum
-        self.state["momentum"] = torch.zeros(size, dtype=torch.float32)
+        if self.nesterov and momentum == 0:
+            raise ValueError("nesterov needs a momentum above 0")
+        return _with_fused(
+            torch.optim.SGD,
+            param,
+            lr=1.0,
+            momentum=momentum,
+            weight_decay=hyper["weight_decay"],
+            nesterov=self.nesterov,
+        )
 
-    def apply(self, weights: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-        d = self._decayed(weights, grad)
-        v = self.state["momentum"]
-        v.mul_(self.momentum).add_(d)
-        weights.add_(v, alpha=-lr)
+    def state(self) -> dict[str, torch.Tensor]:
+        buf = self.optimizer.state[self.param].get("momentum_buffer")
+        return {"momentum": buf if buf is not None else torch.zeros_like(self.param.data)}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.optimizer.state[self.param]["momentum_buffer"] = tensors["momentum"].clone()
 
 
 class Nesterov(Momentum):
     name = "nesterov"
-
-    def apply(self, weights: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-        d = self._decayed(weights, grad)
-        v = self.state["momentum"]
-        v.mul_(self.momentum).add_(d)
-        # d may alias grad (read only); the scratch buffer takes g + μ·v either way
-        step = torch.add(d, v, alpha=self.momentum, out=self.scratch)
-        weights.add_(step, alpha=-lr)
+    nesterov = True
 
 
 class Adagrad(UpdateRule):
     name = "adagrad"
 
-    def __init__(self, size: int, *, weight_decay: float) -> None:
-        super().__init__(size, weight_decay=weight_decay)
-        self.state["sum_squares"] = torch.zeros(size, dtype=torch.float32)
-        self.denominator = torch.empty(size, dtype=torch.float32)
+    def _build(self, param: nn.Parameter, hyper: dict) -> torch.optim.Optimizer:
+        return _with_fused(
+            torch.optim.Adagrad,
+            param,
+            lr=1.0,
+            eps=ADAGRAD_EPS,
+            weight_decay=hyper["weight_decay"],
+        )
 
-    def apply(self, weights: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-        d = self._decayed(weights, grad)
-        s = self.state["sum_squares"]
-        s.addcmul_(d, d, value=1)
-        torch.sqrt(s, out=self.denominator).add_(ADAGRAD_EPS)
-        weights.addcdiv_(d, self.denominator, value=-lr)
+    def state(self) -> dict[str, torch.Tensor]:
+        st = self.optimizer.state[self.param]
+        return {
+            "sum_squares": st["sum"],
+            "steps": torch.as_tensor([float(st["step"])], dtype=torch.float32),
+        }
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        st = self.optimizer.state[self.param]
+        st["sum"].copy_(tensors["sum_squares"])
+        st["step"] = torch.tensor(float(tensors["steps"][0]))
 
 
-def make_rule(name: str, size: int, *, weight_decay: float, momentum: float) -> UpdateRule:
-    """Build the rule called ``name`` for a slice of ``size`` floats."""
-    if name == "momentum":
-        return Momentum(size, weight_decay=weight_decay, momentum=momentum)
-    if name == "nesterov":
-        return Nesterov(size, weight_decay=weight_decay, momentum=momentum)
-    if name == "adagrad":
-        return Adagrad(size, weight_decay=weight_decay)
-    raise ValueError(f"unknown update rule {name!r}; known: {', '.join(RULES)}")
+def make_rule(
+    name: str, weights: torch.Tensor, *, weight_decay: float, momentum: float
+) -> UpdateRule:
+    """The rule called ``name``, updating ``weights`` (1-D float32) in place."""
+    if weight_decay < 0:
+        raise ValueError(f"weight decay must be non-negative, got {weight_decay}")
+    classes = {"momentum": Momentum, "nesterov": Nesterov, "adagrad": Adagrad}
+    if name not in classes:
+        raise ValueError(f"unknown update rule {name!r}; known: {', '.join(RULES)}")
+    return classes[name](weights, weight_decay=weight_decay, momentum=momentum)

@@ -23,6 +23,7 @@ from distbelief.layout import Layout, ShardPlan, flat_weights
 from distbelief.metrics import ShardMetrics, new_registry, serve_metrics
 from distbelief.models import build_model
 from distbelief.protocol import ProtocolError
+from distbelief.tuning import keep_freed_memory
 
 from .rules import RULES, Schedule, make_rule
 
@@ -54,6 +55,7 @@ class ShardConfig:
     lr_decay: float = 0.96
     lr_decay_epochs: float = 8.0
     dataset_size: int = 1_281_167
+    threads: int | None = None  # torch threads for the update; None: torch's default
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -97,10 +99,11 @@ class Shard:
         self.fingerprint = layout.fingerprint(cfg.num_shards)
         self.weights = weights[self.start : self.stop].clone()
         self.rule = make_rule(
-            cfg.rule, self.size, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+            cfg.rule, self.weights, weight_decay=cfg.weight_decay, momentum=cfg.momentum
         )
         self.schedule = cfg.schedule()
         self.grad = torch.empty(self.size, dtype=torch.float32)  # bf16/f16 pushes land here
+        self.snapshots = SnapshotPool(self.size)
         self.version = 0
         self.examples = 0
         self.last_seq: OrderedDict[str, int] = OrderedDict()
@@ -169,14 +172,11 @@ class Shard:
     def _on_pull(self, header: dict, payload: list) -> list[Any]:
         _expect_payload(payload, 0)
         dtype = header.get("dtype", "f32")
-        # a snapshot: the send is zero-copy and the weights change with the next push
-        data = self.weights.clone().numpy() if dtype == "f32" else self._narrow(dtype)
+        # a snapshot, not a view: the send is zero-copy and the next push changes the weights
+        frame = self.snapshots.frame(self.weights, dtype)
         self.counts["pulls"] += 1
         self.metrics.pulls.inc()
-        return [protocol.reply(header["rid"], version=self.version, dtype=dtype), data]
-
-    def _narrow(self, dtype: str) -> np.ndarray:
-        return protocol.to_wire(self.weights, dtype)
+        return [protocol.reply(header["rid"], version=self.version, dtype=dtype), frame]
 
     def _on_push(self, header: dict, payload: list) -> list[Any]:
         began = time.perf_counter()
@@ -200,7 +200,7 @@ class Shard:
         if dtype != "f32":
             grad = self.grad.copy_(grad)
         _check_finite(grad)
-        self.rule.apply(self.weights, grad, self.schedule.lr_at(self.examples))
+        self.rule.apply(grad, self.schedule.lr_at(self.examples))
         self._count_push(worker, seq, header["examples"], staleness)
         self.metrics.apply_seconds.observe(time.perf_counter() - began)
         return [self._push_reply(header["rid"], applied=True, staleness=staleness)]
@@ -270,11 +270,49 @@ class Shard:
         }
 
 
+class SnapshotPool:
+    """Preallocated buffers for pull replies, reused once libzmq has sent them.
+
+    A pull reply is sent zero-copy, so its buffer must stay unchanged until the send
+    completes; a MessageTracker per buffer says when. Allocating a fresh model-sized
+    buffer per pull costs more than the copy itself (page faults), hence the pool.
+    """
+
+    def __init__(self, size: int, max_buffers: int = 4) -> None:
+        self.size = size
+        self.max_buffers = max_buffers
+        self.slots: dict[str, list[tuple[torch.Tensor, Any]]] = {}
+
+    def frame(self, weights: torch.Tensor, dtype: str) -> zmq.Frame:
+        """A tracked frame holding ``weights`` encoded as ``dtype``."""
+        slots = self.slots.setdefault(dtype, [])
+        for i, (buffer, tracker) in enumerate(slots):
+            if tracker.done:
+                return self._fill(slots, i, buffer, weights, dtype)
+        buffer = torch.empty(self.size, dtype=protocol.DTYPES[dtype][0])
+        if len(slots) < self.max_buffers:
+            slots.append((buffer, None))
+            return self._fill(slots, len(slots) - 1, buffer, weights, dtype)
+        # every buffer is still queued to slow peers: a one-off buffer, not pooled
+        return zmq.Frame(protocol.to_wire(weights, dtype, buffer), copy=False)
+
+    def _fill(self, slots, i, buffer, weights, dtype) -> zmq.Frame:
+        data = protocol.to_wire(weights, dtype, buffer) if dtype != "f32" else None
+        if data is None:
+            buffer.copy_(weights)
+            data = buffer.numpy()
+        frame = zmq.Frame(data, copy=False, track=True)
+        slots[i] = (buffer, frame.tracker)
+        return frame
+
+
 def _buf(frame: Any) -> memoryview | bytes:
     return frame.buffer if isinstance(frame, zmq.Frame) else frame
 
 
 def _nbytes(frame: Any) -> int:
+    if isinstance(frame, zmq.Frame):
+        return len(frame.buffer)
     return frame.nbytes if isinstance(frame, np.ndarray) else len(frame)
 
 
@@ -343,6 +381,9 @@ class ShardServer:
 
 def run_shard(cfg: ShardConfig) -> None:
     """Build the shard, bind its sockets and serve until SIGINT or SIGTERM."""
+    keep_freed_memory()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     layout, weights = initial_weights(cfg.model, cfg.num_classes, cfg.seed)
     shard = Shard(cfg, layout, weights)
     server = ShardServer(cfg, shard)

@@ -10,12 +10,13 @@ def run_rule(name: str, steps: int = 12, **kw):
     lrs = [0.1 * 0.9**i for i in range(steps)]
     ours = w0.clone()
     rule = make_rule(
-        name, 257, weight_decay=kw.get("weight_decay", 0.0), momentum=kw.get("momentum", 0.0)
+        name, ours, weight_decay=kw.get("weight_decay", 0.0), momentum=kw.get("momentum", 0.0)
     )
     for g, lr in zip(grads, lrs, strict=True):
         g_before = g.clone()
-        rule.apply(ours, g, lr)
+        rule.apply(g, lr)
         assert torch.equal(g, g_before), "a rule must not write to the gradient"
+    assert rule.weights.data_ptr() == ours.data_ptr(), "the rule updates the slice in place"
     ref = torch.nn.Parameter(w0.clone())
     if name == "adagrad":
         opt = torch.optim.Adagrad([ref], lr=lrs[0], weight_decay=kw.get("weight_decay", 0.0))
@@ -62,4 +63,19 @@ def test_schedule_rejects_bad_values(kw):
 
 def test_unknown_rule_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown update rule 'sgd'; known: momentum"):
-        make_rule("sgd", 3, weight_decay=0, momentum=0)
+        make_rule("sgd", torch.zeros(3), weight_decay=0, momentum=0)
+
+
+@pytest.mark.parametrize("name", ["momentum", "nesterov", "adagrad"])
+def test_rule_state_round_trips(name):
+    torch.manual_seed(1)
+    grads = [torch.randn(50) for _ in range(6)]
+    a = make_rule(name, torch.ones(50), weight_decay=1e-3, momentum=0.9)
+    for g in grads[:3]:
+        a.apply(g, 0.1)
+    b = make_rule(name, a.weights.clone(), weight_decay=1e-3, momentum=0.9)
+    b.load_state({k: v.clone() for k, v in a.state().items()})
+    for g in grads[3:]:
+        a.apply(g, 0.1)
+        b.apply(g, 0.1)
+    assert torch.equal(a.weights, b.weights)

@@ -54,7 +54,7 @@ def test_hello_reports_range_and_refuses_other_layouts():
 def test_pull_returns_the_range_in_the_asked_dtype(dtype):
     shard, layout, weights = make_shard(index=1)
     reply, payload = call(shard, "pull", dtype=dtype)
-    got = protocol.from_wire(memoryview(payload[0]), dtype).float()
+    got = protocol.from_wire(payload[0].buffer, dtype).float()
     tol = {"f32": 0, "bf16": 1e-2, "f16": 1e-3}[dtype]
     torch.testing.assert_close(got, weights[shard.start :], rtol=tol, atol=tol)
     assert shard.stop == layout.total
@@ -63,10 +63,12 @@ def test_pull_returns_the_range_in_the_asked_dtype(dtype):
 
 def test_pull_is_a_snapshot_not_a_view():
     shard, _, _ = make_shard(lr=1.0, momentum=0.0, weight_decay=0.0)
-    _, payload = call(shard, "pull")
-    before = np.array(payload[0], copy=True)
+    _, first = call(shard, "pull")
+    before = np.frombuffer(first[0].buffer, dtype=np.float32).copy()
     push(shard, torch.ones(shard.size))
-    assert np.array_equal(payload[0], before)
+    _, second = call(shard, "pull")  # the first frame is still alive: another buffer
+    assert np.array_equal(np.frombuffer(first[0].buffer, dtype=np.float32), before)
+    assert np.array_equal(np.frombuffer(second[0].buffer, dtype=np.float32), before - 1)
 
 
 def test_push_applies_sgd_counts_examples_and_staleness():

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from distbelief.workers.replica import ReplicaConfig, replica_batches
 
 from distbelief.client import probe_stats
 from distbelief.data import load_dataset
-from distbelief.workers.replica import ReplicaConfig, replica_batches
 
 NUM_CLASSES = 10
 TINY = ["--num-classes", str(NUM_CLASSES), "--batch-size", "8", "--metrics-port", "0"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,7 @@ from distbelief.data import DataError
 from distbelief.logs import setup_logging
 from distbelief.metrics import MetricsPortError
 from distbelief.supervise import Child, Supervisor
+from distbelief.tuning import available_cores
 
 from .replica import ReplicaConfig, run_replica
 
@@ -59,9 +59,8 @@ def plan_devices(*, gpu: int | None, gpu_ids: str | None, cpu: int | None) -> li
 
 def threads_per_replica(devices: list[str]) -> int:
     """Divide this host's cores among CPU replicas (GPU replicas keep one core each)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     num_cpu = sum(1 for d in devices if d == "cpu")
-    return max(1, (cores or 1) // max(1, num_cpu))
+    return max(1, available_cores() // max(1, num_cpu))
 
 
 def replica_process(cfg: ReplicaConfig, level: int) -> None:
