@@ -26,8 +26,13 @@ def cli() -> None:
 
 def model_options(f):
     f = option("--seed", type=int, default=0, help="Seed of the initial weights.")(f)
-    f = option("--num-classes", type=click.IntRange(min=2), default=1000)(f)
-    f = option("--model", type=MODEL_CHOICES, default="googlenet")(f)
+    f = option(
+        "--num-classes",
+        type=click.IntRange(min=2),
+        default=1000,
+        help="Classes of the model's classifier.",
+    )(f)
+    f = option("--model", type=MODEL_CHOICES, default="googlenet", help="Model to train.")(f)
     return f
 
 
@@ -36,9 +41,30 @@ def rule_options(f, **defaults):
     for decl, kw in reversed(
         [
             ("--rule", dict(type=RULE_CHOICES, default="momentum", help="Update rule.")),
-            ("--lr", dict(type=click.FloatRange(min=0, min_open=True), default=0.01)),
-            ("--momentum", dict(type=click.FloatRange(0, 1, max_open=True), default=0.9)),
-            ("--weight-decay", dict(type=click.FloatRange(min=0), default=0.0002)),
+            (
+                "--lr",
+                dict(
+                    type=click.FloatRange(min=0, min_open=True),
+                    default=0.01,
+                    help="Initial learning rate (lr0).",
+                ),
+            ),
+            (
+                "--momentum",
+                dict(
+                    type=click.FloatRange(0, 1, max_open=True),
+                    default=0.9,
+                    help="Momentum of momentum and nesterov.",
+                ),
+            ),
+            (
+                "--weight-decay",
+                dict(
+                    type=click.FloatRange(min=0),
+                    default=0.0002,
+                    help="L2 penalty added to the gradient.",
+                ),
+            ),
             (
                 "--lr-decay",
                 dict(
@@ -47,7 +73,14 @@ def rule_options(f, **defaults):
                     help="Factor applied every --lr-decay-epochs.",
                 ),
             ),
-            ("--lr-decay-epochs", dict(type=click.FloatRange(min=0, min_open=True), default=8.0)),
+            (
+                "--lr-decay-epochs",
+                dict(
+                    type=click.FloatRange(min=0, min_open=True),
+                    default=8.0,
+                    help="Epochs between learning-rate cuts.",
+                ),
+            ),
             (
                 "--dataset-size",
                 dict(
@@ -77,7 +110,12 @@ def rule_options(f, **defaults):
     default=None,
     help="Run only shard I of --num-shards (one shard of a multi-host cluster).",
 )
-@option("--num-shards", type=click.IntRange(min=1), default=None)
+@option(
+    "--num-shards",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Shards in the whole cluster (with --shard-index).",
+)
 @option("--bind", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
 @option("--port", type=click.IntRange(1, 65535), default=5570, help="Port of shard 0.")
 @option(
