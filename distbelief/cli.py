@@ -128,6 +128,18 @@ def rule_options(f, **defaults):
 @model_options
 @rule_options
 @option(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write checkpoints here (shard-<i>/) and resume from the newest on start.",
+)
+@option(
+    "--checkpoint-every-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    help="Seconds between checkpoints (and one at exit).",
+)
+@option(
     "--threads",
     type=click.IntRange(min=1),
     default=None,

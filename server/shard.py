@@ -25,6 +25,7 @@ from distbelief.models import build_model
 from distbelief.protocol import ProtocolError
 from distbelief.tuning import keep_freed_memory
 
+from .checkpoints import ShardCheckpointer
 from .rules import RULES, Schedule, make_rule
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class ShardConfig:
     lr_decay_epochs: float = 8.0
     dataset_size: int = 1_281_167
     threads: int | None = None  # torch threads for the update; None: torch's default
+    checkpoint_dir: str | None = None
+    checkpoint_every_s: float = 600.0
+    keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -104,6 +108,7 @@ class Shard:
         self.schedule = cfg.schedule()
         self.grad = torch.empty(self.size, dtype=torch.float32)  # bf16/f16 pushes land here
         self.snapshots = SnapshotPool(self.size)
+        self.checkpointer: ShardCheckpointer | None = None
         self.version = 0
         self.examples = 0
         self.last_seq: OrderedDict[str, int] = OrderedDict()
@@ -116,7 +121,7 @@ class Shard:
         for code in protocol.ERRORS:
             self.metrics.rejected.labels(reason=code)
         self.metrics.parameters.set(self.size)
-        self._publish()
+        self.publish()
 
     # -- the request handler ---------------------------------------------------------
 
@@ -223,7 +228,7 @@ class Shard:
         self.metrics.pushes.inc()
         self.metrics.examples.inc(examples)
         self.metrics.staleness.observe(staleness)
-        self._publish()
+        self.publish()
 
     def _on_stats(self, header: dict, payload: list) -> list[Any]:
         _expect_payload(payload, 0)
@@ -231,11 +236,13 @@ class Shard:
 
     def _on_save(self, header: dict, payload: list) -> list[Any]:
         _expect_payload(payload, 0)
-        raise ProtocolError("not_available", "this shard was started without --checkpoint-dir")
+        if self.checkpointer is None:
+            raise ProtocolError("not_available", "this shard was started without --checkpoint-dir")
+        return [protocol.reply(header["rid"], path=str(self.checkpointer.save()))]
 
     # -- bookkeeping -----------------------------------------------------------------
 
-    def _publish(self) -> None:
+    def publish(self) -> None:
         m = self.metrics
         m.version.set(self.version)
         m.learning_rate.set(self.schedule.lr_at(self.examples))
@@ -365,7 +372,10 @@ class ShardServer:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         end = None if deadline_s is None else time.monotonic() + deadline_s
+        checkpointer = self.shard.checkpointer
         while self.running and (end is None or time.monotonic() < end):
+            if checkpointer is not None:
+                checkpointer.maybe_save()
             if not poller.poll(POLL_INTERVAL_S * 1000):
                 continue
             frames = self.socket.recv_multipart(copy=False)
@@ -386,6 +396,11 @@ def run_shard(cfg: ShardConfig) -> None:
         torch.set_num_threads(cfg.threads)
     layout, weights = initial_weights(cfg.model, cfg.num_classes, cfg.seed)
     shard = Shard(cfg, layout, weights)
+    if cfg.checkpoint_dir:
+        shard.checkpointer = ShardCheckpointer(
+            shard, cfg.checkpoint_dir, cfg.checkpoint_every_s, cfg.keep_checkpoints
+        )
+        shard.checkpointer.restore()
     server = ShardServer(cfg, shard)
     try:
         serve_metrics(shard.metrics.registry, cfg.metrics_port, cfg.metrics_bind)
@@ -402,5 +417,7 @@ def run_shard(cfg: ShardConfig) -> None:
         )
         server.run()
         log.info("stopping at version %d", shard.version)
+        if shard.checkpointer is not None:
+            shard.checkpointer.save()
     finally:
         server.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from distbelief.checkpoint import CheckpointError
 from distbelief.logs import setup_logging
 from distbelief.metrics import MetricsPortError
 from distbelief.supervise import Child, Supervisor
@@ -19,7 +20,7 @@ def shard_process(cfg: ShardConfig, level: int) -> None:
     setup_logging("shard", cfg.index, level=level)
     try:
         run_shard(cfg)
-    except (OSError, MetricsPortError) as exc:
+    except (OSError, MetricsPortError, CheckpointError) as exc:
         log.error("%s", exc)
         sys.exit(2)
 
