@@ -14,9 +14,7 @@ from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
-import zmq
 
 from distbelief import protocol
 from distbelief.layout import Layout, ShardPlan, flat_weights
@@ -27,10 +25,10 @@ from distbelief.tuning import keep_freed_memory
 
 from .checkpoints import ShardCheckpointer
 from .rules import RULES, Schedule, make_rule
+from .service import Service, ServiceLoop, SnapshotPool, expect_payload, frame_bytes
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL_S = 0.2  # how often the loop wakes to notice a stop request
 WORKER_SEEN_WINDOW_S = 60.0  # a worker counts as "recent" this long after its last push
 MAX_TRACKED_WORKERS = 4096  # bound on the (worker -> last seq) table for idempotent pushes
 STALENESS_WINDOW = 1024  # recent staleness values kept for p50/p95 in `stats`
@@ -91,10 +89,11 @@ def initial_weights(model_name: str, num_classes: int, seed: int) -> tuple[Layou
     return layout, flat_weights(model, layout)
 
 
-class Shard:
+class Shard(Service):
     """The state of one shard and the request handler. Not thread-safe: one owner."""
 
     def __init__(self, cfg: ShardConfig, layout: Layout, weights: torch.Tensor) -> None:
+        super().__init__()
         self.cfg = cfg
         self.layout = layout
         self.plan = ShardPlan(total=layout.total, num_shards=cfg.num_shards)
@@ -116,43 +115,16 @@ class Shard:
         self.staleness: deque[int] = deque(maxlen=STALENESS_WINDOW)
         self.push_times: deque[float] = deque(maxlen=256)
         self.counts = {"pushes": 0, "duplicates": 0, "pulls": 0}
-        self.rejected = dict.fromkeys(protocol.ERRORS, 0)
         self.metrics = ShardMetrics(new_registry("shard"))
         for code in protocol.ERRORS:
             self.metrics.rejected.labels(reason=code)
         self.metrics.parameters.set(self.size)
         self.publish()
 
-    # -- the request handler ---------------------------------------------------------
-
-    def handle(self, frames: list[Any]) -> list[Any]:
-        """Answer one request (frames without the ROUTER identity). Never raises."""
-        self.metrics.received_bytes.inc(sum(len(_buf(f)) for f in frames))
-        rid: Any = None
-        try:
-            if not frames:
-                raise ProtocolError("bad_header", "empty message")
-            header = protocol.decode(_buf(frames[0]))
-            rid = header.get("rid")
-            op = protocol.validate_request(header)
-            out = getattr(self, "_on_" + op)(header, frames[1:])
-        except ProtocolError as exc:
-            self._reject(exc.code)
-            log.warning("refused %s: %s", protocol.describe(frames[:1]), exc)
-            out = [protocol.error_reply(rid, exc.code, exc.message)]
-        except Exception as exc:  # a bug must not take the shard down
-            log.exception("internal error on %s", protocol.describe(frames[:1]))
-            self._reject("internal")
-            out = [protocol.error_reply(rid, "internal", f"{type(exc).__name__}: {exc}")]
-        self.metrics.sent_bytes.inc(sum(_nbytes(f) for f in out))
-        return out
-
-    def _reject(self, code: str) -> None:
-        self.rejected[code] += 1
-        self.metrics.rejected.labels(reason=code).inc()
+    # -- requests (dispatched by Service.handle) -----------------------------------
 
     def _on_hello(self, header: dict, payload: list) -> list[Any]:
-        _expect_payload(payload, 0)
+        expect_payload(payload, 0)
         if header["fingerprint"] != self.fingerprint:
             raise ProtocolError(
                 "layout_mismatch",
@@ -175,7 +147,7 @@ class Shard:
         ]
 
     def _on_pull(self, header: dict, payload: list) -> list[Any]:
-        _expect_payload(payload, 0)
+        expect_payload(payload, 0)
         dtype = header.get("dtype", "f32")
         # a snapshot, not a view: the send is zero-copy and the next push changes the weights
         frame = self.snapshots.frame(self.weights, dtype)
@@ -186,8 +158,8 @@ class Shard:
     def _on_push(self, header: dict, payload: list) -> list[Any]:
         began = time.perf_counter()
         dtype = header["dtype"]
-        _expect_payload(payload, 1)
-        body = _buf(payload[0])
+        expect_payload(payload, 1)
+        body = frame_bytes(payload[0])
         expected = protocol.wire_bytes(dtype, self.size)
         if len(body) != expected:
             raise ProtocolError(
@@ -230,12 +202,16 @@ class Shard:
         self.metrics.staleness.observe(staleness)
         self.publish()
 
+    def tick(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.maybe_save()
+
     def _on_stats(self, header: dict, payload: list) -> list[Any]:
-        _expect_payload(payload, 0)
+        expect_payload(payload, 0)
         return [protocol.reply(header["rid"], stats=self.stats())]
 
     def _on_save(self, header: dict, payload: list) -> list[Any]:
-        _expect_payload(payload, 0)
+        expect_payload(payload, 0)
         if self.checkpointer is None:
             raise ProtocolError("not_available", "this shard was started without --checkpoint-dir")
         return [protocol.reply(header["rid"], path=str(self.checkpointer.save()))]
@@ -277,57 +253,6 @@ class Shard:
         }
 
 
-class SnapshotPool:
-    """Preallocated buffers for pull replies, reused once libzmq has sent them.
-
-    A pull reply is sent zero-copy, so its buffer must stay unchanged until the send
-    completes; a MessageTracker per buffer says when. Allocating a fresh model-sized
-    buffer per pull costs more than the copy itself (page faults), hence the pool.
-    """
-
-    def __init__(self, size: int, max_buffers: int = 4) -> None:
-        self.size = size
-        self.max_buffers = max_buffers
-        self.slots: dict[str, list[tuple[torch.Tensor, Any]]] = {}
-
-    def frame(self, weights: torch.Tensor, dtype: str) -> zmq.Frame:
-        """A tracked frame holding ``weights`` encoded as ``dtype``."""
-        slots = self.slots.setdefault(dtype, [])
-        for i, (buffer, tracker) in enumerate(slots):
-            if tracker.done:
-                return self._fill(slots, i, buffer, weights, dtype)
-        buffer = torch.empty(self.size, dtype=protocol.DTYPES[dtype][0])
-        if len(slots) < self.max_buffers:
-            slots.append((buffer, None))
-            return self._fill(slots, len(slots) - 1, buffer, weights, dtype)
-        # every buffer is still queued to slow peers: a one-off buffer, not pooled
-        return zmq.Frame(protocol.to_wire(weights, dtype, buffer), copy=False)
-
-    def _fill(self, slots, i, buffer, weights, dtype) -> zmq.Frame:
-        data = protocol.to_wire(weights, dtype, buffer) if dtype != "f32" else None
-        if data is None:
-            buffer.copy_(weights)
-            data = buffer.numpy()
-        frame = zmq.Frame(data, copy=False, track=True)
-        slots[i] = (buffer, frame.tracker)
-        return frame
-
-
-def _buf(frame: Any) -> memoryview | bytes:
-    return frame.buffer if isinstance(frame, zmq.Frame) else frame
-
-
-def _nbytes(frame: Any) -> int:
-    if isinstance(frame, zmq.Frame):
-        return len(frame.buffer)
-    return frame.nbytes if isinstance(frame, np.ndarray) else len(frame)
-
-
-def _expect_payload(payload: list, count: int) -> None:
-    if len(payload) != count:
-        raise ProtocolError("bad_size", f"expected {count} payload frame(s), got {len(payload)}")
-
-
 def _check_finite(grad: torch.Tensor) -> None:
     # one reduction pass; only when the sum is not finite look closer (a sum can
     # overflow while every element is finite)
@@ -342,53 +267,6 @@ def _quantile(values: list[int], q: float) -> float:
     return float(values[min(len(values) - 1, int(q * len(values)))])
 
 
-class ShardServer:
-    """Binds the shard's socket and runs the poll loop until asked to stop."""
-
-    def __init__(self, cfg: ShardConfig, shard: Shard) -> None:
-        self.cfg = cfg
-        self.shard = shard
-        self.running = True
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        # the largest legal message is an f32 gradient of this shard's range
-        self.socket.setsockopt(zmq.MAXMSGSIZE, protocol.wire_bytes("f32", shard.size) + 65536)
-        self.address = f"tcp://{cfg.bind}:{cfg.port}"
-        try:
-            self.socket.bind(self.address)
-        except zmq.ZMQError as exc:
-            self.close()
-            raise OSError(
-                f"shard {cfg.index} cannot listen on {cfg.bind}:{cfg.port}: {exc.strerror}"
-                + (" (port in use? choose another --port)" if exc.errno == zmq.EADDRINUSE else "")
-            ) from None
-
-    def stop(self, *_: Any) -> None:
-        self.running = False
-
-    def run(self, deadline_s: float | None = None) -> None:
-        """Serve requests until :meth:`stop` (or SIGINT/SIGTERM via the CLI) or the deadline."""
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
-        end = None if deadline_s is None else time.monotonic() + deadline_s
-        checkpointer = self.shard.checkpointer
-        while self.running and (end is None or time.monotonic() < end):
-            if checkpointer is not None:
-                checkpointer.maybe_save()
-            if not poller.poll(POLL_INTERVAL_S * 1000):
-                continue
-            frames = self.socket.recv_multipart(copy=False)
-            if len(frames) < 2:
-                continue  # an identity with nothing after it: nothing to answer
-            reply = self.shard.handle(frames[1:])
-            self.socket.send_multipart([frames[0], *reply], copy=False)
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
-        self.context.term()
-
-
 def run_shard(cfg: ShardConfig) -> None:
     """Build the shard, bind its sockets and serve until SIGINT or SIGTERM."""
     keep_freed_memory()
@@ -401,7 +279,14 @@ def run_shard(cfg: ShardConfig) -> None:
             shard, cfg.checkpoint_dir, cfg.checkpoint_every_s, cfg.keep_checkpoints
         )
         shard.checkpointer.restore()
-    server = ShardServer(cfg, shard)
+    server = ServiceLoop(
+        shard,
+        name=f"shard {cfg.index}",
+        bind=cfg.bind,
+        port=cfg.port,
+        # the largest legal message: an f32 gradient of this shard's range and a header
+        max_bytes=protocol.wire_bytes("f32", shard.size) + protocol.MAX_HEADER_BYTES,
+    )
     try:
         serve_metrics(shard.metrics.registry, cfg.metrics_port, cfg.metrics_bind)
         signal.signal(signal.SIGTERM, server.stop)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from distbelief.layout import Layout, ShardPlan, flat_weights, flatten_into
+from distbelief.layout import SHARD_ALIGN, Layout, ShardPlan, flat_weights, flatten_into
 from distbelief.models import build_model
 
 
@@ -11,22 +11,23 @@ def small_model() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
 
 
-@pytest.mark.parametrize("total,shards", [(10, 1), (10, 3), (13_378_280, 4), (7, 7)])
-def test_plan_tiles_the_vector_with_balanced_sizes(total, shards):
+@pytest.mark.parametrize("total,shards", [(100, 1), (1000, 3), (13_378_280, 4), (64 * 7, 7)])
+def test_plan_tiles_the_vector_with_balanced_aligned_sizes(total, shards):
     ranges = ShardPlan(total=total, num_shards=shards).ranges()
     assert ranges[0][0] == 0 and ranges[-1][1] == total
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(start % SHARD_ALIGN == 0 for start, _ in ranges)
     sizes = [b - a for a, b in ranges]
-    assert max(sizes) - min(sizes) <= 1
+    assert max(sizes) - min(sizes) <= 2 * SHARD_ALIGN
 
 
 def test_plan_rejects_bad_counts():
     with pytest.raises(ValueError, match="at least 1"):
         ShardPlan(total=10, num_shards=0)
-    with pytest.raises(ValueError, match="non-empty"):
-        ShardPlan(total=3, num_shards=4)
+    with pytest.raises(ValueError, match="at least 64"):
+        ShardPlan(total=200, num_shards=4)
     with pytest.raises(ValueError, match="out of range"):
-        ShardPlan(total=10, num_shards=2).range(2)
+        ShardPlan(total=1000, num_shards=2).range(2)
 
 
 def test_layout_follows_named_parameters_order():

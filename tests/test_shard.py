@@ -44,7 +44,7 @@ def push(shard, grad, seq=1, worker="w", base_version=0, dtype="f32", examples=4
 def test_hello_reports_range_and_refuses_other_layouts():
     shard, layout, _ = make_shard()
     reply, _ = call(shard, "hello", fingerprint=layout.fingerprint(2))
-    assert reply["ok"] and (reply["start"], reply["stop"]) == (0, (layout.total + 1) // 2)
+    assert reply["ok"] and (reply["start"], reply["stop"]) == (0, 3 * 64)  # 325 in 64-blocks
     reply, _ = call(shard, "hello", fingerprint=layout.fingerprint(3))
     assert reply["error"] == "layout_mismatch" and "--num-classes" in reply["message"]
     assert shard.rejected["layout_mismatch"] == 1

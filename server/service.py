@@ -1,0 +1,160 @@
+"""What every server (shard, averager) shares: request dispatch and the poll loop.
+
+A :class:`Service` answers one request at a time: ``handle(frames)`` decodes and
+validates the header, calls ``_on_<op>`` and returns the reply frames; refusals are
+answered with a stable error code and counted. A :class:`ServiceLoop` binds the
+ROUTER socket and runs the single-threaded poll loop that owns the service's state,
+calling ``service.tick()`` between requests for periodic work (checkpoints, pulls).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+
+from distbelief import protocol
+from distbelief.protocol import ProtocolError
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.2  # how often the loop wakes to notice a stop request or a tick
+
+
+class Service:
+    """Base request handler. Subclasses set ``self.metrics`` (with ``rejected``,
+    ``received_bytes`` and ``sent_bytes``) and define ``_on_<op>`` methods."""
+
+    metrics: Any
+
+    def __init__(self) -> None:
+        self.rejected = dict.fromkeys(protocol.ERRORS, 0)
+
+    def handle(self, frames: list[Any]) -> list[Any]:
+        """Answer one request (frames without the ROUTER identity). Never raises."""
+        self.metrics.received_bytes.inc(sum(len(frame_bytes(f)) for f in frames))
+        rid: Any = None
+        try:
+            if not frames:
+                raise ProtocolError("bad_header", "empty message")
+            header = protocol.decode(frame_bytes(frames[0]))
+            rid = header.get("rid")
+            op = protocol.validate_request(header)
+            handler = getattr(self, "_on_" + op, None)
+            if handler is None:
+                raise ProtocolError("not_available", f"this server does not answer {op}")
+            out = handler(header, frames[1:])
+        except ProtocolError as exc:
+            self._reject(exc.code)
+            log.warning("refused %s: %s", protocol.describe(frames[:1]), exc)
+            out = [protocol.error_reply(rid, exc.code, exc.message)]
+        except Exception as exc:  # a bug must not take the server down
+            log.exception("internal error on %s", protocol.describe(frames[:1]))
+            self._reject("internal")
+            out = [protocol.error_reply(rid, "internal", f"{type(exc).__name__}: {exc}")]
+        self.metrics.sent_bytes.inc(sum(frame_size(f) for f in out))
+        return out
+
+    def _reject(self, code: str) -> None:
+        self.rejected[code] += 1
+        self.metrics.rejected.labels(reason=code).inc()
+
+    def tick(self) -> None:
+        """Periodic work between requests; nothing by default."""
+
+
+class ServiceLoop:
+    """Binds a ROUTER socket for ``service`` and runs the poll loop until stopped."""
+
+    def __init__(self, service: Service, *, name: str, bind: str, port: int, max_bytes: int):
+        self.service = service
+        self.running = True
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        # libzmq drops a peer that sends more than this, before allocating it
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+        self.address = f"tcp://{bind}:{port}"
+        try:
+            self.socket.bind(self.address)
+        except zmq.ZMQError as exc:
+            self.close()
+            hint = " (port in use? choose another --port)" if exc.errno == zmq.EADDRINUSE else ""
+            raise OSError(f"{name} cannot listen on {bind}:{port}: {exc.strerror}{hint}") from None
+
+    def stop(self, *_: Any) -> None:
+        self.running = False
+
+    def run(self, deadline_s: float | None = None) -> None:
+        """Serve requests until :meth:`stop` (SIGINT/SIGTERM) or the deadline."""
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        end = None if deadline_s is None else time.monotonic() + deadline_s
+        while self.running and (end is None or time.monotonic() < end):
+            self.service.tick()
+            if not poller.poll(POLL_INTERVAL_S * 1000):
+                continue
+            frames = self.socket.recv_multipart(copy=False)
+            if len(frames) < 2:
+                continue  # an identity with nothing after it: nothing to answer
+            reply = self.service.handle(frames[1:])
+            self.socket.send_multipart([frames[0], *reply], copy=False)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.context.term()
+
+
+class SnapshotPool:
+    """Preallocated buffers for pull replies, reused once libzmq has sent them.
+
+    A pull reply is sent zero-copy, so its buffer must stay unchanged until the send
+    completes; a MessageTracker per buffer says when. Allocating a fresh model-sized
+    buffer per pull costs more than the copy itself (page faults), hence the pool.
+    """
+
+    def __init__(self, size: int, max_buffers: int = 4) -> None:
+        self.size = size
+        self.max_buffers = max_buffers
+        self.slots: dict[str, list[tuple[torch.Tensor, Any]]] = {}
+
+    def frame(self, weights: torch.Tensor, dtype: str) -> zmq.Frame:
+        """A tracked frame holding ``weights`` encoded as ``dtype``."""
+        slots = self.slots.setdefault(dtype, [])
+        for i, (buffer, tracker) in enumerate(slots):
+            if tracker.done:
+                return self._fill(slots, i, buffer, weights, dtype)
+        buffer = torch.empty(self.size, dtype=protocol.DTYPES[dtype][0])
+        if len(slots) < self.max_buffers:
+            slots.append((buffer, None))
+            return self._fill(slots, len(slots) - 1, buffer, weights, dtype)
+        # every buffer is still queued to slow peers: a one-off buffer, not pooled
+        return zmq.Frame(protocol.to_wire(weights, dtype, buffer), copy=False)
+
+    def _fill(self, slots, i, buffer, weights, dtype) -> zmq.Frame:
+        data = protocol.to_wire(weights, dtype, buffer) if dtype != "f32" else None
+        if data is None:
+            buffer.copy_(weights)
+            data = buffer.numpy()
+        frame = zmq.Frame(data, copy=False, track=True)
+        slots[i] = (buffer, frame.tracker)
+        return frame
+
+
+def frame_bytes(frame: Any) -> memoryview | bytes:
+    return frame.buffer if isinstance(frame, zmq.Frame) else frame
+
+
+def frame_size(frame: Any) -> int:
+    if isinstance(frame, zmq.Frame):
+        return len(frame.buffer)
+    return frame.nbytes if isinstance(frame, np.ndarray) else len(frame)
+
+
+def expect_payload(payload: list, count: int) -> None:
+    if len(payload) != count:
+        raise ProtocolError("bad_size", f"expected {count} payload frame(s), got {len(payload)}")
