@@ -6,6 +6,8 @@ import signal
 
 import pytest
 import torch
+from distbelief.server.rules import make_rule
+from distbelief.server.shard import initial_weights
 
 from distbelief.checkpoint import (
     CheckpointError,
@@ -17,8 +19,6 @@ from distbelief.checkpoint import (
     save_checkpoint,
 )
 from distbelief.client import ClientConfig, ParameterClient
-from distbelief.server.rules import make_rule
-from distbelief.server.shard import initial_weights
 
 NUM_CLASSES = 10
 
