@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,9 +173,9 @@ def test_kill_9_resumes_from_the_last_checkpoint_and_skips_a_corrupt_one(procs, 
     assert version == 3 and torch.equal(weights, expected_after([1, 2, 3]))
     procs.stop_all()
     # corrupt the newest checkpoint: the shard falls back to the one before it
-    data = bytearray(open(second, "rb").read())
+    data = bytearray(Path(second).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    open(second, "wb").write(bytes(data))
+    Path(second).write_bytes(bytes(data))
     proc = start_shard(procs, port, ckpt)
     version, weights = pull(address)
     assert version == 2 and torch.equal(weights, expected_after([1, 2]))
