@@ -403,6 +403,146 @@ def status(servers, watch, interval_s, timeout_s, as_json) -> None:
         pass
 
 
+@cli.command()
+@config_option("average")
+@servers_option
+@option(
+    "--mode",
+    type=click.Choice(["polyak", "ema"]),
+    default="polyak",
+    help="polyak: equal-weight mean since --start; ema: exponential moving average.",
+)
+@option(
+    "--decay",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.999,
+    help="EMA decay per snapshot.",
+)
+@option(
+    "--start",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Shard version from which snapshots enter the average.",
+)
+@option(
+    "--every-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    help="Seconds between snapshots.",
+)
+@option("--bind", default="127.0.0.1", help="Address to serve the average on.")
+@option("--port", type=click.IntRange(1, 65535), default=5590)
+@option("--metrics-port", type=click.IntRange(0, 65535), default=9190)
+@option("--metrics-bind", default="127.0.0.1")
+@option("--model", type=MODEL_CHOICES, default="googlenet", help="Model to train.")
+@option("--num-classes", type=click.IntRange(min=2), default=1000)
+@option("--eval-data", default=None, help="demo, synthetic or a folder: evaluate the average.")
+@option(
+    "--eval-every-s",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    help="Seconds between evaluations (0: never).",
+)
+@option(
+    "--eval-examples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Evaluate on at most this many held-out examples.",
+)
+@option("--image-size", type=click.IntRange(min=32), default=32)
+@option(
+    "--output",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder for averaged.safetensors (resumed from on start).",
+)
+@option("--checkpoint-every-s", type=click.FloatRange(min=0, min_open=True), default=60.0)
+@option(
+    "--timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    help="Seconds to wait for the shards on each pull.",
+)
+@option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO")
+def average(servers, log_level, **kw) -> None:
+    """Keep the Polyak (or EMA) average of the shards' weights, serve and evaluate it."""
+    from distbelief.checkpoint import CheckpointError
+    from distbelief.metrics import MetricsPortError
+    from distbelief.server.averager import AveragerConfig, run_averager
+
+    setup_logging("averager", level=getattr(logging, log_level))
+    try:
+        cfg = AveragerConfig(servers=split_servers(servers), **kw)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        run_averager(cfg)
+    except (OSError, MetricsPortError, CheckpointError) as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+@cli.command()
+@config_option("evaluate")
+@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
+@option("--averager", default=None, help="Evaluate the live average at tcp://host:5590.")
+@option("--data", default="demo", help="demo, synthetic, or an ImageNet-style folder.")
+@option(
+    "--crops",
+    type=click.Choice(["1", "10", "144"]),
+    default="1",
+    help="Test crops per image, softmax averaged (section 7 of the paper).",
+)
+@option("--image-size", type=click.IntRange(min=32), default=32)
+@option("--model", type=MODEL_CHOICES, default="googlenet", help="Model to train.")
+@option(
+    "--num-classes",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Default: the data set's class count.",
+)
+@option("--batch-size", type=click.IntRange(min=1), default=64)
+@option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate(
+    checkpoint, averager, data, crops, image_size, model, num_classes, batch_size, as_json
+) -> None:
+    """Top-1/top-5 of an exported or averaged model on held-out data."""
+    import json
+
+    from distbelief.checkpoint import CheckpointError
+    from distbelief.data import DataError
+    from distbelief.evaluation import evaluate_model, load_weights
+
+    if (checkpoint is None) == (averager is None):
+        raise click.UsageError("give a CHECKPOINT file or --averager tcp://host:port")
+    setup_logging("evaluate")
+    try:
+        result = evaluate_model(
+            load_weights(
+                checkpoint=checkpoint,
+                averager=averager,
+                model=model,
+                num_classes=num_classes,
+                data=data,
+                image_size=image_size,
+            ),
+            data=data,
+            crops=int(crops),
+            image_size=image_size,
+            batch_size=batch_size,
+            progress=not as_json,
+        )
+    except (CheckpointError, DataError, ValueError, ConnectionError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(
+            f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  "
+            f"({result['examples']} images, {crops} crop(s))"
+        )
+
+
 def up_rule_options(f):
     return rule_options(f, dataset_size=None)
 

@@ -414,6 +414,7 @@ def evaluate(
     crops: int = 1,
     device: str | torch.device = "cpu",
     max_examples: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float | int]:
     """Top-1 and top-5 accuracy of ``model`` on ``dataset`` (first ``max_examples`` examples).
 
@@ -421,6 +422,7 @@ def evaluate(
     the whole image for in-memory data, the centre crop for folders); 10 and 144 use
     ``eval_crops`` on the full images. The model is moved to ``device`` and run in eval
     mode; its previous training mode is restored afterwards. Top-5 means top-min(5, C).
+    ``progress(done, total)`` is called after every batch when given.
     Returns ``{"top1": float, "top5": float, "examples": int}``.
     """
     if crops not in CROP_COUNTS or batch_size < 1:
@@ -449,6 +451,8 @@ def evaluate(
             y = y.cpu()
             top1 += int((best[:, 0] == y).sum())
             top5 += int((best == y[:, None]).any(dim=1).sum())
+            if progress is not None:
+                progress(min(n, start + step), n)
     finally:
         model.train(was_training)
     return {"top1": top1 / n, "top5": top5 / n, "examples": n}

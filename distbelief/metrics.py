@@ -139,3 +139,34 @@ class WorkerMetrics:
             buckets=STALENESS_BUCKETS,
             registry=r,
         )
+
+
+@dataclass
+class AveragerMetrics:
+    """The metrics the averager exports."""
+
+    registry: CollectorRegistry
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        p = "distbelief_averager_"
+        self.updates = Counter(p + "updates", "Snapshots folded into the average", registry=r)
+        self.snapshots = Gauge(p + "snapshots", "Snapshots in the average", registry=r)
+        self.lag = Gauge(
+            p + "lag_versions",
+            "Shard versions between the latest snapshot and the average's mean snapshot",
+            registry=r,
+        )
+        self.pulls = Counter(p + "pulls", "Pulls of the averaged weights answered", registry=r)
+        self.rejected = Counter(
+            p + "rejected_messages", "Requests refused, by error code", ["reason"], registry=r
+        )
+        self.received_bytes = Counter(p + "received_bytes", "Bytes received", registry=r)
+        self.sent_bytes = Counter(p + "sent_bytes", "Bytes sent", registry=r)
+        self.top1 = Gauge(p + "eval_top1", "Top-1 accuracy of the last evaluation", registry=r)
+        self.top5 = Gauge(p + "eval_top5", "Top-5 accuracy of the last evaluation", registry=r)
+        self.checkpoint_age = Gauge(
+            p + "checkpoint_age_seconds",
+            "Seconds since the average was last written",
+            registry=r,
+        )
