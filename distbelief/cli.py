@@ -36,62 +36,67 @@ def model_options(f):
     return f
 
 
+RULE_SPECS = [
+    ("--rule", dict(type=RULE_CHOICES, default="momentum", help="Update rule.")),
+    (
+        "--lr",
+        dict(
+            type=click.FloatRange(min=0, min_open=True),
+            default=0.01,
+            help="Initial learning rate (lr0).",
+        ),
+    ),
+    (
+        "--momentum",
+        dict(
+            type=click.FloatRange(0, 1, max_open=True),
+            default=0.9,
+            help="Momentum of momentum and nesterov.",
+        ),
+    ),
+    (
+        "--weight-decay",
+        dict(
+            type=click.FloatRange(min=0),
+            default=0.0002,
+            help="L2 penalty added to the gradient.",
+        ),
+    ),
+    (
+        "--lr-decay",
+        dict(
+            type=click.FloatRange(0, 1, min_open=True),
+            default=0.96,
+            help="Factor applied every --lr-decay-epochs.",
+        ),
+    ),
+    (
+        "--lr-decay-epochs",
+        dict(
+            type=click.FloatRange(min=0, min_open=True),
+            default=8.0,
+            help="Epochs between learning-rate cuts.",
+        ),
+    ),
+    (
+        "--dataset-size",
+        dict(
+            type=click.IntRange(min=1),
+            default=1_281_167,
+            help="Training examples per epoch (drives the schedule; default ImageNet).",
+        ),
+    ),
+]
+
+
 def rule_options(f, **defaults):
     """The update-rule flags; ``defaults`` overrides their defaults (by flag name)."""
-    for decl, kw in reversed(
-        [
-            ("--rule", dict(type=RULE_CHOICES, default="momentum", help="Update rule.")),
-            (
-                "--lr",
-                dict(
-                    type=click.FloatRange(min=0, min_open=True),
-                    default=0.01,
-                    help="Initial learning rate (lr0).",
-                ),
-            ),
-            (
-                "--momentum",
-                dict(
-                    type=click.FloatRange(0, 1, max_open=True),
-                    default=0.9,
-                    help="Momentum of momentum and nesterov.",
-                ),
-            ),
-            (
-                "--weight-decay",
-                dict(
-                    type=click.FloatRange(min=0),
-                    default=0.0002,
-                    help="L2 penalty added to the gradient.",
-                ),
-            ),
-            (
-                "--lr-decay",
-                dict(
-                    type=click.FloatRange(0, 1, min_open=True),
-                    default=0.96,
-                    help="Factor applied every --lr-decay-epochs.",
-                ),
-            ),
-            (
-                "--lr-decay-epochs",
-                dict(
-                    type=click.FloatRange(min=0, min_open=True),
-                    default=8.0,
-                    help="Epochs between learning-rate cuts.",
-                ),
-            ),
-            (
-                "--dataset-size",
-                dict(
-                    type=click.IntRange(min=1),
-                    default=1_281_167,
-                    help="Training examples per epoch (drives the schedule; default ImageNet).",
-                ),
-            ),
-        ]
-    ):
-        name = decl.lstrip("-").replace("-", "_")
+    return _add_options(f, RULE_SPECS, defaults)
+
+
+def _add_options(f, specs, defaults):
+    for decl, kw in reversed(specs):
+        name = decl.split("/")[0].lstrip("-").replace("-", "_")
         f = option(decl, **(kw | ({"default": defaults[name]} if name in defaults else {})))(f)
     return f
 
@@ -206,46 +211,46 @@ def data_options(f):
     return f
 
 
-def downpour_options(f):
-    for decl, kw in reversed(
-        [
-            (
-                "--fetch-every",
-                dict(type=click.IntRange(min=1), default=1, help="Pull the weights every N steps."),
-            ),
-            (
-                "--push-every",
-                dict(
-                    type=click.IntRange(min=1),
-                    default=1,
-                    help="Push the accumulated gradient every N steps.",
-                ),
-            ),
-            (
-                "--wire-dtype",
-                dict(
-                    type=click.Choice(["f32", "bf16", "f16"]),
-                    default="f32",
-                    help="Element type on the wire (shards keep float32).",
-                ),
-            ),
-            (
-                "--overlap/--no-overlap",
-                dict(default=False, help="Push and pull in the background."),
-            ),
-            ("--steps", dict(type=click.IntRange(min=1), default=None, help="Steps per replica.")),
-            (
-                "--epochs",
-                dict(
-                    type=click.FloatRange(min=0, min_open=True),
-                    default=None,
-                    help="Epochs over the data, shared by the replicas.",
-                ),
-            ),
-        ]
-    ):
-        f = option(decl, **kw)(f)
-    return f
+DOWNPOUR_SPECS = [
+    (
+        "--fetch-every",
+        dict(type=click.IntRange(min=1), default=1, help="Pull the weights every N steps."),
+    ),
+    (
+        "--push-every",
+        dict(
+            type=click.IntRange(min=1),
+            default=1,
+            help="Push the accumulated gradient every N steps.",
+        ),
+    ),
+    (
+        "--wire-dtype",
+        dict(
+            type=click.Choice(["f32", "bf16", "f16"]),
+            default="f32",
+            help="Element type on the wire (shards keep float32).",
+        ),
+    ),
+    (
+        "--overlap/--no-overlap",
+        dict(default=False, help="Push and pull in the background."),
+    ),
+    ("--steps", dict(type=click.IntRange(min=1), default=None, help="Steps per replica.")),
+    (
+        "--epochs",
+        dict(
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Epochs over the data, shared by the replicas.",
+        ),
+    ),
+]
+
+
+def downpour_options(f, **defaults):
+    """The Downpour flags; ``defaults`` overrides their defaults (by flag name)."""
+    return _add_options(f, DOWNPOUR_SPECS, defaults)
 
 
 @cli.command()
@@ -543,8 +548,17 @@ def evaluate(
         )
 
 
+# `distbelief up` defaults: the demo, tuned to converge on 2 CPU cores in minutes
+DEMO_EPOCHS = 12.0
+DEMO_LR = 0.02
+
+
 def up_rule_options(f):
-    return rule_options(f, dataset_size=None)
+    return rule_options(f, dataset_size=None, lr=DEMO_LR)
+
+
+def up_downpour_options(f):
+    return downpour_options(f, epochs=DEMO_EPOCHS)
 
 
 @cli.command()
@@ -553,7 +567,7 @@ def up_rule_options(f):
 @option("--cpu", type=click.IntRange(min=1), default=None, help="CPU replicas (default 2).")
 @option("--gpu", type=click.IntRange(min=1), default=None, help="GPU replicas.")
 @data_options
-@downpour_options
+@up_downpour_options
 @option("--model", type=MODEL_CHOICES, default="googlenet")
 @option(
     "--num-classes",
@@ -569,9 +583,34 @@ def up_rule_options(f):
     default=None,
     help="Logs, status files and summary (default runs/<time>).",
 )
+@option(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Shard checkpoints (resumed from on the next run).",
+)
+@option(
+    "--average-from",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    help="Fraction of the run after which iterates enter the Polyak average.",
+)
 @option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def up(
-    shards, cpu, gpu, data, image_size, batch_size, model, num_classes, seed, run_dir, as_json, **kw
+    shards,
+    cpu,
+    gpu,
+    data,
+    image_size,
+    batch_size,
+    model,
+    num_classes,
+    seed,
+    run_dir,
+    as_json,
+    checkpoint_dir,
+    average_from,
+    **kw,
 ) -> None:
     """Run shards and replicas on this machine with a live display (the demo)."""
     import json
@@ -582,8 +621,11 @@ def up(
 
     if cpu is not None and gpu is not None:
         raise click.UsageError("give --cpu or --gpu, not both")
-    if kw["steps"] is not None and kw["epochs"] is not None:
-        raise click.UsageError("give --steps or --epochs, not both")
+    if kw["steps"] is not None:
+        source = click.get_current_context().get_parameter_source("epochs")
+        if source is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError("give --steps or --epochs, not both")
+        kw["epochs"] = None  # --steps replaces the demo's default epochs
     setup_logging("up")
     try:
         train_set = load_dataset(data, "train", image_size=image_size, seed=seed)
@@ -598,6 +640,11 @@ def up(
             raise click.ClickException(str(exc)) from None
     serve_args = _flags(kw, "rule", "lr", "momentum", "weight_decay", "lr_decay", "lr_decay_epochs")
     serve_args += ["--dataset-size", str(kw["dataset_size"] or len(train_set))]
+    if checkpoint_dir:
+        serve_args += ["--checkpoint-dir", checkpoint_dir]
+    replicas = gpu or cpu or 2
+    steps = kw["steps"] or int((kw["epochs"] or 1.0) * (len(train_set) // (batch_size * replicas)))
+    start = int(average_from * steps * replicas / kw["push_every"])  # shard versions
     work_args = _flags(kw, "fetch_every", "push_every", "wire_dtype", "steps", "epochs")
     work_args += ["--batch-size", str(batch_size), "--overlap" if kw["overlap"] else "--no-overlap"]
     cfg = UpConfig(
@@ -613,6 +660,7 @@ def up(
         serve_args=tuple(serve_args),
         work_args=tuple(work_args),
         live=not as_json,
+        average_args=("--start", str(start)),
     )
     try:
         result = run_up(cfg)
@@ -639,6 +687,10 @@ def _print_up_summary(result, run_dir: str) -> None:
     show(replica_table(result.replicas), shard_table(result.shards, result.addresses))
     if result.top1 is not None:
         click.echo(f"held-out top-1 {result.top1:.2%}  top-5 {result.top5:.2%}  (final weights)")
+        click.echo(
+            f"held-out top-1 {result.averaged_top1:.2%}  top-5 {result.averaged_top5:.2%}  "
+            f"(Polyak average of {result.averaged_snapshots} snapshots)"
+        )
     else:
         click.echo(f"the replicas failed (exit {result.exit_code}); see {run_dir}/work.log")
     click.echo(f"finished in {result.seconds:.0f} s; logs, status and summary.json in {run_dir}")

@@ -1,12 +1,13 @@
-"""``distbelief up``: shards and replicas on this machine, with a live display.
+"""``distbelief up``: shards, averager and replicas on this machine, with a live display.
 
-It is a composition of the real commands: ``distbelief serve --shards S`` and
-``distbelief work --cpu K`` (or ``--gpu N``) run as child processes on free
-loopback ports, their logs in the run folder. While they run, the display shows
-each replica's status file and each shard's ``stats``. When the replicas finish,
-the launcher pulls the final weights, evaluates them on the held-out split, stops
-the shards (SIGTERM: they write a final checkpoint when they have a folder) and
-prints a summary.
+It is a composition of the real commands: ``distbelief serve --shards S``,
+``distbelief average`` and ``distbelief work --cpu K`` (or ``--gpu N``) run as child
+processes on free loopback ports, their logs in the run folder. While they run, the
+display shows each replica's status file and each shard's ``stats``. When the
+replicas finish, the launcher evaluates on the held-out split both the shards' final
+weights and the averager's Polyak average, stops everything (SIGTERM: shards write a
+final checkpoint when they have a folder, the averager writes the average) and prints
+a summary.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class UpConfig:
     data: str = "demo"
     image_size: int = 32
     live: bool = True
+    average_args: tuple[str, ...] = ()  # flags passed through to `distbelief average`
+    average_every_s: float = 2.0
 
 
 @dataclass
@@ -53,6 +56,9 @@ class UpResult:
     shards: list[dict[str, Any] | None] = field(default_factory=list)
     top1: float | None = None
     top5: float | None = None
+    averaged_top1: float | None = None
+    averaged_top5: float | None = None
+    averaged_snapshots: int = 0
     seconds: float = 0.0
     exit_code: int = 0
     addresses: list[str] = field(default_factory=list)
@@ -93,7 +99,11 @@ class Launcher:
         self.shard_metrics = free_port_run(cfg.shards, 9100)
         self.work_metrics = free_port_run(num_replicas, 9200)
         self.addresses = [f"tcp://127.0.0.1:{self.shard_port + i}" for i in range(cfg.shards)]
+        self.average_port = free_port_run(1, 5590)
+        self.average_metrics = free_port_run(1, 9190)
+        self.averager = f"tcp://127.0.0.1:{self.average_port}"
         self.serve: subprocess.Popen | None = None
+        self.average: subprocess.Popen | None = None
         self.work: subprocess.Popen | None = None
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
@@ -126,6 +136,29 @@ class Launcher:
             ],
         )
         self._wait_for_shards()
+        self.average = self._spawn(
+            "average",
+            [
+                "average",
+                "--servers",
+                ",".join(self.addresses),
+                "--port",
+                str(self.average_port),
+                "--metrics-port",
+                str(self.average_metrics),
+                "--model",
+                cfg.model,
+                "--num-classes",
+                str(cfg.num_classes),
+                "--every-s",
+                str(cfg.average_every_s),
+                "--eval-every-s",
+                "0",
+                "--output",
+                str(self.run_dir / "averager"),
+                *cfg.average_args,
+            ],
+        )
         devices = ["--gpu", str(cfg.gpu)] if cfg.gpu else ["--cpu", str(self.num_replicas)]
         self.work = self._spawn(
             "work",
@@ -199,8 +232,8 @@ class Launcher:
                     log.info("%s", _one_line(self.statuses()))
         return self.work.returncode
 
-    def final_weights(self):
-        """The shards' current weights loaded into a fresh model (eval mode)."""
+    def final_weights(self, addresses: list[str]):
+        """The weights served at ``addresses`` (the shards, or the averager) in a model."""
         import torch
 
         from distbelief.layout import Layout, flatten_into
@@ -209,22 +242,24 @@ class Launcher:
         model = build_model(self.cfg.model, self.cfg.num_classes)
         layout = Layout.of(model, self.cfg.model)
         weights, _ = flatten_into(model, layout)
-        with ParameterClient(ClientConfig(servers=tuple(self.addresses)), layout) as client:
+        with ParameterClient(ClientConfig(servers=tuple(addresses)), layout) as client:
             client.connect()
             with torch.no_grad():
-                client.pull(weights)
-        return model.eval()
+                (version, *_) = client.pull(weights)
+        return model.eval(), version
 
     def metrics_urls(self) -> list[str]:
         shards = [self.shard_metrics + i for i in range(self.cfg.shards)]
         workers = [self.work_metrics + i for i in range(self.num_replicas)]
-        return [f"http://127.0.0.1:{p}/metrics" for p in shards + workers]
+        ports = shards + [self.average_metrics] + workers
+        return [f"http://127.0.0.1:{p}/metrics" for p in ports]
 
     def stop(self) -> None:
-        for proc in (self.work, self.serve):
+        procs = (self.work, self.average, self.serve)
+        for proc in procs:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in (self.work, self.serve):
+        for proc in procs:
             if proc is None:
                 continue
             try:
@@ -267,8 +302,12 @@ def run_up(cfg: UpConfig) -> UpResult:
         result.shards = probe_stats(launcher.addresses, 5.0)
         if result.exit_code == 0:
             val = load_dataset(cfg.data, "val", image_size=cfg.image_size, seed=cfg.seed)
-            scores = evaluate(launcher.final_weights(), val, crops=1)
+            scores = evaluate(launcher.final_weights(launcher.addresses)[0], val, crops=1)
             result.top1, result.top5 = scores["top1"], scores["top5"]
+            time.sleep(cfg.average_every_s + 0.5)  # let the averager take the final iterate
+            averaged, result.averaged_snapshots = launcher.final_weights([launcher.averager])
+            scores = evaluate(averaged, val, crops=1)
+            result.averaged_top1, result.averaged_top5 = scores["top1"], scores["top5"]
     finally:
         launcher.stop()
     result.seconds = time.monotonic() - began

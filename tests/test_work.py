@@ -161,3 +161,7 @@ def test_up_with_tiny_settings_trains_and_reports(procs, tmp_path):
         assert replica["loss_recent"] < replica["loss_first"]
     assert [s["version"] for s in summary["shards"]] == [60, 60]
     assert 0.0 <= summary["top5"] <= 1.0 and summary["top5"] >= summary["top1"]
+    # the averager ran beside them: its Polyak average was evaluated too
+    assert summary["averaged_snapshots"] >= 1
+    assert summary["averaged_top5"] >= summary["averaged_top1"] >= 0.0
+    assert (run_dir / "averager" / "averaged.safetensors").exists()
