@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from distbelief.client import probe_stats
+from distbelief.launcher import free_port_run
 
 START_TIMEOUT_S = 120.0
 
@@ -27,21 +27,6 @@ def median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - began)
     return statistics.median(times)
-
-
-def free_port_run(count: int) -> int:
-    for base in range(21000, 60000, 97):
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise OSError("no free ports")
 
 
 @contextlib.contextmanager
@@ -67,7 +52,7 @@ def process(args: list[str]) -> Iterator[subprocess.Popen]:
 @contextlib.contextmanager
 def shards(num_shards: int, *extra: str) -> Iterator[list[str]]:
     """``distbelief serve --shards N`` on free ports; yields the addresses once they answer."""
-    base = free_port_run(num_shards)
+    base = free_port_run(num_shards, 21000)
     addresses = [f"tcp://127.0.0.1:{base + i}" for i in range(num_shards)]
     args = [
         sys.executable,

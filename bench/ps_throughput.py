@@ -22,8 +22,9 @@ import time
 import torch
 from distbelief.server.rules import make_rule
 
-from bench.common import free_port_run, median_time, process, ratio_line, shards
+from bench.common import median_time, process, ratio_line, shards
 from distbelief.client import ClientConfig, ParameterClient
+from distbelief.launcher import free_port_run
 from distbelief.layout import Layout
 from distbelief.models import build_model
 from distbelief.tuning import keep_freed_memory
@@ -42,7 +43,7 @@ while True:
 def zmq_echo_time(total: int, reps: int, tune: bool) -> float:
     import zmq
 
-    address = f"tcp://127.0.0.1:{free_port_run(1)}"
+    address = f"tcp://127.0.0.1:{free_port_run(1, 21000)}"
     payload = torch.randn(total).numpy()
     with process([sys.executable, "-c", ECHO_SERVER, address, "tune" if tune else "plain"]):
         ctx = zmq.Context()

@@ -78,8 +78,12 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     return Path(path)
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read and verify ``path``. Raises CheckpointError naming the file."""
+def load_checkpoint(path: Path, *, require_digest: bool = True) -> Checkpoint:
+    """Read and verify ``path``. Raises CheckpointError naming the file.
+
+    With ``require_digest=False`` a file without a sha256 (a state_dict saved by other
+    tools) is accepted unverified; one that has a sha256 is still checked.
+    """
     path = Path(path)
     try:
         tensors = load_file(str(path))
@@ -90,6 +94,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
     metadata = header.get("__metadata__") or {}
     expected = metadata.get("sha256")
+    if expected is None and not require_digest:
+        log.info("%s has no sha256; loading it unverified", path)
+        return Checkpoint(path, tensors, metadata)
     if expected is None:
         raise CheckpointError(f"checkpoint {path} has no sha256 in its metadata")
     if digest(tensors) != expected:

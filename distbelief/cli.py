@@ -691,6 +691,8 @@ def _print_up_summary(result, run_dir: str) -> None:
             f"held-out top-1 {result.averaged_top1:.2%}  top-5 {result.averaged_top5:.2%}  "
             f"(Polyak average of {result.averaged_snapshots} snapshots)"
         )
+    elif result.exit_code == 130:
+        click.echo("stopped by Ctrl-C; shards wrote their final checkpoints if they had a folder")
     else:
         click.echo(f"the replicas failed (exit {result.exit_code}); see {run_dir}/work.log")
     click.echo(f"finished in {result.seconds:.0f} s; logs, status and summary.json in {run_dir}")

@@ -32,7 +32,7 @@ def load_weights(
         num_classes = load_dataset(data, "val", image_size=image_size).num_classes
     net = build_model(model, num_classes)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint).tensors
+        state = load_checkpoint(checkpoint, require_digest=False).tensors
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(

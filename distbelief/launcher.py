@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,8 +71,6 @@ class UpResult:
 
 def free_port_run(count: int, start: int) -> int:
     """The first of ``count`` consecutive free loopback ports at or above ``start``."""
-    import socket
-
     port = start
     while port + count < 65535:
         ok = True
@@ -297,7 +296,11 @@ def run_up(cfg: UpConfig) -> UpResult:
     try:
         launcher.start()
         log.info("shards on %s; logs and status in %s", ",".join(launcher.addresses), cfg.run_dir)
-        result.exit_code = launcher.watch()
+        try:
+            result.exit_code = launcher.watch()
+        except KeyboardInterrupt:  # Ctrl-C: the children got SIGINT too and stop cleanly
+            log.info("interrupted; stopping every process")
+            result.exit_code = 130
         result.replicas = launcher.statuses()
         result.shards = probe_stats(launcher.addresses, 5.0)
         if result.exit_code == 0:

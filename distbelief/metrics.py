@@ -61,6 +61,23 @@ def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1
     log.info("metrics on http://%s:%d/metrics", addr, port)
 
 
+def _service_counters(prefix: str, registry: CollectorRegistry) -> tuple[Counter, ...]:
+    """What every server counts: refusals by error code, bytes in and out."""
+    from distbelief.protocol import ERRORS
+
+    rejected = Counter(
+        prefix + "rejected_messages",
+        "Requests refused, by error code",
+        ["reason"],
+        registry=registry,
+    )
+    for code in ERRORS:
+        rejected.labels(reason=code)  # every code shows, at zero until it happens
+    received = Counter(prefix + "received_bytes", "Bytes received", registry=registry)
+    sent = Counter(prefix + "sent_bytes", "Bytes sent", registry=registry)
+    return rejected, received, sent
+
+
 @dataclass
 class ShardMetrics:
     """The metrics a parameter shard exports."""
@@ -77,11 +94,7 @@ class ShardMetrics:
             registry=r,
         )
         self.pulls = Counter(p + "pulls", "Pull requests answered", registry=r)
-        self.rejected = Counter(
-            p + "rejected_messages", "Requests refused, by error code", ["reason"], registry=r
-        )
-        self.received_bytes = Counter(p + "received_bytes", "Bytes received", registry=r)
-        self.sent_bytes = Counter(p + "sent_bytes", "Bytes sent", registry=r)
+        self.rejected, self.received_bytes, self.sent_bytes = _service_counters(p, r)
         self.examples = Counter(p + "examples", "Training examples reported by pushes", registry=r)
         self.apply_seconds = Histogram(
             p + "apply_seconds",
@@ -158,11 +171,7 @@ class AveragerMetrics:
             registry=r,
         )
         self.pulls = Counter(p + "pulls", "Pulls of the averaged weights answered", registry=r)
-        self.rejected = Counter(
-            p + "rejected_messages", "Requests refused, by error code", ["reason"], registry=r
-        )
-        self.received_bytes = Counter(p + "received_bytes", "Bytes received", registry=r)
-        self.sent_bytes = Counter(p + "sent_bytes", "Bytes sent", registry=r)
+        self.rejected, self.received_bytes, self.sent_bytes = _service_counters(p, r)
         self.top1 = Gauge(p + "eval_top1", "Top-1 accuracy of the last evaluation", registry=r)
         self.top5 = Gauge(p + "eval_top5", "Top-5 accuracy of the last evaluation", registry=r)
         self.checkpoint_age = Gauge(

@@ -120,8 +120,6 @@ class Averager(Service):
             ClientConfig(servers=cfg.servers, timeout_s=cfg.timeout_s, retries=0), self.layout
         )
         self.metrics = AveragerMetrics(new_registry("averager"))
-        for code in protocol.ERRORS:
-            self.metrics.rejected.labels(reason=code)
         self.next_pull = self.next_eval = time.monotonic()
         self.next_save = time.monotonic() + cfg.checkpoint_every_s
         self.last_save = time.time()

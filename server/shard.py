@@ -116,8 +116,6 @@ class Shard(Service):
         self.push_times: deque[float] = deque(maxlen=256)
         self.counts = {"pushes": 0, "duplicates": 0, "pulls": 0}
         self.metrics = ShardMetrics(new_registry("shard"))
-        for code in protocol.ERRORS:
-            self.metrics.rejected.labels(reason=code)
         self.metrics.parameters.set(self.size)
         self.publish()
 

@@ -6,7 +6,6 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import zmq
 
 from distbelief import protocol
+from distbelief.launcher import free_port_run
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 90.0  # a cold `import torch` plus building GoogLeNet, on a loaded 2-core CI
@@ -24,23 +24,14 @@ STOP_TIMEOUT_S = 30.0
 
 
 def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
+    return free_port_run(1, port) == port
 
 
 def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive free loopback ports (shard i listens on base+i)."""
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - count)
-        if all(port_is_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no run of free ports found")
+    """The first of ``count`` consecutive free loopback ports (shard i listens on base+i),
+    searched from a random start so that concurrent runs do not collide."""
+    start = random.Random(os.getpid() ^ time.monotonic_ns()).randrange(20000, 60000)
+    return free_port_run(count, start)
 
 
 def free_port() -> int:
@@ -138,3 +129,8 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
         yield p
     finally:
         p.stop_all()
+
+
+# momentum 0, lr 1, no weight decay, no schedule: the shard's weights are the initial ones
+# minus the sum of the pushed gradients, which a test can compute exactly
+PLAIN_SGD = ("--lr", "1", "--momentum", "0", "--weight-decay", "0", "--lr-decay", "1")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -15,7 +18,7 @@ from distbelief.client import ClientConfig, ParameterClient, probe_stats
 from distbelief.layout import Layout
 from distbelief.models import googlenet
 
-from .conftest import free_ports, wait_until_serving
+from .conftest import PLAIN_SGD, free_ports, wait_until_serving
 
 NUM_CLASSES = 10
 
@@ -87,14 +90,7 @@ def test_averager_serves_the_mean_of_its_snapshots_and_resumes(procs, tmp_path):
         1,
         "--num-classes",
         str(NUM_CLASSES),
-        "--lr",
-        "1",
-        "--momentum",
-        "0",
-        "--weight-decay",
-        "0",
-        "--lr-decay",
-        "1",
+        *PLAIN_SGD,
     )
     layout, initial = initial_weights("googlenet", NUM_CLASSES, 0)
     port = free_ports(1)
@@ -127,6 +123,24 @@ def test_averager_serves_the_mean_of_its_snapshots_and_resumes(procs, tmp_path):
     assert versions == sorted(versions) and versions[-1] == 12 and len(set(versions)) >= 3
     torch.testing.assert_close(weights, expected_mean(initial, g, versions), rtol=0, atol=1e-6)
     assert 0.0 <= stats_after["eval"]["top1"] <= 1.0 and stats_after["eval"]["examples"] == 200
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distbelief",
+            "evaluate",
+            "--averager",
+            address,
+            "--data",
+            "demo",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert 0.0 <= json.loads(run.stdout)["top1"] <= 1.0
 
     # SIGTERM: the average is written; a restarted averager resumes it
     assert procs.stop(proc, signal.SIGTERM) == 0
@@ -141,3 +155,33 @@ def test_averager_serves_the_mean_of_its_snapshots_and_resumes(procs, tmp_path):
     assert resumed_count >= count
     flat = torch.cat([saved[e.name].reshape(-1) for e in layout.entries])
     assert torch.equal(resumed, flat)
+
+
+def test_evaluate_command_scores_an_exported_model(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path / "model.safetensors"
+    from distbelief.checkpoint import save_checkpoint
+
+    save_checkpoint(path, googlenet(num_classes=NUM_CLASSES).state_dict(), {"note": "test"})
+    run = subprocess.run(
+        [sys.executable, "-m", "distbelief", "evaluate", str(path), "--data", "demo", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    result = json.loads(run.stdout)
+    assert result["examples"] == 2000 and 0.0 <= result["top1"] <= result["top5"] <= 1.0
+    # a file that is not a checkpoint of this model: one line, no traceback
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(3)}, str(bad))
+    run = subprocess.run(
+        [sys.executable, "-m", "distbelief", "evaluate", str(bad), "--data", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "Error:" in run.stderr

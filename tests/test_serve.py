@@ -15,7 +15,7 @@ from distbelief.layout import Layout, flat_weights, flatten_into
 from distbelief.models import build_model
 from distbelief.train import forward_backward
 
-from .conftest import free_port, port_is_free
+from .conftest import PLAIN_SGD, free_port, port_is_free
 
 NUM_CLASSES = 10
 BATCH = 8
@@ -106,14 +106,7 @@ def test_concurrent_clients_lose_nothing_and_apply_retries_once(procs):
         2,
         "--num-classes",
         str(NUM_CLASSES),
-        "--lr",
-        "1",
-        "--momentum",
-        "0",
-        "--weight-decay",
-        "0",
-        "--lr-decay",
-        "1",
+        *PLAIN_SGD,
     )
     layout, initial = initial_weights("googlenet", NUM_CLASSES, 0)
     g = torch.full((layout.total,), 2.0**-12)

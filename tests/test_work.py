@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -56,8 +58,11 @@ def test_push_every_4_pushes_steps_over_4_per_replica(procs, tmp_path):
 
 
 def test_killed_replica_is_restarted_and_the_other_goes_on(procs, tmp_path):
+    from .conftest import free_ports
+
     addresses = procs.serve(1, "--num-classes", str(NUM_CLASSES))
     status_dir = tmp_path / "status"
+    metrics_port = free_ports(2)
     steps = 40
     proc = procs.start(
         "work",
@@ -71,7 +76,9 @@ def test_killed_replica_is_restarted_and_the_other_goes_on(procs, tmp_path):
         "2",
         "--status-dir",
         str(status_dir),
-        *TINY,
+        *TINY[:4],
+        "--metrics-port",
+        str(metrics_port),
         name="work",
     )
     victim = status_dir / "replica-0.json"
@@ -85,6 +92,12 @@ def test_killed_replica_is_restarted_and_the_other_goes_on(procs, tmp_path):
     killed = read_json(victim)
     os.kill(killed["pid"], signal.SIGKILL)
     other_before = read_json(status_dir / "replica-1.json")["step"]
+    # the survivor's metrics endpoint (port 9200+i in production) shows its progress
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + 1}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    steps_done = float(re.search(r"^distbelief_worker_steps_total (\S+)$", text, re.M).group(1))
+    assert steps_done >= other_before and "distbelief_worker_push_seconds_bucket" in text
+    assert 'distbelief_build_info{role="worker"' in text
     assert proc.wait(300) == 0, proc.log_path.read_text()[-3000:]
     after = read_json(victim)
     assert after["restarts"] == 1 and after["pid"] != killed["pid"]
@@ -165,3 +178,40 @@ def test_up_with_tiny_settings_trains_and_reports(procs, tmp_path):
     assert summary["averaged_snapshots"] >= 1
     assert summary["averaged_top5"] >= summary["averaged_top1"] >= 0.0
     assert (run_dir / "averager" / "averaged.safetensors").exists()
+
+
+def test_status_shows_each_shard_and_names_the_silent_one(procs):
+    import subprocess
+    import sys
+
+    from .conftest import free_port
+
+    (alive,) = procs.serve(1, "--num-classes", str(NUM_CLASSES))
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distbelief",
+            "status",
+            "--servers",
+            f"{alive},{dead}",
+            "--timeout-s",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert f"shard 1 at {dead} did not answer in 1 s" in run.stdout
+    assert "no answer" in run.stdout and "version" in run.stdout
+    run = subprocess.run(
+        [sys.executable, "-m", "distbelief", "status", "--servers", alive, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    (stats,) = json.loads(run.stdout)
+    assert stats["version"] == 0 and stats["hparams"]["rule"] == "momentum"
