@@ -503,6 +503,11 @@ class FolderDataset:
 Dataset = ArrayDataset | SyntheticDataset | FolderDataset
 
 
+# the `--data demo` training split: large enough that GoogLeNet learns the shapes rather
+# than the images in the few passes a 2-core demo has time for
+DEMO_TRAIN_SIZE = 50_000
+
+
 def load_dataset(
     source: str,
     split: str,
@@ -529,7 +534,8 @@ def load_dataset(
         mode: Augment = "none" if not on else ("paper" if augment else "flip")
         classes = 10 if num_classes is None else num_classes
         return demo_dataset(
-            split, image_size=image_size, num_classes=classes, seed=seed, augment=mode
+            split, image_size=image_size, num_classes=classes, seed=seed, augment=mode,
+            num_train=DEMO_TRAIN_SIZE,
         )
     if source == "synthetic":
         return synthetic_dataset(
