@@ -430,6 +430,12 @@ def status(servers, watch, interval_s, timeout_s, as_json) -> None:
     help="Shard version from which snapshots enter the average.",
 )
 @option(
+    "--start-epoch",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Or: the shards' epoch from which snapshots enter the average.",
+)
+@option(
     "--every-s",
     type=click.FloatRange(min=0, min_open=True),
     default=5.0,

@@ -44,6 +44,7 @@ class AveragerConfig:
     mode: str = "polyak"
     decay: float = 0.999
     start: int = 0  # shard version from which iterates enter the average
+    start_epoch: float | None = None  # or: the shards' epoch from which they enter
     every_s: float = 5.0
     bind: str = "127.0.0.1"
     port: int = 5590
@@ -152,7 +153,7 @@ class Averager(Service):
             log.warning("cannot pull from the shards: %s", exc)
             return False
         self.shard_version = sum(versions)
-        if min(versions) < self.cfg.start:
+        if min(versions) < self.cfg.start or not self._past_start_epoch():
             return False
         self.average.add(self.snapshot, self.shard_version)
         self.current = self.average.value()
@@ -162,6 +163,12 @@ class Averager(Service):
         mean_version = sum(self.average.versions) / len(self.average.versions)
         m.lag.set(self.shard_version - mean_version)
         return True
+
+    def _past_start_epoch(self) -> bool:
+        if self.cfg.start_epoch is None:
+            return True
+        epochs = [s["epoch"] for s in self.client.stats()]
+        return min(epochs) >= self.cfg.start_epoch
 
     def evaluate(self) -> dict[str, Any]:
         """Top-1/top-5 of the current average on the evaluation data."""

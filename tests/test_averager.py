@@ -185,3 +185,20 @@ def test_evaluate_command_scores_an_exported_model(tmp_path):
     )
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "Error:" in run.stderr
+
+
+def test_start_epoch_keeps_early_iterates_out(procs, tmp_path):
+    (shard,) = procs.serve(1, "--num-classes", str(NUM_CLASSES), *PLAIN_SGD, "--dataset-size", "10")
+    layout, _ = initial_weights("googlenet", NUM_CLASSES, 0)
+    port = free_ports(1)
+    address = f"tcp://127.0.0.1:{port}"
+    start_averager(procs, shard, port, tmp_path / "avg", "--start-epoch", "1")
+    time.sleep(1.0)
+    assert probe_stats([address], 10)[0]["snapshots"] == 0  # epoch 0: nothing averaged
+    g = torch.zeros(layout.total)
+    with ParameterClient(ClientConfig(servers=(shard,), timeout_s=30), layout) as client:
+        client.connect()
+        client.push(g, examples=10)  # one epoch of a 10-example data set
+    time.sleep(1.5)
+    stats = probe_stats([address], 10)[0]
+    assert stats["snapshots"] >= 1 and set(stats["versions"]) == {1}

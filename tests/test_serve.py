@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -213,3 +214,55 @@ def test_config_file_with_unknown_key_is_refused(procs, tmp_path):
     assert proc.wait(60) == 2
     text = proc.log_path.read_text()
     assert "unknown setting 'learning_rate'" in text and "Traceback" not in text
+
+
+def test_client_retries_until_a_late_shard_answers(procs):
+    from .conftest import free_ports, wait_until_serving
+
+    port = free_ports(1)
+    address = f"tcp://127.0.0.1:{port}"
+    layout = Layout.of(build_model("googlenet", NUM_CLASSES), "googlenet")
+    cfg = ClientConfig(
+        servers=(address,), timeout_s=1.0, retries=30, backoff_s=0.2, max_backoff_s=1.0
+    )
+    result = {}
+
+    def connect_early() -> None:
+        with ParameterClient(cfg, layout) as client:
+            result["info"] = client.connect()
+            result["retries"] = client.retries_total
+
+    thread = threading.Thread(target=connect_early)
+    thread.start()  # nothing listens yet: the client times out, reopens and resends
+    time.sleep(2.5)
+    proc = procs.start(
+        "serve",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--num-classes",
+        str(NUM_CLASSES),
+        name="late",
+    )
+    wait_until_serving(address, proc, proc.log_path)
+    thread.join(60)
+    assert result["info"][0].stop == layout.total
+    assert result["retries"] >= 2
+
+
+def test_client_gives_up_with_a_clear_error(procs):
+    from distbelief.client import ServerUnavailable
+
+    from .conftest import free_ports
+
+    address = f"tcp://127.0.0.1:{free_ports(1)}"
+    layout = Layout.of(build_model("googlenet", NUM_CLASSES), "googlenet")
+    cfg = ClientConfig(servers=(address,), timeout_s=0.3, retries=2, backoff_s=0.1)
+    began = time.monotonic()
+    with (
+        ParameterClient(cfg, layout) as client,
+        pytest.raises(ServerUnavailable, match="no answer from server 0 .* after 3 tries"),
+    ):
+        client.connect()
+    assert time.monotonic() - began < 5
