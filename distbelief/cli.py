@@ -555,8 +555,8 @@ def evaluate(
 
 
 # `distbelief up` defaults: the demo, tuned to converge on 2 CPU cores in minutes
-DEMO_EPOCHS = 12.0
-DEMO_LR = 0.02
+DEMO_EPOCHS = 2.4
+DEMO_LR = 0.005
 
 
 def up_rule_options(f):
@@ -598,7 +598,7 @@ def up_downpour_options(f):
 @option(
     "--average-from",
     type=click.FloatRange(0, 1),
-    default=0.5,
+    default=0.75,
     help="Fraction of the run after which iterates enter the Polyak average.",
 )
 @option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
