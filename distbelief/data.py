@@ -534,7 +534,11 @@ def load_dataset(
         mode: Augment = "none" if not on else ("paper" if augment else "flip")
         classes = 10 if num_classes is None else num_classes
         return demo_dataset(
-            split, image_size=image_size, num_classes=classes, seed=seed, augment=mode,
+            split,
+            image_size=image_size,
+            num_classes=classes,
+            seed=seed,
+            augment=mode,
             num_train=DEMO_TRAIN_SIZE,
         )
     if source == "synthetic":

@@ -84,5 +84,7 @@ def shard_table(stats: list[dict[str, Any] | None], addresses: list[str]) -> Tab
 
 def show(*renderables: Any, stderr: bool = False) -> None:
     console = Console(stderr=stderr)
+    if not console.is_terminal:  # logs and pipes: wide enough that no column is cut
+        console = Console(stderr=stderr, width=160)
     for r in renderables:
         console.print(r)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from distbelief.data import evaluate, iterate_batches, load_dataset
+from distbelief.layout import Layout, flatten_into
 from distbelief.models import build_model, training_loss
 from distbelief.progress import StepProgress
 from distbelief.server.rules import Schedule
@@ -33,6 +34,25 @@ def forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     loss = training_loss(model(images), labels)
     loss.backward()
     return float(loss.detach())
+
+
+def flat_sgd(
+    model: nn.Module, model_name: str, **hyper: Any
+) -> tuple[torch.optim.SGD, torch.Tensor]:
+    """``torch.optim.SGD`` over the model's parameters laid out as one flat vector.
+
+    The parameters become views into one flat buffer (as on a replica) and the
+    optimizer steps that buffer as a single parameter. The update is the same
+    arithmetic as SGD over the separate tensors, but every element takes the same
+    vectorised path as on the shards (whose ranges are 64-aligned), so a run through
+    the shards reproduces this one bit for bit; per-tensor stepping differs in the
+    last ulp at each tensor's tail, which training amplifies. Returns the optimizer
+    and the flat gradient buffer (zero it before each accumulation).
+    """
+    weights, grads = flatten_into(model, Layout.of(model, model_name))
+    flat = nn.Parameter(weights)  # shares memory with the model's parameters
+    flat.grad = grads
+    return torch.optim.SGD([flat], **hyper), grads
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,8 +115,8 @@ def train_reference(cfg: TrainConfig, *, show_progress: bool = True) -> TrainRes
     num_classes = cfg.num_classes or train_set.num_classes
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    optimizer, grads = flat_sgd(
+        model, cfg.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
     schedule = Schedule(
         lr=cfg.lr,
@@ -114,7 +134,7 @@ def train_reference(cfg: TrainConfig, *, show_progress: bool = True) -> TrainRes
             _, images, labels = next(batches)
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr_at(examples)
-            optimizer.zero_grad(set_to_none=False)
+            grads.zero_()
             loss = forward_backward(model, images, labels)
             optimizer.step()
             examples += len(labels)

@@ -14,7 +14,7 @@ from distbelief.client import ClientConfig, ParameterClient, ServerRefused
 from distbelief.data import load_dataset
 from distbelief.layout import Layout, flat_weights, flatten_into
 from distbelief.models import build_model
-from distbelief.train import forward_backward
+from distbelief.train import flat_sgd, forward_backward
 
 from .conftest import PLAIN_SGD, free_port, port_is_free
 
@@ -32,10 +32,12 @@ def client_for(addresses, layout, **kw) -> ParameterClient:
 
 
 def reference_weights(rule: str, batches, hp) -> torch.Tensor:
+    """The reference trainer's loop: torch.optim.SGD over the model's flat parameters."""
     torch.manual_seed(0)
     model = build_model("googlenet", NUM_CLASSES)
-    opt = torch.optim.SGD(
-        model.parameters(),
+    opt, grads = flat_sgd(
+        model,
+        "googlenet",
         lr=hp["lr"],
         momentum=hp["momentum"],
         weight_decay=hp["weight_decay"],
@@ -45,7 +47,7 @@ def reference_weights(rule: str, batches, hp) -> torch.Tensor:
     examples = 0
     for step, (images, labels) in enumerate(batches):
         opt.param_groups[0]["lr"] = schedule.lr_at(examples)
-        opt.zero_grad(set_to_none=False)
+        grads.zero_()
         torch.manual_seed(1000 + step)  # dropout masks, the same on both sides
         forward_backward(model, images, labels)
         opt.step()

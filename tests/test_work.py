@@ -81,10 +81,10 @@ def test_killed_replica_is_restarted_and_the_other_goes_on(procs, tmp_path):
         str(metrics_port),
         name="work",
     )
-    victim = status_dir / "replica-0.json"
+    victim, survivor = status_dir / "replica-0.json", status_dir / "replica-1.json"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        if victim.exists() and read_json(victim)["step"] >= 3:
+        if all(p.exists() and read_json(p)["step"] >= 3 for p in (victim, survivor)):
             break
         time.sleep(0.2)
     else:
