@@ -12,7 +12,7 @@ import multiprocessing as mp
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,6 @@ class Child:
     args: tuple
     process: Any = None
     restarts: int = 0
-    exitcodes: list[int] = field(default_factory=list)
 
 
 class Supervisor:
@@ -61,7 +60,6 @@ class Supervisor:
                 if code is None:
                     alive = True
                 elif code != 0:
-                    child.exitcodes.append(code)
                     if child.restarts < self.max_restarts:
                         child.restarts += 1
                         log.warning(

@@ -215,3 +215,29 @@ def test_status_shows_each_shard_and_names_the_silent_one(procs):
     )
     (stats,) = json.loads(run.stdout)
     assert stats["version"] == 0 and stats["hparams"]["rule"] == "momentum"
+
+
+def test_overlap_pushes_every_step_from_the_background(procs, tmp_path):
+    (address,) = procs.serve(1, "--num-classes", str(NUM_CLASSES))
+    status_dir = tmp_path / "status"
+    proc = procs.start(
+        "work",
+        "--servers",
+        address,
+        "--cpu",
+        "1",
+        "--steps",
+        "8",
+        "--overlap",
+        "--status-dir",
+        str(status_dir),
+        *TINY,
+        name="overlap",
+    )
+    assert proc.wait(240) == 0, proc.log_path.read_text()[-3000:]
+    status = read_json(status_dir / "replica-0.json")
+    assert status["step"] == 8 and status["pushes"] == 8
+    # the first pull is synchronous, then one background pull follows each push
+    assert status["pulls"] == 1 + 8
+    (stats,) = probe_stats([address], 10)
+    assert stats["version"] == 8 and stats["pushes"] == 8

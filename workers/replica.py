@@ -210,7 +210,7 @@ class Replica:
                     self.status.staleness,
                 )
         if comm is not None:
-            comm.finish()
+            comm.wait()
         self.status.done = True
         self.status.write(cfg.status_file)
         self.client.close()
@@ -322,9 +322,6 @@ class _Overlap:
             self.thread = None
         if self.error is not None:
             raise self.error
-
-    def finish(self) -> None:
-        self.wait()
 
 
 def replica_batches(cfg: ReplicaConfig, dataset: Any):
