@@ -1,9 +1,11 @@
 """The flat parameter layout and its partition into shards.
 
 All trainable parameters, in ``model.named_parameters()`` order, lie end to end
-in one float32 vector. A :class:`Layout` records where each one lives; a
-:class:`ShardPlan` cuts ``[0, total)`` into contiguous, size-balanced ranges, one
-per shard (a key-range partition, as ps-lite does).
+in one float32 vector, padded with zeros to a multiple of ``SHARD_ALIGN`` elements
+(the padding has no parameter, no gradient and stays zero under every update rule).
+A :class:`Layout` records where each one lives; a :class:`ShardPlan` cuts
+``[0, total)`` into contiguous, size-balanced ranges, one per shard (a key-range
+partition, as ps-lite does).
 
 A worker keeps its parameters *and* their gradients as views into two flat
 buffers (:func:`flatten_into`), so a pull is one copy into a slice of the
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+SHARD_ALIGN = 64  # elements; shard boundaries and the padded total are multiples of this
+
 
 @dataclass(frozen=True, kw_only=True)
 class Entry:
@@ -31,10 +35,19 @@ class Entry:
 
 @dataclass(frozen=True, kw_only=True)
 class Layout:
-    """Where every trainable parameter of a model lies in the flat vector."""
+    """Where every trainable parameter of a model lies in the flat vector.
+
+    ``parameters`` counts the model's parameters; ``total``, the length of the flat
+    vector, rounds that up to a multiple of ``SHARD_ALIGN``. Without a ragged tail
+    every element of every shard takes the same vectorised path of the update kernel
+    as a single-process optimizer stepping the whole vector, fused or not, with any
+    thread count: the last few elements would otherwise go through a scalar loop
+    whose rounding differs in the last ulp, which training amplifies.
+    """
 
     model_name: str
     entries: tuple[Entry, ...]
+    parameters: int
     total: int
 
     @classmethod
@@ -49,7 +62,19 @@ class Layout:
                 Entry(name=name, shape=tuple(param.shape), offset=offset, size=param.numel())
             )
             offset += param.numel()
-        return cls(model_name=model_name, entries=tuple(entries), total=offset)
+        total = -(-offset // SHARD_ALIGN) * SHARD_ALIGN
+        return cls(model_name=model_name, entries=tuple(entries), parameters=offset, total=total)
+
+    def state_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of ``flat`` named and shaped as the model's parameters."""
+        return {e.name: flat[e.offset : e.offset + e.size].view(e.shape) for e in self.entries}
+
+    def from_state_dict(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A new flat float32 vector (zero padding included) from named parameters."""
+        flat = torch.zeros(self.total, dtype=torch.float32)
+        for e in self.entries:
+            flat[e.offset : e.offset + e.size].copy_(tensors[e.name].reshape(-1))
+        return flat
 
     def fingerprint(self, num_shards: int) -> str:
         """A short hash of model name, parameter names and shapes, and the shard count.
@@ -64,14 +89,12 @@ class Layout:
         return h.hexdigest()[:16]
 
 
-SHARD_ALIGN = 64  # elements; shard boundaries fall on multiples of this
-
-
 @dataclass(frozen=True, kw_only=True)
 class ShardPlan:
     """Contiguous, size-balanced ranges ``[start, stop)`` of the flat vector, one per shard.
 
-    Every boundary but the last is a multiple of ``SHARD_ALIGN`` elements. Besides
+    Every boundary but the last is a multiple of ``SHARD_ALIGN`` elements (and so is
+    the last, for a :class:`Layout`'s padded total). Besides
     cache-line alignment this makes a shard's vectorised update kernels see the same
     lanes as a single-process optimizer over the whole vector, so a run through the
     shards reproduces ``torch.optim`` bit for bit instead of to the last ulp (which
@@ -133,8 +156,4 @@ def flatten_into(model: nn.Module, layout: Layout) -> tuple[torch.Tensor, torch.
 
 def flat_weights(model: nn.Module, layout: Layout) -> torch.Tensor:
     """A new flat float32 CPU vector holding ``model``'s parameters in layout order."""
-    params = dict(model.named_parameters())
-    out = torch.empty(layout.total, dtype=torch.float32)
-    for e in layout.entries:
-        out[e.offset : e.offset + e.size].copy_(params[e.name].detach().reshape(-1))
-    return out
+    return layout.from_state_dict({k: p.detach() for k, p in model.named_parameters()})

@@ -111,7 +111,11 @@ class ShardMetrics:
         self.version = Gauge(p + "version", "Updates applied (the shard's version)", registry=r)
         self.learning_rate = Gauge(p + "learning_rate", "Learning rate in force", registry=r)
         self.epoch = Gauge(p + "epoch", "Examples seen divided by the data set size", registry=r)
-        self.parameters = Gauge(p + "parameters", "Parameters held by this shard", registry=r)
+        self.parameters = Gauge(
+            p + "parameters",
+            "Elements of the flat vector held by this shard (the last one's include padding)",
+            registry=r,
+        )
         self.workers = Gauge(p + "workers", "Workers heard from in the last minute", registry=r)
 
 

@@ -44,9 +44,10 @@ def flat_sgd(
     The parameters become views into one flat buffer (as on a replica) and the
     optimizer steps that buffer as a single parameter. The update is the same
     arithmetic as SGD over the separate tensors, but every element takes the same
-    vectorised path as on the shards (whose ranges are 64-aligned), so a run through
-    the shards reproduces this one bit for bit; per-tensor stepping differs in the
-    last ulp at each tensor's tail, which training amplifies. Returns the optimizer
+    vectorised path as on the shards (whose ranges and the padded total are multiples
+    of 64), so a run through the shards reproduces this one bit for bit; per-tensor
+    stepping differs in the last ulp at each tensor's tail, which training amplifies.
+    Returns the optimizer
     and the flat gradient buffer (zero it before each accumulation).
     """
     weights, grads = flatten_into(model, Layout.of(model, model_name))

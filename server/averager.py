@@ -207,10 +207,7 @@ class Averager(Service):
         if self.current is None:
             raise ProtocolError("not_available", "nothing averaged yet")
         Path(self.cfg.output).mkdir(parents=True, exist_ok=True)
-        tensors = {
-            e.name: self.current[e.offset : e.offset + e.size].view(e.shape)
-            for e in self.layout.entries
-        }
+        tensors = self.layout.state_dict(self.current)
         meta = {
             "mode": self.cfg.mode,
             "decay": self.cfg.decay,
@@ -242,7 +239,7 @@ class Averager(Service):
                 f"({ckpt.meta_json('model')}, {ckpt.meta_json('num_classes')} classes, "
                 f"{ckpt.meta_json('mode')}); use another --output"
             )
-        flat = torch.cat([ckpt.tensors[e.name].reshape(-1) for e in self.layout.entries])
+        flat = self.layout.from_state_dict(ckpt.tensors)
         self.average.restore(flat, ckpt.meta_json("count"), ckpt.meta_json("versions"))
         self.current = self.average.value()
         log.info("resumed the average of %d snapshots from %s", self.average.count, ckpt.path)

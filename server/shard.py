@@ -99,6 +99,8 @@ class Shard(Service):
         self.plan = ShardPlan(total=layout.total, num_shards=cfg.num_shards)
         self.start, self.stop = self.plan.range(cfg.index)
         self.size = self.stop - self.start
+        # the layout's zero padding at the end of the last shard: kept at zero
+        self.padding = self.weights_padding(layout, self.start, self.stop)
         self.fingerprint = layout.fingerprint(cfg.num_shards)
         self.weights = weights[self.start : self.stop].clone()
         self.rule = make_rule(
@@ -118,6 +120,11 @@ class Shard(Service):
         self.metrics = ShardMetrics(new_registry("shard"))
         self.metrics.parameters.set(self.size)
         self.publish()
+
+    @staticmethod
+    def weights_padding(layout: Layout, start: int, stop: int) -> int:
+        """How many elements at the end of ``[start, stop)`` are the layout's padding."""
+        return max(0, stop - max(start, layout.parameters))
 
     # -- requests (dispatched by Service.handle) -----------------------------------
 
@@ -176,6 +183,8 @@ class Shard(Service):
             grad = self.grad.copy_(grad)
         _check_finite(grad)
         self.rule.apply(grad, self.schedule.lr_at(self.examples))
+        if self.padding:
+            self.weights[-self.padding :] = 0  # whatever a client sent for it
         self._count_push(worker, seq, header["examples"], staleness)
         self.metrics.apply_seconds.observe(time.perf_counter() - began)
         return [self._push_reply(header["rid"], applied=True, staleness=staleness)]

@@ -1,11 +1,11 @@
 """Run one worker through live shards beside torch.optim.SGD; print the comparison.
 
 ``python -m tests.exactness RULE tcp://a,tcp://b`` (used by tests/test_serve.py in a
-fresh interpreter). At every step the reference optimizer (the reference trainer's
-flat ``torch.optim.SGD``, same hyper-parameters and schedule) steps from the weights
-the worker pulled with the gradient the worker pushed, and the shards' new weights
-are compared with its result. Prints JSON: the largest relative difference over the
-steps, and the shards' versions, examples and learning rate.
+fresh interpreter). The reference trainer's loop (``torch.optim.SGD`` over the flat
+parameters, same seed, batches, dropout masks, hyper-parameters and schedule) runs on
+its own beside the worker, and after every step the weights the worker pulls from the
+shards are compared with the reference's. Prints JSON: how many steps matched bit for
+bit, the largest relative difference, and the shards' versions, examples and rate.
 """
 
 from __future__ import annotations
@@ -31,15 +31,16 @@ HP = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.0005}
 
 
 def compare(rule: str, addresses: list[str]) -> dict:
-    """Train through the shards; beside it, step the reference SGD from the same weights
-    with the same gradient at every step, and record how far the shards' result is."""
+    """Train one worker through the shards and, beside it, the reference trainer's
+    ``torch.optim.SGD`` on its own from the same seed, batches and schedule; after every
+    step compare the weights the worker pulls with the reference's."""
     data = load_dataset("demo", "train", image_size=32)
     batches = [data.batch(torch.arange(i * BATCH, (i + 1) * BATCH)) for i in range(STEPS)]
     torch.manual_seed(123)  # the worker's own init must not matter: it pulls first
     model = build_model("googlenet", NUM_CLASSES)
     layout = Layout.of(model, "googlenet")
     weights, grads = flatten_into(model, layout)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the shards' --seed
     ref_model = build_model("googlenet", NUM_CLASSES)
     opt, ref_grads = flat_sgd(
         ref_model,
@@ -51,34 +52,37 @@ def compare(rule: str, addresses: list[str]) -> dict:
     )
     (ref_weights,) = opt.param_groups[0]["params"]
     schedule = Schedule(lr=HP["lr"], decay=0.96, decay_epochs=0.5, dataset_size=DATASET_SIZE)
-    fresh, worst, examples = True, 0.0, 0
+    fresh, worst, exact_steps, examples = True, 0.0, 0, 0
     cfg = ClientConfig(servers=tuple(addresses), timeout_s=60, retries=1)
     with ParameterClient(cfg, layout) as client:
         client.connect()
         client.pull(weights)
         initial_match = torch.equal(weights, ref_weights.detach())
         for step, (images, labels) in enumerate(batches):
+            # the worker: gradient at the pulled weights, pushed to the shards
             grads.zero_()
-            torch.manual_seed(1000 + step)
+            torch.manual_seed(1000 + step)  # dropout masks, the same on both sides
             forward_backward(model, images, labels)
             results = client.push(grads, examples=len(labels))
             fresh = fresh and all(r.applied and r.staleness == 0 for r in results)
-            # the reference takes the same step from the same weights with the same gradient
-            with torch.no_grad():
-                ref_weights.copy_(weights)
-            ref_grads.copy_(grads)
+            client.pull(weights)
+            # the reference: its own step, from its own weights
+            ref_grads.zero_()
+            torch.manual_seed(1000 + step)
+            forward_backward(ref_model, images, labels)
             opt.param_groups[0]["lr"] = schedule.lr_at(examples)
             opt.step()
             examples += len(labels)
-            client.pull(weights)
-            diff = (weights - ref_weights.detach()).abs() / ref_weights.detach().abs().clamp(
-                min=1e-3
-            )
+            ref = ref_weights.detach()
+            exact_steps += int(torch.equal(weights, ref))
+            diff = (weights - ref).abs() / ref.abs().clamp(min=1e-3)
             worst = max(worst, float(diff.max()))
         stats = client.stats()
     return {
         "initial_match": initial_match,
+        "bit_exact_steps": exact_steps,
         "worst_relative_diff": worst,
+        "padding_zero": bool((weights[layout.parameters :] == 0).all()),
         "trained": not torch.equal(weights, initial_weights("googlenet", NUM_CLASSES, 0)[1]),
         "all_applied_fresh": fresh,
         "versions": [s["version"] for s in stats],

@@ -35,8 +35,13 @@ def test_layout_follows_named_parameters_order():
     layout = Layout.of(model, "mlp")
     names = [n for n, _ in model.named_parameters()]
     assert [e.name for e in layout.entries] == names
-    assert layout.total == 5 * 7 + 7 + 7 * 3 + 3
+    assert layout.parameters == 5 * 7 + 7 + 7 * 3 + 3 == 66
+    assert layout.total == 2 * SHARD_ALIGN  # padded, so no kernel sees a ragged tail
     assert [e.offset for e in layout.entries] == [0, 35, 42, 63]
+    weights, grads = flatten_into(model, layout)
+    model(torch.randn(4, 5)).sum().backward()
+    assert not weights[66:].any() and not grads[66:].any()
+    assert ShardPlan(total=layout.total, num_shards=2).ranges() == [(0, 64), (64, 128)]
 
 
 def test_fingerprint_depends_on_model_classes_and_shards():

@@ -62,6 +62,8 @@ def test_one_worker_through_two_shards_reproduces_torch_sgd(procs, rule):
     result = json.loads(run.stdout)
     assert result["all_applied_fresh"] and result["trained"] and result["initial_match"]
     assert result["worst_relative_diff"] <= 1e-5
+    assert result["bit_exact_steps"] == STEPS  # not just close: the same floats
+    assert result["padding_zero"]
     assert result["versions"] == [STEPS, STEPS]
     assert result["examples"] == STEPS * BATCH
     assert result["lr"] == pytest.approx(HP["lr"] * 0.96 ** (STEPS * BATCH // 16))
@@ -78,6 +80,7 @@ def test_concurrent_clients_lose_nothing_and_apply_retries_once(procs):
     )
     layout, initial = initial_weights("googlenet", NUM_CLASSES, 0)
     g = torch.full((layout.total,), 2.0**-12)
+    g[layout.parameters :] = 0  # a replica's gradient has none on the layout's padding
     pushes_each, num_clients = 12, 4
     applied = []
     errors = []

@@ -71,6 +71,17 @@ def test_pull_is_a_snapshot_not_a_view():
     assert np.array_equal(np.frombuffer(second[0].buffer, dtype=np.float32), before - 1)
 
 
+def test_the_layouts_padding_stays_zero_whatever_a_client_pushes():
+    shard, layout, weights = make_shard(index=1, lr=1.0, momentum=0.9, weight_decay=0.1)
+    assert (layout.parameters, layout.total, shard.padding) == (325, 384, 59)
+    for seq in (1, 2):
+        push(shard, torch.ones(shard.size), seq=seq)
+    _, payload = call(shard, "pull")
+    got = torch.from_numpy(np.frombuffer(payload[0].buffer, dtype=np.float32).copy())
+    assert not got[-shard.padding :].any()
+    assert torch.all(got[: -shard.padding] != weights[shard.start : layout.parameters])
+
+
 def test_push_applies_sgd_counts_examples_and_staleness():
     shard, _, _ = make_shard(lr=0.5, momentum=0.0, weight_decay=0.0)
     w0 = shard.weights.clone()

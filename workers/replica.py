@@ -173,7 +173,7 @@ class Replica:
         cfg = self.cfg
         serve_metrics(self.metrics.registry, cfg.metrics_port, cfg.metrics_bind)
         info = self.client.connect()
-        log.info("connected to %d shard(s); %d parameters", len(info), self.layout.total)
+        log.info("connected to %d shard(s); %d parameters", len(info), self.layout.parameters)
         total = self.total_steps()
         self.status.total_steps = total
         batches = replica_batches(cfg, self.train_set)
