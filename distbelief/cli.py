@@ -130,6 +130,12 @@ def _add_options(f, specs, defaults):
     help="Metrics port of shard 0 (shard i: +i); 0 turns metrics off.",
 )
 @option("--metrics-bind", default="127.0.0.1", help="Address of the /metrics endpoints.")
+@option(
+    "--supervisor-metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Metrics port of the supervisor of --shards N (0: off).",
+)
 @model_options
 @rule_options
 @option(
@@ -151,7 +157,9 @@ def _add_options(f, specs, defaults):
     help="torch threads per shard (default: this host's cores / --shards).",
 )
 @option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO")
-def serve(shards, shard_index, num_shards, log_level, threads, **kw) -> None:
+def serve(
+    shards, shard_index, num_shards, log_level, threads, supervisor_metrics_port, **kw
+) -> None:
     """Run parameter shards: --shards N here, or --shard-index I --num-shards N."""
     from distbelief.server.shard import ShardConfig
     from distbelief.server.supervisor import run_shards, shard_process
@@ -179,7 +187,14 @@ def serve(shards, shard_index, num_shards, log_level, threads, **kw) -> None:
         shard_process(configs[0], level)
     else:
         setup_logging("serve", level=level)
-        sys.exit(run_shards(configs, level=level))
+        sys.exit(
+            run_shards(
+                configs,
+                level=level,
+                metrics_port=supervisor_metrics_port,
+                metrics_bind=kw["metrics_bind"],
+            )
+        )
 
 
 def _shard_config(cls, index: int, num_shards: int, kw: dict):
@@ -272,6 +287,12 @@ def downpour_options(f, **defaults):
 )
 @option("--metrics-bind", default="127.0.0.1")
 @option(
+    "--supervisor-metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Metrics port of the supervisor of the replicas (0: off).",
+)
+@option(
     "--max-restarts",
     type=click.IntRange(min=0),
     default=3,
@@ -293,7 +314,17 @@ def downpour_options(f, **defaults):
 @option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO")
 @option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def work(
-    servers, gpu, gpu_ids, cpu, metrics_port, max_restarts, status_dir, log_level, as_json, **kw
+    servers,
+    gpu,
+    gpu_ids,
+    cpu,
+    metrics_port,
+    supervisor_metrics_port,
+    max_restarts,
+    status_dir,
+    log_level,
+    as_json,
+    **kw,
 ) -> None:
     """Run worker replicas (Downpour SGD) against the shards."""
     import json
@@ -330,7 +361,13 @@ def work(
         raise click.UsageError(str(exc)) from None
     level = getattr(logging, log_level)
     setup_logging("work", level=level)
-    code, summaries = run_replicas(configs, max_restarts=max_restarts, level=level)
+    code, summaries = run_replicas(
+        configs,
+        max_restarts=max_restarts,
+        level=level,
+        metrics_port=supervisor_metrics_port,
+        metrics_bind=kw["metrics_bind"],
+    )
     if as_json:
         click.echo(json.dumps(summaries))
     else:

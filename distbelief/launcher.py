@@ -8,6 +8,10 @@ replicas finish, the launcher evaluates on the held-out split both the shards' f
 weights and the averager's Polyak average, stops everything (SIGTERM: shards write a
 final checkpoint when they have a folder, the averager writes the average) and prints
 a summary.
+
+It also writes ``prometheus-targets.json`` in the run folder: every child's metrics
+endpoint with ``role`` and ``index`` labels, in the format of Prometheus'
+``file_sd_configs`` (``deploy/prometheus/prometheus.yml`` reads it).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120.0  # shards import torch and build the model before they listen
 REFRESH_S = 1.0
 STOP_TIMEOUT_S = 30.0
+TARGETS_FILE = "prometheus-targets.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,16 +99,31 @@ class Launcher:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         num_replicas = cfg.gpu or cfg.cpu or 2
         self.num_replicas = num_replicas
-        self.shard_port = free_port_run(cfg.shards, 5570)
-        self.shard_metrics = free_port_run(cfg.shards, 9100)
-        self.work_metrics = free_port_run(num_replicas, 9200)
+        self.taken: set[int] = set()
+        self.shard_port = self._ports(cfg.shards, 5570)
+        self.shard_metrics = self._ports(cfg.shards, 9100)
+        self.work_metrics = self._ports(num_replicas, 9200)
         self.addresses = [f"tcp://127.0.0.1:{self.shard_port + i}" for i in range(cfg.shards)]
-        self.average_port = free_port_run(1, 5590)
-        self.average_metrics = free_port_run(1, 9190)
+        self.average_port = self._ports(1, 5590)
+        self.average_metrics = self._ports(1, 9190)
+        # the supervisors of `serve --shards S` and `work` serve /metrics too (off by
+        # default outside `up`): below the shards' range, 9098 and 9099 when free
+        self.serve_supervisor_metrics = self._ports(1, 9098)
+        self.work_supervisor_metrics = self._ports(1, 9099)
         self.averager = f"tcp://127.0.0.1:{self.average_port}"
         self.serve: subprocess.Popen | None = None
         self.average: subprocess.Popen | None = None
         self.work: subprocess.Popen | None = None
+
+    def _ports(self, count: int, start: int) -> int:
+        """The first of ``count`` consecutive free ports from ``start``, none handed out yet."""
+        while True:
+            base = free_port_run(count, start)
+            ports = set(range(base, base + count))
+            if not ports & self.taken:
+                self.taken |= ports
+                return base
+            start = base + 1
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         out = (self.run_dir / f"{name}.log").open("wb")
@@ -125,6 +145,8 @@ class Launcher:
                 str(self.shard_port),
                 "--metrics-port",
                 str(self.shard_metrics),
+                "--supervisor-metrics-port",
+                str(self.serve_supervisor_metrics),
                 "--model",
                 cfg.model,
                 "--num-classes",
@@ -168,6 +190,8 @@ class Launcher:
                 *devices,
                 "--metrics-port",
                 str(self.work_metrics),
+                "--supervisor-metrics-port",
+                str(self.work_supervisor_metrics),
                 "--status-dir",
                 str(self.run_dir),
                 "--model",
@@ -247,11 +271,33 @@ class Launcher:
                 (version, *_) = client.pull(weights)
         return model.eval(), version
 
+    def metrics_targets(self) -> list[dict[str, Any]]:
+        """Every child's metrics endpoint as Prometheus file_sd target groups."""
+        groups = []
+
+        def add(port: int, role: str, **labels: str) -> None:
+            groups.append({"targets": [f"127.0.0.1:{port}"], "labels": {"role": role, **labels}})
+
+        for i in range(self.cfg.shards):
+            add(self.shard_metrics + i, "shard", index=str(i))
+        add(self.average_metrics, "averager")
+        for i in range(self.num_replicas):
+            add(self.work_metrics + i, "worker", index=str(i))
+        if self.cfg.shards > 1:  # `serve --shards 1` runs its shard without a supervisor
+            add(self.serve_supervisor_metrics, "supervisor", supervises="shard")
+        add(self.work_supervisor_metrics, "supervisor", supervises="worker")
+        return groups
+
+    def write_targets(self) -> Path:
+        """Write ``prometheus-targets.json`` (file_sd format) into the run folder."""
+        path = self.run_dir / TARGETS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.metrics_targets(), indent=2) + "\n")
+        tmp.replace(path)  # Prometheus re-reads the file on change: never show half of it
+        return path
+
     def metrics_urls(self) -> list[str]:
-        shards = [self.shard_metrics + i for i in range(self.cfg.shards)]
-        workers = [self.work_metrics + i for i in range(self.num_replicas)]
-        ports = shards + [self.average_metrics] + workers
-        return [f"http://127.0.0.1:{p}/metrics" for p in ports]
+        return [f"http://{g['targets'][0]}/metrics" for g in self.metrics_targets()]
 
     def stop(self) -> None:
         procs = (self.work, self.average, self.serve)
@@ -294,6 +340,8 @@ def run_up(cfg: UpConfig) -> UpResult:
     launcher = Launcher(cfg)
     result = UpResult(addresses=launcher.addresses, metrics=launcher.metrics_urls())
     try:
+        targets = launcher.write_targets()
+        log.info("Prometheus targets (file_sd) in %s", targets)
         launcher.start()
         log.info("shards on %s; logs and status in %s", ",".join(launcher.addresses), cfg.run_dir)
         try:

@@ -117,6 +117,11 @@ class ShardMetrics:
             registry=r,
         )
         self.workers = Gauge(p + "workers", "Workers heard from in the last minute", registry=r)
+        self.last_checkpoint = Gauge(
+            p + "last_checkpoint_timestamp_seconds",
+            "Unix time of the last checkpoint this shard wrote (0: none yet)",
+            registry=r,
+        )
 
 
 @dataclass
@@ -181,5 +186,33 @@ class AveragerMetrics:
         self.checkpoint_age = Gauge(
             p + "checkpoint_age_seconds",
             "Seconds since the average was last written",
+            registry=r,
+        )
+
+
+@dataclass
+class SupervisorMetrics:
+    """The metrics of a supervisor (``serve --shards N``, ``work``): its children's health.
+
+    The ``child`` label takes one value per child process (``shard[0]``, ``replica[1]``),
+    so its set is bounded by the number of children.
+    """
+
+    registry: CollectorRegistry
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        p = "distbelief_supervisor_"
+        self.children = Gauge(p + "children", "Child processes this supervisor runs", registry=r)
+        self.child_up = Gauge(
+            p + "child_up",
+            "1 while the child process is running, 0 once it has exited",
+            ["child"],
+            registry=r,
+        )
+        self.restarts = Counter(
+            p + "restarts",
+            "Restarts of a child process after it exited with an error",
+            ["child"],
             registry=r,
         )

@@ -3,6 +3,9 @@
 Used by ``distbelief serve --shards N`` and ``distbelief work``. Children are
 started with the ``spawn`` method (a fresh interpreter each: no forked torch or
 ZeroMQ state); their arguments are plain config dataclasses.
+
+With a metrics port the supervisor serves its own ``/metrics`` (role ``supervisor``):
+how many children it runs, which are up, and how often each was restarted.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from distbelief.metrics import SupervisorMetrics, new_registry, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +38,25 @@ class Child:
 class Supervisor:
     """Starts children, watches them, restarts up to ``max_restarts`` each."""
 
-    def __init__(self, children: list[Child], *, max_restarts: int = 0) -> None:
+    def __init__(
+        self,
+        children: list[Child],
+        *,
+        max_restarts: int = 0,
+        metrics_port: int = 0,
+        metrics_bind: str = "127.0.0.1",
+    ) -> None:
         self.children = children
         self.max_restarts = max_restarts
         self.ctx = mp.get_context("spawn")
         self.stopping = False
+        self.metrics = SupervisorMetrics(new_registry("supervisor"))
+        self.metrics.children.set(len(children))
+        for child in children:
+            self.metrics.child_up.labels(child=child.name).set(0)
+            self.metrics.restarts.labels(child=child.name)  # shows at zero from the start
+        # raises MetricsPortError before any child starts when the port is taken
+        serve_metrics(self.metrics.registry, metrics_port, metrics_bind)
 
     def stop(self, *_: Any) -> None:
         self.stopping = True
@@ -57,11 +76,13 @@ class Supervisor:
             alive = False
             for child in self.children:
                 code = child.process.exitcode
+                self.metrics.child_up.labels(child=child.name).set(int(code is None))
                 if code is None:
                     alive = True
                 elif code != 0:
                     if child.restarts < self.max_restarts:
                         child.restarts += 1
+                        self.metrics.restarts.labels(child=child.name).inc()
                         log.warning(
                             "%s exited with %s; restart %d/%d",
                             child.name,
@@ -84,6 +105,7 @@ class Supervisor:
     def _start(self, child: Child) -> None:
         child.process = self.ctx.Process(target=child.target, args=child.args, name=child.name)
         child.process.start()
+        self.metrics.child_up.labels(child=child.name).set(1)
         log.info("started %s (pid %d)", child.name, child.process.pid)
 
     def terminate(self) -> None:

@@ -64,6 +64,7 @@ class ShardCheckpointer:
         prune(self.directory, self.keep)
         self.last_save = time.monotonic()
         self.saved_version = s.version
+        s.metrics.last_checkpoint.set_to_current_time()
         log.info("checkpoint %s (version %d)", path, s.version)
         return path
 

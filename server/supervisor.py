@@ -25,11 +25,25 @@ def shard_process(cfg: ShardConfig, level: int) -> None:
         sys.exit(2)
 
 
-def run_shards(configs: list[ShardConfig], *, level: int = logging.INFO) -> int:
+def run_shards(
+    configs: list[ShardConfig],
+    *,
+    level: int = logging.INFO,
+    metrics_port: int = 0,
+    metrics_bind: str = "127.0.0.1",
+) -> int:
     """Run one child process per config until a signal; a shard that fails stops all.
 
     A crashed shard is not restarted here: without a checkpoint it would come back
-    with its initial weights, silently undoing training.
+    with its initial weights, silently undoing training. ``metrics_port`` (0: off)
+    serves the supervisor's own ``/metrics``.
     """
     children = [Child(f"shard[{c.index}]", shard_process, (c, level)) for c in configs]
-    return Supervisor(children, max_restarts=0).run()
+    try:
+        supervisor = Supervisor(
+            children, max_restarts=0, metrics_port=metrics_port, metrics_bind=metrics_bind
+        )
+    except MetricsPortError as exc:
+        log.error("%s", exc)
+        return 2
+    return supervisor.run()

@@ -99,11 +99,29 @@ def _resume(cfg: ReplicaConfig) -> ReplicaConfig:
 
 
 def run_replicas(
-    configs: list[ReplicaConfig], *, max_restarts: int, level: int = logging.INFO
+    configs: list[ReplicaConfig],
+    *,
+    max_restarts: int,
+    level: int = logging.INFO,
+    metrics_port: int = 0,
+    metrics_bind: str = "127.0.0.1",
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Run every replica to its end; return the exit status and each one's last status."""
+    """Run every replica to its end; return the exit status and each one's last status.
+
+    ``metrics_port`` (0: off) serves the supervisor's own ``/metrics``.
+    """
     children = [Child(f"replica[{c.index}]", replica_process, (c, level)) for c in configs]
-    status = Supervisor(children, max_restarts=max_restarts).run()
+    try:
+        supervisor = Supervisor(
+            children,
+            max_restarts=max_restarts,
+            metrics_port=metrics_port,
+            metrics_bind=metrics_bind,
+        )
+    except MetricsPortError as exc:
+        log.error("%s", exc)
+        return 2, []
+    status = supervisor.run()
     return status, [read_status(c.status_file) for c in configs]
 
 
