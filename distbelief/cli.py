@@ -101,6 +101,32 @@ def _add_options(f, specs, defaults):
     return f
 
 
+def curve_option(*, server: bool):
+    """``--curve DIR``: CURVE authentication and encryption with the keys in DIR; the
+    folder is checked up front, so a missing key is a one-line error."""
+
+    def check(ctx, param, value):
+        if value is None:
+            return None
+        from distbelief.curve import Curve, CurveError
+
+        try:
+            Curve.load(value, server=False)  # every role is a client of some server
+            if server:
+                Curve.load(value, server=True)
+        except CurveError as exc:
+            raise click.BadParameter(str(exc)) from None
+        return value
+
+    return option(
+        "--curve",
+        type=click.Path(file_okay=False),
+        default=None,
+        callback=check,
+        help="Key folder (distbelief keys generate): CURVE auth and encryption.",
+    )
+
+
 @cli.command()
 @config_option("serve")
 @option(
@@ -156,6 +182,7 @@ def _add_options(f, specs, defaults):
     default=None,
     help="torch threads per shard (default: this host's cores / --shards).",
 )
+@curve_option(server=True)
 @option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO")
 def serve(
     shards, shard_index, num_shards, log_level, threads, supervisor_metrics_port, **kw
@@ -305,6 +332,7 @@ def downpour_options(f, **defaults):
     help="Seconds to wait for a shard before retrying.",
 )
 @option("--retries", type=click.IntRange(min=0), default=5)
+@curve_option(server=False)
 @option(
     "--status-dir",
     type=click.Path(file_okay=False),
@@ -415,7 +443,8 @@ def train(as_json, threads, **kw) -> None:
 @option("--interval-s", type=click.FloatRange(min=0.2), default=2.0)
 @option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=2.0)
 @option("--json", "as_json", is_flag=True, help="Print the shards' stats as JSON.")
-def status(servers, watch, interval_s, timeout_s, as_json) -> None:
+@curve_option(server=False)
+def status(servers, watch, interval_s, timeout_s, as_json, curve) -> None:
     """Show every shard's version, throughput, epoch, learning rate and staleness."""
     import json
     import time
@@ -427,20 +456,20 @@ def status(servers, watch, interval_s, timeout_s, as_json) -> None:
 
     addresses = list(split_servers(servers))
     if as_json:
-        click.echo(json.dumps(probe_stats(addresses, timeout_s)))
+        click.echo(json.dumps(probe_stats(addresses, timeout_s, curve)))
         return
     if not watch:
-        stats = probe_stats(addresses, timeout_s)
+        stats = probe_stats(addresses, timeout_s, curve)
         show(shard_table(stats, addresses))
         for i, s in enumerate(stats):
             if s is None:
                 click.echo(f"shard {i} at {addresses[i]} did not answer in {timeout_s:g} s")
         sys.exit(0 if all(s is not None for s in stats) else 1)
     try:
-        with Live(shard_table(probe_stats(addresses, timeout_s), addresses)) as live:
+        with Live(shard_table(probe_stats(addresses, timeout_s, curve), addresses)) as live:
             while True:
                 time.sleep(interval_s)
-                live.update(shard_table(probe_stats(addresses, timeout_s), addresses))
+                live.update(shard_table(probe_stats(addresses, timeout_s, curve), addresses))
     except KeyboardInterrupt:
         pass
 
@@ -511,6 +540,7 @@ def status(servers, watch, interval_s, timeout_s, as_json) -> None:
     default=10.0,
     help="Seconds to wait for the shards on each pull.",
 )
+@curve_option(server=True)
 @option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO")
 def average(servers, log_level, **kw) -> None:
     """Keep the Polyak (or EMA) average of the shards' weights, serve and evaluate it."""
@@ -551,8 +581,9 @@ def average(servers, log_level, **kw) -> None:
 )
 @option("--batch-size", type=click.IntRange(min=1), default=64)
 @option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@curve_option(server=False)
 def evaluate(
-    checkpoint, averager, data, crops, image_size, model, num_classes, batch_size, as_json
+    checkpoint, averager, data, crops, image_size, model, num_classes, batch_size, as_json, curve
 ) -> None:
     """Top-1/top-5 of an exported or averaged model on held-out data."""
     import json
@@ -573,6 +604,7 @@ def evaluate(
                 num_classes=num_classes,
                 data=data,
                 image_size=image_size,
+                curve=curve,
             ),
             data=data,
             crops=int(crops),
@@ -589,6 +621,40 @@ def evaluate(
             f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  "
             f"({result['examples']} images, {crops} crop(s))"
         )
+
+
+@cli.group()
+def keys() -> None:
+    """CurveZMQ keys for --curve (authentication and encryption)."""
+
+
+@keys.command("generate")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option(
+    "--client",
+    "clients",
+    multiple=True,
+    default=("client",),
+    show_default=True,
+    help="Name of a client key pair to make and admit (repeat for several).",
+)
+@click.option("--force", is_flag=True, help="Replace existing keys (locks old clients out).")
+def keys_generate(directory, clients, force) -> None:
+    """Write a server key pair and client key pairs into DIRECTORY."""
+    from distbelief.curve import CurveError, generate_keys
+
+    if "client" not in clients:
+        clients = ("client", *clients)  # the pair --curve DIR uses on this host
+    try:
+        written = generate_keys(directory, clients, force=force)
+    except CurveError as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in written:
+        click.echo(path)
+    click.echo(
+        f"servers: --curve {directory} (server.key_secret, clients/*.key); "
+        f"clients: --curve with server.key and their own client.key_secret"
+    )
 
 
 # `distbelief up` defaults: the demo, tuned to converge on 2 CPU cores in minutes

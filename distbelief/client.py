@@ -16,6 +16,8 @@ Contract:
   doubles from ``backoff_s`` up to ``max_backoff_s``. A push keeps its ``(worker, seq)``
   across retries, so a server that did receive the first copy applies it only once.
   After ``retries`` retries :class:`ServerUnavailable` is raised.
+- With ``curve`` (a key folder, see :mod:`distbelief.curve`) every socket speaks CURVE;
+  a server that does not admit our key never answers, which ends the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 import zmq
 
 from distbelief import protocol
+from distbelief.curve import Curve
 from distbelief.layout import Layout
 from distbelief.protocol import ProtocolError
 
@@ -52,6 +55,7 @@ class ClientConfig:
     backoff_s: float = 1.0
     max_backoff_s: float = 32.0
     wire_dtype: str = "f32"
+    curve: str | None = None  # a key folder: CURVE on every socket
 
     def __post_init__(self) -> None:
         if not self.servers:
@@ -113,6 +117,7 @@ class ParameterClient:
     def __init__(self, cfg: ClientConfig, layout: Layout | None = None) -> None:
         self.cfg = cfg
         self.layout = layout
+        self.curve = Curve.load(cfg.curve, server=False) if cfg.curve else None
         self.context = zmq.Context()
         self.sockets: list[zmq.Socket] = [self._open(a) for a in cfg.servers]
         self.info: list[ServerInfo] = []
@@ -240,10 +245,7 @@ class ParameterClient:
         return protocol.to_wire(values, dtype, self._scratch[i])
 
     def _open(self, address: str) -> zmq.Socket:
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        return sock
+        return open_dealer(self.context, address, self.curve)
 
     def _reopen(self, i: int) -> None:
         self.sockets[i].close(linger=0)
@@ -328,18 +330,30 @@ class ParameterClient:
         p.resend_at = now + backoff
 
 
-def probe_stats(addresses: list[str], timeout_s: float = 2.0) -> list[dict[str, Any] | None]:
-    """Ask every server for ``stats`` at once; ``None`` for each one that does not answer.
+def open_dealer(context: zmq.Context, address: str, curve: Curve | None) -> zmq.Socket:
+    """A DEALER connected to ``address`` (speaking CURVE with ``curve``)."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve:
+        curve.secure_client(sock)
+    sock.connect(address)
+    return sock
+
+
+def probe_stats(
+    addresses: list[str], timeout_s: float = 2.0, curve: str | None = None
+) -> list[dict[str, Any] | None]:
+    """Ask every server for ``stats`` at once; ``None`` for each one that does not answer
+    (or does not admit our CURVE key, with ``curve``).
 
     Never raises for an unreachable server: for status displays, not for training.
     """
+    keys = Curve.load(curve, server=False) if curve else None
     context = zmq.Context()
     sockets = []
     try:
         for rid, address in enumerate(addresses):
-            sock = context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(address)
+            sock = open_dealer(context, address, keys)
             sock.send(protocol.request("stats", rid))
             sockets.append(sock)
         results: list[dict[str, Any] | None] = [None] * len(addresses)

@@ -26,6 +26,7 @@ def load_weights(
     num_classes: int | None,
     data: str,
     image_size: int,
+    curve: str | None = None,
 ) -> nn.Module:
     """A model in eval mode with weights from a state_dict checkpoint or from an averager."""
     if num_classes is None:
@@ -43,7 +44,7 @@ def load_weights(
         layout = Layout.of(net, model)
         weights, _ = flatten_into(net, layout)
         with ParameterClient(
-            ClientConfig(servers=(averager,), timeout_s=30, retries=1), layout
+            ClientConfig(servers=(averager,), timeout_s=30, retries=1, curve=curve), layout
         ) as client:
             client.connect()
             with torch.no_grad():

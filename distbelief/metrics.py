@@ -62,7 +62,8 @@ def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1
 
 
 def _service_counters(prefix: str, registry: CollectorRegistry) -> tuple[Counter, ...]:
-    """What every server counts: refusals by error code, bytes in and out."""
+    """What every server counts: refusals by error code, refused handshakes by reason,
+    bytes in and out."""
     from distbelief.protocol import ERRORS
 
     rejected = Counter(
@@ -73,9 +74,18 @@ def _service_counters(prefix: str, registry: CollectorRegistry) -> tuple[Counter
     )
     for code in ERRORS:
         rejected.labels(reason=code)  # every code shows, at zero until it happens
+    handshakes = Counter(
+        prefix + "refused_handshakes",
+        "Connections refused at the handshake: auth (CURVE key not admitted), "
+        "protocol (no CURVE, or not ZeroMQ), other",
+        ["reason"],
+        registry=registry,
+    )
+    for reason in ("auth", "protocol", "other"):
+        handshakes.labels(reason=reason)
     received = Counter(prefix + "received_bytes", "Bytes received", registry=registry)
     sent = Counter(prefix + "sent_bytes", "Bytes sent", registry=registry)
-    return rejected, received, sent
+    return rejected, handshakes, received, sent
 
 
 @dataclass
@@ -94,7 +104,9 @@ class ShardMetrics:
             registry=r,
         )
         self.pulls = Counter(p + "pulls", "Pull requests answered", registry=r)
-        self.rejected, self.received_bytes, self.sent_bytes = _service_counters(p, r)
+        (self.rejected, self.refused_handshakes, self.received_bytes, self.sent_bytes) = (
+            _service_counters(p, r)
+        )
         self.examples = Counter(p + "examples", "Training examples reported by pushes", registry=r)
         self.apply_seconds = Histogram(
             p + "apply_seconds",
@@ -180,7 +192,9 @@ class AveragerMetrics:
             registry=r,
         )
         self.pulls = Counter(p + "pulls", "Pulls of the averaged weights answered", registry=r)
-        self.rejected, self.received_bytes, self.sent_bytes = _service_counters(p, r)
+        (self.rejected, self.refused_handshakes, self.received_bytes, self.sent_bytes) = (
+            _service_counters(p, r)
+        )
         self.top1 = Gauge(p + "eval_top1", "Top-1 accuracy of the last evaluation", registry=r)
         self.top5 = Gauge(p + "eval_top5", "Top-5 accuracy of the last evaluation", registry=r)
         self.checkpoint_age = Gauge(

@@ -24,6 +24,7 @@ import torch
 from distbelief import protocol
 from distbelief.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from distbelief.client import ClientConfig, ParameterClient, ServerRefused, ServerUnavailable
+from distbelief.curve import Curve
 from distbelief.layout import Layout, flatten_into
 from distbelief.metrics import AveragerMetrics, new_registry, serve_metrics
 from distbelief.models import build_model
@@ -59,6 +60,7 @@ class AveragerConfig:
     output: str | None = None
     checkpoint_every_s: float = 60.0
     timeout_s: float = 10.0  # per pull from the shards; the loop serves nothing meanwhile
+    curve: str | None = None  # a key folder: CURVE to the shards and on our own socket
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -118,7 +120,10 @@ class Averager(Service):
         self.current: torch.Tensor | None = None  # float32 average, refreshed per update
         self.snapshots = SnapshotPool(self.total)
         self.client = ParameterClient(
-            ClientConfig(servers=cfg.servers, timeout_s=cfg.timeout_s, retries=0), self.layout
+            ClientConfig(
+                servers=cfg.servers, timeout_s=cfg.timeout_s, retries=0, curve=cfg.curve
+            ),
+            self.layout,
         )
         self.metrics = AveragerMetrics(new_registry("averager"))
         self.next_pull = self.next_eval = time.monotonic()
@@ -302,6 +307,7 @@ class Averager(Service):
 
 def run_averager(cfg: AveragerConfig) -> None:
     """Build the averager, bind its socket and serve until SIGINT or SIGTERM."""
+    curve = Curve.load(cfg.curve, server=True) if cfg.curve else None
     keep_freed_memory()
     averager = Averager(cfg)
     averager.restore()
@@ -311,6 +317,7 @@ def run_averager(cfg: AveragerConfig) -> None:
         bind=cfg.bind,
         port=cfg.port,
         max_bytes=protocol.MAX_HEADER_BYTES * 2,
+        curve=curve,
     )
     try:
         serve_metrics(averager.metrics.registry, cfg.metrics_port, cfg.metrics_bind)

@@ -16,13 +16,21 @@ from typing import Any
 import numpy as np
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from distbelief import protocol
+from distbelief.curve import Curve, warn_if_exposed
 from distbelief.protocol import ProtocolError
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.2  # how often the loop wakes to notice a stop request or a tick
+# handshakes libzmq refused, by the reason its socket monitor gives
+HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",  # CURVE: a key the server does not admit
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",  # no CURVE, or not ZMTP at all
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "other",
+}
 
 
 class Service:
@@ -68,16 +76,35 @@ class Service:
 
 
 class ServiceLoop:
-    """Binds a ROUTER socket for ``service`` and runs the poll loop until stopped."""
+    """Binds a ROUTER socket for ``service`` and runs the poll loop until stopped.
 
-    def __init__(self, service: Service, *, name: str, bind: str, port: int, max_bytes: int):
+    With ``curve`` the socket speaks CURVE and a ZAP authenticator thread admits only
+    the listed client keys. Handshakes libzmq refuses (a key not admitted, a peer
+    without CURVE, bytes that are not ZMTP) are read off the socket's monitor and
+    counted in the service's ``refused_handshakes`` metric by reason.
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        *,
+        name: str,
+        bind: str,
+        port: int,
+        max_bytes: int,
+        curve: Curve | None = None,
+    ):
         self.service = service
         self.running = True
         self.context = zmq.Context()
+        self.auth = curve.authenticator(self.context) if curve else None
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         # libzmq drops a peer that sends more than this, before allocating it
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+        if curve:
+            curve.secure_server(self.socket)
+        self.monitor = self.socket.get_monitor_socket(sum(HANDSHAKE_FAILURES))
         self.address = f"tcp://{bind}:{port}"
         try:
             self.socket.bind(self.address)
@@ -85,6 +112,7 @@ class ServiceLoop:
             self.close()
             hint = " (port in use? choose another --port)" if exc.errno == zmq.EADDRINUSE else ""
             raise OSError(f"{name} cannot listen on {bind}:{port}: {exc.strerror}{hint}") from None
+        warn_if_exposed(bind, curve, name)
 
     def stop(self, *_: Any) -> None:
         self.running = False
@@ -93,10 +121,14 @@ class ServiceLoop:
         """Serve requests until :meth:`stop` (SIGINT/SIGTERM) or the deadline."""
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         end = None if deadline_s is None else time.monotonic() + deadline_s
         while self.running and (end is None or time.monotonic() < end):
             self.service.tick()
-            if not poller.poll(POLL_INTERVAL_S * 1000):
+            ready = dict(poller.poll(POLL_INTERVAL_S * 1000))
+            if self.monitor in ready:
+                self._count_handshakes()
+            if self.socket not in ready:
                 continue
             frames = self.socket.recv_multipart(copy=False)
             if len(frames) < 2:
@@ -104,8 +136,24 @@ class ServiceLoop:
             reply = self.service.handle(frames[1:])
             self.socket.send_multipart([frames[0], *reply], copy=False)
 
+    def _count_handshakes(self) -> None:
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            reason = HANDSHAKE_FAILURES.get(event["event"])
+            if reason:
+                self.service.metrics.refused_handshakes.labels(reason=reason).inc()
+                log.warning(
+                    "refused a connection from %s: handshake failed (%s)",
+                    event["endpoint"].decode(errors="replace"),
+                    reason,
+                )
+
     def close(self) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
         self.socket.close(linger=0)
+        if self.auth:
+            self.auth.stop()
         self.context.term()
 
 

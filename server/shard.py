@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from distbelief import protocol
+from distbelief.curve import Curve
 from distbelief.layout import Layout, ShardPlan, flat_weights
 from distbelief.metrics import ShardMetrics, new_registry, serve_metrics
 from distbelief.models import build_model
@@ -58,6 +59,7 @@ class ShardConfig:
     checkpoint_dir: str | None = None
     checkpoint_every_s: float = 600.0
     keep_checkpoints: int = 3
+    curve: str | None = None  # a key folder: CURVE with ZAP on the shard's socket
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -276,6 +278,7 @@ def _quantile(values: list[int], q: float) -> float:
 
 def run_shard(cfg: ShardConfig) -> None:
     """Build the shard, bind its sockets and serve until SIGINT or SIGTERM."""
+    curve = Curve.load(cfg.curve, server=True) if cfg.curve else None
     keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -293,6 +296,7 @@ def run_shard(cfg: ShardConfig) -> None:
         port=cfg.port,
         # the largest legal message: an f32 gradient of this shard's range and a header
         max_bytes=protocol.wire_bytes("f32", shard.size) + protocol.MAX_HEADER_BYTES,
+        curve=curve,
     )
     try:
         serve_metrics(shard.metrics.registry, cfg.metrics_port, cfg.metrics_bind)

@@ -16,6 +16,8 @@ import pytest
 import zmq
 
 from distbelief import protocol
+from distbelief.client import open_dealer
+from distbelief.curve import Curve
 from distbelief.launcher import free_port_run
 
 LOOPBACK = "127.0.0.1"
@@ -38,12 +40,13 @@ def free_port() -> int:
     return free_ports(1)
 
 
-def raw_request(address: str, frames: list, timeout_s: float = 5.0) -> list[bytes] | None:
-    """Send ``frames`` on a fresh DEALER and return the reply, or None after the timeout."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
+def raw_request(
+    address: str, frames: list, timeout_s: float = 5.0, curve: str | None = None
+) -> list[bytes] | None:
+    """Send ``frames`` on a fresh DEALER (speaking CURVE with the client key in ``curve``)
+    and return the reply, or None after the timeout."""
+    keys = Curve.load(curve, server=False) if curve else None
+    sock = open_dealer(zmq.Context.instance(), address, keys)
     try:
         sock.send_multipart(frames)
         if sock.poll(timeout_s * 1000):
@@ -53,13 +56,15 @@ def raw_request(address: str, frames: list, timeout_s: float = 5.0) -> list[byte
         sock.close(linger=0)
 
 
-def wait_until_serving(address: str, proc: subprocess.Popen, log_path: Path) -> None:
+def wait_until_serving(
+    address: str, proc: subprocess.Popen, log_path: Path, curve: str | None = None
+) -> None:
     """Poll ``stats`` until the server answers; fail the test if the process dies first."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        if raw_request(address, [protocol.request("stats", 1)], timeout_s=1.0) is not None:
+        if raw_request(address, [protocol.request("stats", 1)], 1.0, curve) is not None:
             return
     pytest.fail(f"server at {address} did not answer in {START_TIMEOUT_S} s")
 
@@ -85,7 +90,9 @@ class Processes:
         self.started.append((proc, log_path))
         return proc
 
-    def serve(self, num_shards: int, *extra: str, name: str = "serve") -> list[str]:
+    def serve(
+        self, num_shards: int, *extra: str, name: str = "serve", curve: str | None = None
+    ) -> list[str]:
         """Start ``distbelief serve --shards N`` on free ports; return the shard addresses."""
         base = free_ports(num_shards)
         proc = self.start(
@@ -97,11 +104,12 @@ class Processes:
             "--metrics-port",
             "0",
             *extra,
+            *(["--curve", curve] if curve else []),
             name=name,
         )
         addresses = [f"tcp://{LOOPBACK}:{base + i}" for i in range(num_shards)]
         for address in addresses:
-            wait_until_serving(address, proc, proc.log_path)
+            wait_until_serving(address, proc, proc.log_path, curve)
         return addresses
 
     def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:

@@ -69,6 +69,7 @@ class ReplicaConfig:
     metrics_bind: str = "127.0.0.1"
     timeout_s: float = 30.0
     retries: int = 5
+    curve: str | None = None  # a key folder: CURVE to the shards
     log_every: int = 20
     status_file: str | None = None
     # where a restarted replica picks up (set by the supervisor from the status file)
@@ -146,6 +147,7 @@ class Replica:
                 retries=cfg.retries,
                 wire_dtype=cfg.wire_dtype,
                 worker=f"replica{cfg.index}-{os.getpid()}",
+                curve=cfg.curve,
             ),
             self.layout,
         )
