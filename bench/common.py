@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import platform
 import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from distbelief.client import probe_stats
 from distbelief.launcher import free_port_run
+from distbelief.layout import Layout
 
 START_TIMEOUT_S = 120.0
 
@@ -50,8 +54,9 @@ def process(args: list[str]) -> Iterator[subprocess.Popen]:
 
 
 @contextlib.contextmanager
-def shards(num_shards: int, *extra: str) -> Iterator[list[str]]:
-    """``distbelief serve --shards N`` on free ports; yields the addresses once they answer."""
+def serve(num_shards: int, *extra: str) -> Iterator[tuple[list[str], subprocess.Popen]]:
+    """``distbelief serve --shards N`` on free ports; yields the addresses once they answer,
+    and the process (whose children are the shards)."""
     base = free_port_run(num_shards, 21000)
     addresses = [f"tcp://127.0.0.1:{base + i}" for i in range(num_shards)]
     args = [
@@ -75,6 +80,13 @@ def shards(num_shards: int, *extra: str) -> Iterator[list[str]]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"shards did not start: {proc.stderr.read().decode()[-2000:]}")
             time.sleep(0.3)
+        yield addresses, proc
+
+
+@contextlib.contextmanager
+def shards(num_shards: int, *extra: str) -> Iterator[list[str]]:
+    """``distbelief serve --shards N`` on free ports; yields the addresses once they answer."""
+    with serve(num_shards, *extra) as (addresses, _):
         yield addresses
 
 
@@ -83,4 +95,69 @@ def ratio_line(name: str, baseline: str, base_s: float, ours: str, ours_s: float
     return (
         f"{name}: {baseline} {base_s * 1e3:.1f} ms, {ours} {ours_s * 1e3:.1f} ms, "
         f"ratio {base_s / ours_s:.2f}"
+    )
+
+
+def machine() -> str:
+    """One line naming the machine: cores, CPU model, torch version."""
+    import torch
+
+    model = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):  # noqa: SIM115
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"machine: {os.cpu_count()} cores ({model}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}"
+    )
+
+
+def googlenet_layout(num_classes: int, show: bool = True) -> Layout:
+    """The flat layout of GoogLeNet with aux heads, as the shards hold it."""
+    from distbelief.models import build_model
+
+    layout = Layout.of(build_model("googlenet", num_classes), "googlenet")
+    if show:
+        print(machine())
+        print(
+            f"GoogLeNet ({num_classes} classes, aux heads): {layout.total:,} parameters, "
+            f"{layout.total * 4 / 1e6:.1f} MB as f32"
+        )
+    return layout
+
+
+def distbelief_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "distbelief", *args]
+
+
+def run_json(args: list[str], timeout_s: float) -> Any:
+    """Run a command that prints JSON on its last stdout line; fail loudly otherwise."""
+    done = subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout_s, start_new_session=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{args[3:5]} exited with {done.returncode}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live children (Linux /proc; else 0)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0.0
+    with contextlib.suppress(OSError):
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+        total += (int(fields[11]) + int(fields[12])) / tick
+        for task in os.listdir(f"/proc/{pid}/task"):
+            children = open(f"/proc/{pid}/task/{task}/children").read().split()  # noqa: SIM115
+            total += sum(cpu_seconds(int(c)) for c in children)
+    return total
+
+
+def throughput_line(name: str, baseline: str, base: float, ours: str, value: float) -> str:
+    """One result line for rates (images/s): both rates and the ratio ours/baseline."""
+    return (
+        f"{name}: {baseline} {base:.1f} images/s, {ours} {value:.1f} images/s, "
+        f"ratio {value / base:.2f}"
     )

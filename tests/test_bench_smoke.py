@@ -1,33 +1,76 @@
-"""The benchmarks run at tiny sizes so they do not rot (this checks output, not timing)."""
+"""Every benchmark runs at tiny sizes so none of them rots (this checks output, not timing).
+
+Each script must print its baseline, its figure and ``ratio X.XX``. The sizes are the
+smallest that still exercise every code path: GoogLeNet with 10 classes (the shards
+always hold a whole model), one or two repetitions, a few steps or seconds.
+"""
+
+from __future__ import annotations
 
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from bench import convergence, overhead, ps_vs_ddp, ps_vs_zmq, scaling, update_vs_memcpy
+
 ROOT = Path(__file__).resolve().parents[1]
+RATIO = re.compile(r"ratio (\d+\.\d+)")
 
 
-def test_ps_throughput_runs_and_prints_ratios():
+def ratios(out: str) -> list[float]:
+    found = [float(r) for r in RATIO.findall(out)]
+    assert found and all(r > 0 for r in found), out
+    return found
+
+
+def test_ps_throughput_command_runs_and_prints_ratios():
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.ps_throughput",
-            "--num-classes",
-            "10",
-            "--reps",
-            "1",
-            "--shards",
-            "1",
-        ],
+        [sys.executable, "-m", "bench.ps_throughput", "--num-classes", "10", "--reps", "1"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=240,
         check=True,
     ).stdout
-    ratios = re.findall(r"ratio (\d+\.\d+)", out)
-    assert len(ratios) == 4, out  # two echo baselines, two update rules
-    assert all(float(r) > 0 for r in ratios)
+    assert len(ratios(out)) == 6, out  # 1 and 2 shards × two echo baselines, two rules
     assert "raw zmq echo (plain malloc)" in out and "memcpy" in out
+
+
+def test_ps_vs_zmq_and_update_vs_memcpy(capsys):
+    assert ps_vs_zmq.main(["--num-classes", "10", "--reps", "1", "--shards", "4"]) == 0
+    assert update_vs_memcpy.main(["--num-classes", "10", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert len(ratios(out)) == 4, out
+    assert "pull+push, 4 shard(s), f32" in out and "update rule adagrad" in out
+
+
+def test_ps_vs_ddp(capsys):
+    assert ps_vs_ddp.main(["--reps", "1", "--dtypes", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert len(ratios(out)) == 1 and "DDP all_reduce (gloo, bf16)" in out, out
+
+
+def test_overhead(capsys):
+    flags = ["--data", "synthetic", "--steps", "3", "--batch-size", "4", "--reps", "1"]
+    assert overhead.main([*flags, "--settings", "every 4 steps"]) == 0
+    out = capsys.readouterr().out
+    assert len(ratios(out)) == 1 and "reference trainer" in out and "images/s" in out, out
+
+
+def test_scaling(capsys):
+    flags = ["--shards", "2", "--clients", "1,2", "--seconds", "0.3", "--num-classes", "10"]
+    assert scaling.main(flags) == 0
+    out = capsys.readouterr().out
+    assert len(ratios(out)) == 2 and "2 shard(s):" in out, out
+
+
+def test_convergence(capsys, tmp_path):
+    flags = ["--data", "synthetic", "--seconds", "2", "--snapshot-every-s", "1", "--replicas", "1"]
+    flags += ["--eval-examples", "32", "--batch-size", "8", "--out", str(tmp_path)]
+    assert convergence.main(flags) == 0
+    out = capsys.readouterr().out
+    assert len(ratios(out)) >= 2 and "async, 1 replicas" in out, out  # Polyak may be empty
+    rows = (tmp_path / "convergence.csv").read_text().splitlines()
+    assert rows[0] == "run,seconds,examples,top1" and len(rows) >= 4
+    assert (tmp_path / "convergence.png").stat().st_size > 0

@@ -1,0 +1,113 @@
+"""The cost of the parameter server for one replica: images/s against the reference trainer.
+
+In one run, on the same cores, batch, image size and data, ``--reps`` times each and
+interleaved (so that a change in the machine's load hits every setting alike):
+
+- ``distbelief train`` (the reference trainer: ``torch.optim.SGD`` in one process,
+  as many torch threads as the machine has cores), its images/s from ``--json``;
+- ``distbelief serve --shards S`` + ``distbelief work --cpu 1`` (the replica gets all
+  cores' threads; the shard processes share those cores) with fetch/push every step,
+  every 4 steps, and every step with ``--overlap``; images/s from ``work --json``.
+
+Prints the median images/s of each and the ratio distbelief / reference (targets:
+≥ 0.9 every step, ≥ 0.97 every 4 steps or with ``--overlap``).
+
+Usage: ``python -m bench.overhead [--steps 100] [--batch-size 32] [--reps 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from bench.common import distbelief_cmd, machine, run_json, shards, throughput_line
+from distbelief.tuning import available_cores
+
+RUN_TIMEOUT_S = 900.0
+SETTINGS = {  # name -> (work flags, target)
+    "every step": (["--fetch-every", "1", "--push-every", "1"], 0.9),
+    "every 4 steps": (["--fetch-every", "4", "--push-every", "4"], 0.97),
+    "every step, --overlap": (["--push-every", "1", "--overlap"], 0.97),
+}
+
+
+def common_flags(args: argparse.Namespace) -> list[str]:
+    return [
+        "--data",
+        args.data,
+        "--image-size",
+        str(args.image_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--num-classes",
+        str(args.num_classes),
+        "--lr",
+        str(args.lr),
+        "--json",
+    ]
+
+
+def reference_images_per_s(args: argparse.Namespace) -> float:
+    cmd = distbelief_cmd("train", *common_flags(args), "--threads", str(available_cores()))
+    return float(run_json(cmd, RUN_TIMEOUT_S)["images_per_s"])
+
+
+def replica_images_per_s(args: argparse.Namespace, flags: list[str]) -> float:
+    serve_flags = ("--num-classes", str(args.num_classes), "--lr", str(args.lr))
+    with shards(args.shards, *serve_flags) as servers:
+        cmd = distbelief_cmd(
+            "work",
+            "--servers",
+            ",".join(servers),
+            "--cpu",
+            "1",
+            "--metrics-port",
+            "0",
+            "--log-level",
+            "WARNING",
+            *common_flags(args),
+            *flags,
+        )
+        (summary,) = run_json(cmd, RUN_TIMEOUT_S)
+    return float(summary["images_per_s"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--data", default="demo")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=0.005)
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    print(machine())
+    print(
+        f"GoogLeNet, {args.num_classes} classes, {args.data} data at {args.image_size} px, "
+        f"batch {args.batch_size}, {args.steps} steps, {args.shards} shard(s), "
+        f"{available_cores()} threads, median of {args.reps}"
+    )
+    reference: list[float] = []
+    ours: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(args.reps):
+        reference.append(reference_images_per_s(args))
+        for name in names:
+            ours[name].append(replica_images_per_s(args, SETTINGS[name][0]))
+    ref = statistics.median(reference)
+    for name in names:
+        value = statistics.median(ours[name])
+        line = throughput_line(
+            f"1 replica, {name}", "reference trainer", ref, "through the shards", value
+        )
+        print(f"{line} (target ≥ {SETTINGS[name][1]})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
