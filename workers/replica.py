@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -146,7 +147,8 @@ class Replica:
                 timeout_s=cfg.timeout_s,
                 retries=cfg.retries,
                 wire_dtype=cfg.wire_dtype,
-                worker=f"replica{cfg.index}-{os.getpid()}",
+                # the host name keeps replicas in separate containers (same pids) apart
+                worker=f"{socket.gethostname()}-replica{cfg.index}-{os.getpid()}",
                 curve=cfg.curve,
             ),
             self.layout,
