@@ -3,7 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench venv clean tools
+
+# The tests run a real Prometheus (and promtool) and put processes in network
+# namespaces (iproute2): Debian's packages, installed quietly when missing (CI is root).
+tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v ip >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	       --no-install-recommends prometheus iproute2 >/dev/null \
+	       && { service prometheus stop >/dev/null 2>&1 || true; }; }
 
 venv: $(VENV)/.installed
 
@@ -15,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/distbelief up
 
-test: venv
+test: venv tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
