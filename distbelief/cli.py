@@ -182,6 +182,12 @@ def curve_option(*, server: bool):
     default=None,
     help="torch threads per shard (default: this host's cores / --shards).",
 )
+@option(
+    "--worker-timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    help="A worker that has not pushed for this long no longer counts as live.",
+)
 @curve_option(server=True)
 @option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO")
 def serve(

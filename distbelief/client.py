@@ -125,6 +125,9 @@ class ParameterClient:
         self.seq = 0
         self.rid = 0
         self.retries_total = 0
+        # a server went back to an older version (restarted from a checkpoint) since our
+        # last pull: our weights are ahead of it, and the caller should pull again
+        self.must_pull = False
         self._scratch: list[torch.Tensor | None] = [None] * len(cfg.servers)
 
     # -- public verbs ----------------------------------------------------------------
@@ -174,13 +177,9 @@ class ParameterClient:
                 raise ServerRefused(i, info.address, "bad_size", "pull reply has the wrong size")
             weights[info.start : info.stop].copy_(protocol.from_wire(body, dtype))
             if header["version"] < self.versions[i]:
-                log.warning(
-                    "server %d went back from version %d to %d (restarted from a checkpoint?)",
-                    i,
-                    self.versions[i],
-                    header["version"],
-                )
+                self._went_back(i, header["version"])
             self.versions[i] = header["version"]
+        self.must_pull = False
         return list(self.versions)
 
     def push(self, grads: torch.Tensor, examples: int) -> list[PushResult]:
@@ -202,10 +201,16 @@ class ParameterClient:
             }
             requests[i] = ("push", fields, [self._encode(i, grads[info.start : info.stop])])
         replies = self._exchange(requests)
-        return [
-            PushResult(version=h["version"], applied=h["applied"], staleness=h["staleness"])
-            for _, (h, _) in sorted(replies.items())
-        ]
+        results = []
+        for i, (h, _) in sorted(replies.items()):
+            # our push came after our pull: applied, it leaves the version above what we
+            # pulled; unless the server has lost versions since
+            if h["version"] < self.versions[i] + (1 if h["applied"] else 0):
+                self._went_back(i, h["version"])
+            results.append(
+                PushResult(version=h["version"], applied=h["applied"], staleness=h["staleness"])
+            )
+        return results
 
     def stats(self) -> list[dict[str, Any]]:
         """Each server's counters and hyper-parameters."""
@@ -229,6 +234,16 @@ class ParameterClient:
         self.close()
 
     # -- machinery -------------------------------------------------------------------
+
+    def _went_back(self, i: int, version: int) -> None:
+        log.warning(
+            "server %d went back from version %d to %d (restarted from a checkpoint?); "
+            "pulling again",
+            i,
+            self.versions[i],
+            version,
+        )
+        self.must_pull = True
 
     @property
     def _all(self) -> range:

@@ -128,7 +128,11 @@ class ShardMetrics:
             "Elements of the flat vector held by this shard (the last one's include padding)",
             registry=r,
         )
-        self.workers = Gauge(p + "workers", "Workers heard from in the last minute", registry=r)
+        self.workers = Gauge(
+            p + "workers",
+            "Workers that pushed within the liveness timeout (--worker-timeout-s)",
+            registry=r,
+        )
         self.last_checkpoint = Gauge(
             p + "last_checkpoint_timestamp_seconds",
             "Unix time of the last checkpoint this shard wrote (0: none yet)",

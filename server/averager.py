@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("polyak", "ema")
 CHECKPOINT_NAME = "averaged.safetensors"
+MAX_PULL_BACKOFF_S = 30.0  # longest wait between pulls while the shards do not answer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +128,7 @@ class Averager(Service):
         )
         self.metrics = AveragerMetrics(new_registry("averager"))
         self.next_pull = self.next_eval = time.monotonic()
+        self.pull_failures = 0
         self.next_save = time.monotonic() + cfg.checkpoint_every_s
         self.last_save = time.time()
         self.last_eval: dict[str, Any] = {}
@@ -155,8 +157,14 @@ class Averager(Service):
                 self.client.connect()
             versions = self.client.pull(self.snapshot)
         except (ServerUnavailable, ServerRefused) as exc:
-            log.warning("cannot pull from the shards: %s", exc)
+            # a pull blocks the loop for up to --timeout-s: back off, so that while the
+            # shards are away the averager still answers its own clients
+            self.pull_failures += 1
+            wait = min(MAX_PULL_BACKOFF_S, self.cfg.every_s * 2**self.pull_failures)
+            self.next_pull = time.monotonic() + wait
+            log.warning("cannot pull from the shards (next try in %.1f s): %s", wait, exc)
             return False
+        self.pull_failures = 0
         self.shard_version = sum(versions)
         if min(versions) < self.cfg.start or not self._past_start_epoch():
             return False

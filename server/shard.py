@@ -30,7 +30,7 @@ from .service import Service, ServiceLoop, SnapshotPool, expect_payload, frame_b
 
 log = logging.getLogger(__name__)
 
-WORKER_SEEN_WINDOW_S = 60.0  # a worker counts as "recent" this long after its last push
+LIVENESS_CHECK_S = 1.0  # how often the loop looks for workers gone silent
 MAX_TRACKED_WORKERS = 4096  # bound on the (worker -> last seq) table for idempotent pushes
 STALENESS_WINDOW = 1024  # recent staleness values kept for p50/p95 in `stats`
 
@@ -60,6 +60,7 @@ class ShardConfig:
     checkpoint_every_s: float = 600.0
     keep_checkpoints: int = 3
     curve: str | None = None  # a key folder: CURVE with ZAP on the shard's socket
+    worker_timeout_s: float = 60.0  # a worker silent this long is forgotten
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -68,6 +69,8 @@ class ShardConfig:
             raise ValueError(f"shard index {self.index} out of range for {self.num_shards} shards")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+        if self.worker_timeout_s <= 0:
+            raise ValueError(f"worker timeout must be positive, got {self.worker_timeout_s}")
 
     def schedule(self) -> Schedule:
         return Schedule(
@@ -115,7 +118,8 @@ class Shard(Service):
         self.version = 0
         self.examples = 0
         self.last_seq: OrderedDict[str, int] = OrderedDict()
-        self.last_seen: dict[str, float] = {}
+        self.last_seen: dict[str, float] = {}  # live workers: time of their last push
+        self.next_liveness_check = 0.0
         self.staleness: deque[int] = deque(maxlen=STALENESS_WINDOW)
         self.push_times: deque[float] = deque(maxlen=256)
         self.counts = {"pushes": 0, "duplicates": 0, "pulls": 0}
@@ -214,6 +218,26 @@ class Shard(Service):
     def tick(self) -> None:
         if self.checkpointer is not None:
             self.checkpointer.maybe_save()
+        now = time.monotonic()
+        if now >= self.next_liveness_check:
+            self.next_liveness_check = now + LIVENESS_CHECK_S
+            self.forget_silent_workers(now)
+
+    def forget_silent_workers(self, now: float) -> list[str]:
+        """Drop workers that have not pushed for ``worker_timeout_s``; return them.
+
+        A hung or vanished replica stops counting as live (``workers`` metric and
+        ``workers_recent`` in stats). Its last sequence number is kept, so a push it
+        retries later is still applied at most once.
+        """
+        gone = [w for w, t in self.last_seen.items() if now - t > self.cfg.worker_timeout_s]
+        for worker in gone:
+            del self.last_seen[worker]
+            log.warning(
+                "worker %s silent for %g s: no longer counted", worker, self.cfg.worker_timeout_s
+            )
+        self.metrics.workers.set(len(self.last_seen))
+        return gone
 
     def _on_stats(self, header: dict, payload: list) -> list[Any]:
         expect_payload(payload, 0)
@@ -235,7 +259,7 @@ class Shard(Service):
 
     def recent_workers(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
-        return sum(1 for t in self.last_seen.values() if now - t <= WORKER_SEEN_WINDOW_S)
+        return sum(1 for t in self.last_seen.values() if now - t <= self.cfg.worker_timeout_s)
 
     def stats(self) -> dict[str, Any]:
         """Counters and hyper-parameters, as the ``stats`` op returns them."""

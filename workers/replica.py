@@ -188,8 +188,8 @@ class Replica:
         for step in range(cfg.start_step, total):
             if comm is not None:
                 comm.install_weights()
-            elif step % cfg.fetch_every == 0:
-                self._pull()
+            elif step % cfg.fetch_every == 0 or self.client.must_pull:
+                self._pull()  # on schedule, or at once when a shard lost versions
             epoch, images, labels = next(batches)
             loss = self._step(images, labels)
             pending += len(labels)
