@@ -711,6 +711,7 @@ def up_downpour_options(f):
     help="Fraction of the run after which iterates enter the Polyak average.",
 )
 @option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@curve_option(server=True)
 def up(
     shards,
     cpu,
@@ -725,6 +726,7 @@ def up(
     as_json,
     checkpoint_dir,
     average_from,
+    curve,
     **kw,
 ) -> None:
     """Run shards and replicas on this machine with a live display (the demo)."""
@@ -776,6 +778,7 @@ def up(
         work_args=tuple(work_args),
         live=not as_json,
         average_args=("--start", str(start)),
+        curve=curve,
     )
     try:
         result = run_up(cfg)

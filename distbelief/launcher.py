@@ -54,6 +54,7 @@ class UpConfig:
     live: bool = True
     average_args: tuple[str, ...] = ()  # flags passed through to `distbelief average`
     average_every_s: float = 2.0
+    curve: str | None = None  # a key folder: CURVE between every process
 
 
 @dataclass
@@ -133,6 +134,10 @@ class Launcher:
             stderr=subprocess.STDOUT,
         )
 
+    @property
+    def curve_args(self) -> list[str]:
+        return ["--curve", self.cfg.curve] if self.cfg.curve else []
+
     def start(self) -> None:
         cfg = self.cfg
         self.serve = self._spawn(
@@ -154,6 +159,7 @@ class Launcher:
                 "--seed",
                 str(cfg.seed),
                 *cfg.serve_args,
+                *self.curve_args,
             ],
         )
         self._wait_for_shards()
@@ -178,6 +184,7 @@ class Launcher:
                 "--output",
                 str(self.run_dir / "averager"),
                 *cfg.average_args,
+                *self.curve_args,
             ],
         )
         devices = ["--gpu", str(cfg.gpu)] if cfg.gpu else ["--cpu", str(self.num_replicas)]
@@ -205,6 +212,7 @@ class Launcher:
                 "--image-size",
                 str(cfg.image_size),
                 *cfg.work_args,
+                *self.curve_args,
             ],
         )
 
@@ -216,7 +224,7 @@ class Launcher:
                     f"the shards exited with {self.serve.returncode}; see {self.run_dir}/serve.log:"
                     f"\n{_tail(self.run_dir / 'serve.log')}"
                 )
-            if all(s is not None for s in probe_stats(self.addresses, 1.0)):
+            if all(s is not None for s in probe_stats(self.addresses, 1.0, self.cfg.curve)):
                 return
             time.sleep(0.5)
         raise RuntimeError(f"the shards did not answer in {READY_TIMEOUT_S:g} s")
@@ -239,7 +247,7 @@ class Launcher:
             def view():
                 return Group(
                     replica_table(self.statuses()),
-                    shard_table(probe_stats(self.addresses, 1.0), self.addresses),
+                    shard_table(probe_stats(self.addresses, 1.0, self.cfg.curve), self.addresses),
                 )
 
             with Live(view(), refresh_per_second=2) as live:
@@ -265,7 +273,9 @@ class Launcher:
         model = build_model(self.cfg.model, self.cfg.num_classes)
         layout = Layout.of(model, self.cfg.model)
         weights, _ = flatten_into(model, layout)
-        with ParameterClient(ClientConfig(servers=tuple(addresses)), layout) as client:
+        with ParameterClient(
+            ClientConfig(servers=tuple(addresses), curve=self.cfg.curve), layout
+        ) as client:
             client.connect()
             with torch.no_grad():
                 (version, *_) = client.pull(weights)
@@ -350,7 +360,7 @@ def run_up(cfg: UpConfig) -> UpResult:
             log.info("interrupted; stopping every process")
             result.exit_code = 130
         result.replicas = launcher.statuses()
-        result.shards = probe_stats(launcher.addresses, 5.0)
+        result.shards = probe_stats(launcher.addresses, 5.0, cfg.curve)
         if result.exit_code == 0:
             val = load_dataset(cfg.data, "val", image_size=cfg.image_size, seed=cfg.seed)
             scores = evaluate(launcher.final_weights(launcher.addresses)[0], val, crops=1)

@@ -152,9 +152,14 @@ def test_gpu_without_a_gpu_is_a_one_line_error(procs):
 
 
 def test_up_with_tiny_settings_trains_and_reports(procs, tmp_path):
-    run_dir = tmp_path / "run"
+    from distbelief.curve import generate_keys
+
+    run_dir, keys = tmp_path / "run", tmp_path / "keys"
+    generate_keys(keys)  # every process of the run speaks CURVE with these keys
     proc = procs.start(
         "up",
+        "--curve",
+        str(keys),
         "--steps",
         "30",
         "--batch-size",
@@ -178,6 +183,9 @@ def test_up_with_tiny_settings_trains_and_reports(procs, tmp_path):
     assert summary["averaged_snapshots"] >= 1
     assert summary["averaged_top5"] >= summary["averaged_top1"] >= 0.0
     assert (run_dir / "averager" / "averaged.safetensors").exists()
+    logs = "".join(p.read_text() for p in run_dir.glob("*.log"))
+    assert logs.count("CURVE on: admitting 1 client key(s)") == 3  # 2 shards, the averager
+    assert "handshake failed" not in logs
 
 
 def test_status_shows_each_shard_and_names_the_silent_one(procs):
