@@ -27,7 +27,7 @@ RUN_TIMEOUT_S = 900.0
 SETTINGS = {  # name -> (work flags, target)
     "every step": (["--fetch-every", "1", "--push-every", "1"], 0.9),
     "every 4 steps": (["--fetch-every", "4", "--push-every", "4"], 0.97),
-    "every step, --overlap": (["--push-every", "1", "--overlap"], 0.97),
+    "every step with --overlap": (["--push-every", "1", "--overlap"], 0.97),
 }
 
 
@@ -43,14 +43,13 @@ def common_flags(args: argparse.Namespace) -> list[str]:
         str(args.steps),
         "--num-classes",
         str(args.num_classes),
-        "--lr",
-        str(args.lr),
         "--json",
     ]
 
 
 def reference_images_per_s(args: argparse.Namespace) -> float:
-    cmd = distbelief_cmd("train", *common_flags(args), "--threads", str(available_cores()))
+    cores = str(available_cores())
+    cmd = distbelief_cmd("train", *common_flags(args), "--lr", str(args.lr), "--threads", cores)
     return float(run_json(cmd, RUN_TIMEOUT_S)["images_per_s"])
 
 

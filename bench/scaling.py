@@ -80,12 +80,12 @@ def _own_cpu() -> float:
 
 
 def saturation(rates: dict[int, float]) -> str:
-    """The client count after which adding clients gains less than 10%."""
-    counts = sorted(rates)
-    for a, b in zip(counts, counts[1:], strict=False):
-        if rates[b] < 1.1 * rates[a]:
-            return f"saturates at {a} client(s) ({rates[a]:.1f} pushes/s)"
-    return f"still growing at {counts[-1]} clients"
+    """The fewest clients that reach 90% of the best throughput seen."""
+    best = max(rates.values())
+    first = min(c for c, r in rates.items() if r >= 0.9 * best)
+    if first == max(rates):
+        return f"still growing at {first} clients ({best:.1f} pushes/s)"
+    return f"saturates at {first} client(s): {rates[first]:.1f} pushes/s (best {best:.1f})"
 
 
 def main(argv: list[str] | None = None) -> int:

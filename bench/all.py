@@ -1,0 +1,47 @@
+"""Run every benchmark at full size, one after the other, each in a fresh interpreter.
+
+Usage: ``python -m bench.all [--only ps_vs_zmq,overhead]``; prints every figure. Takes
+about 25 minutes on a 2-core machine (``convergence`` alone about 11). Run it on a
+machine that is otherwise idle: every figure is a ratio measured within one script's
+run, but load from elsewhere makes both sides of a ratio noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+BENCHES = (
+    "ps_vs_zmq",
+    "update_vs_memcpy",
+    "ps_vs_ddp",
+    "overhead",
+    "scaling",
+    "convergence",
+)
+TIMEOUT_S = 3600.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated names")
+    args = parser.parse_args(argv)
+    failed = []
+    for name in args.only.split(","):
+        if name not in BENCHES:
+            parser.error(f"unknown benchmark {name!r}; known: {', '.join(BENCHES)}")
+        print(f"\n== python -m bench.{name}", flush=True)
+        began = time.monotonic()
+        code = subprocess.run([sys.executable, "-m", f"bench.{name}"], timeout=TIMEOUT_S).returncode
+        print(f"== bench.{name}: exit {code} in {time.monotonic() - began:.0f} s", flush=True)
+        if code:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
