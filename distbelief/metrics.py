@@ -83,9 +83,14 @@ def _service_counters(prefix: str, registry: CollectorRegistry) -> tuple[Counter
     )
     for reason in ("auth", "protocol", "other"):
         handshakes.labels(reason=reason)
+    accepted = Counter(
+        prefix + "accepted_connections",
+        "TCP connections accepted (peers that do not speak ZeroMQ show here, then vanish)",
+        registry=registry,
+    )
     received = Counter(prefix + "received_bytes", "Bytes received", registry=registry)
     sent = Counter(prefix + "sent_bytes", "Bytes sent", registry=registry)
-    return rejected, handshakes, received, sent
+    return rejected, handshakes, accepted, received, sent
 
 
 @dataclass
@@ -104,9 +109,13 @@ class ShardMetrics:
             registry=r,
         )
         self.pulls = Counter(p + "pulls", "Pull requests answered", registry=r)
-        (self.rejected, self.refused_handshakes, self.received_bytes, self.sent_bytes) = (
-            _service_counters(p, r)
-        )
+        (
+            self.rejected,
+            self.refused_handshakes,
+            self.accepted_connections,
+            self.received_bytes,
+            self.sent_bytes,
+        ) = _service_counters(p, r)
         self.examples = Counter(p + "examples", "Training examples reported by pushes", registry=r)
         self.apply_seconds = Histogram(
             p + "apply_seconds",
@@ -196,9 +205,13 @@ class AveragerMetrics:
             registry=r,
         )
         self.pulls = Counter(p + "pulls", "Pulls of the averaged weights answered", registry=r)
-        (self.rejected, self.refused_handshakes, self.received_bytes, self.sent_bytes) = (
-            _service_counters(p, r)
-        )
+        (
+            self.rejected,
+            self.refused_handshakes,
+            self.accepted_connections,
+            self.received_bytes,
+            self.sent_bytes,
+        ) = _service_counters(p, r)
         self.top1 = Gauge(p + "eval_top1", "Top-1 accuracy of the last evaluation", registry=r)
         self.top5 = Gauge(p + "eval_top5", "Top-5 accuracy of the last evaluation", registry=r)
         self.checkpoint_age = Gauge(

@@ -80,8 +80,10 @@ class ServiceLoop:
 
     With ``curve`` the socket speaks CURVE and a ZAP authenticator thread admits only
     the listed client keys. Handshakes libzmq refuses (a key not admitted, a peer
-    without CURVE, bytes that are not ZMTP) are read off the socket's monitor and
-    counted in the service's ``refused_handshakes`` metric by reason.
+    without CURVE, a malformed ZMTP greeting) are read off the socket's monitor and
+    counted in the service's ``refused_handshakes`` metric by reason; accepted TCP
+    connections are counted too (a peer that does not speak ZeroMQ at all is dropped
+    by libzmq at the greeting with no handshake event: it shows only there).
     """
 
     def __init__(
@@ -104,7 +106,7 @@ class ServiceLoop:
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_bytes)
         if curve:
             curve.secure_server(self.socket)
-        self.monitor = self.socket.get_monitor_socket(sum(HANDSHAKE_FAILURES))
+        self.monitor = self.socket.get_monitor_socket(sum(HANDSHAKE_FAILURES) | zmq.EVENT_ACCEPTED)
         self.address = f"tcp://{bind}:{port}"
         try:
             self.socket.bind(self.address)
@@ -139,6 +141,9 @@ class ServiceLoop:
     def _count_handshakes(self) -> None:
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self.service.metrics.accepted_connections.inc()
+                continue
             reason = HANDSHAKE_FAILURES.get(event["event"])
             if reason:
                 self.service.metrics.refused_handshakes.labels(reason=reason).inc()
