@@ -17,6 +17,7 @@ BENCHES = (
     "ps_vs_zmq",
     "update_vs_memcpy",
     "ps_vs_ddp",
+    "profile_exchange",
     "overhead",
     "scaling",
     "convergence",

@@ -12,7 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import convergence, overhead, ps_vs_ddp, ps_vs_zmq, scaling, update_vs_memcpy
+from bench import (
+    convergence,
+    overhead,
+    profile_exchange,
+    ps_vs_ddp,
+    ps_vs_zmq,
+    scaling,
+    update_vs_memcpy,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO = re.compile(r"ratio (\d+\.\d+)")
@@ -49,6 +57,12 @@ def test_ps_vs_ddp(capsys):
     assert ps_vs_ddp.main(["--reps", "1", "--dtypes", "bf16"]) == 0
     out = capsys.readouterr().out
     assert len(ratios(out)) == 1 and "DDP all_reduce (gloo, bf16)" in out, out
+
+
+def test_profile_exchange(capsys):
+    assert profile_exchange.main(["--reps", "1", "--dtypes", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert len(ratios(out)) == 6 and "bf16 through 2 shards, 1 client: push" in out, out
 
 
 def test_overhead(capsys):
