@@ -374,6 +374,13 @@ def work(
         devices = plan_devices(gpu=gpu, gpu_ids=gpu_ids, cpu=cpu)
     except DeviceError as exc:
         raise click.ClickException(str(exc)) from None
+    from distbelief.data import DataError, load_dataset
+
+    if kw["data"] not in ("demo", "synthetic"):  # generated sets cannot be missing
+        try:  # a bad folder is one error here, not a crash and restarts in every replica
+            load_dataset(kw["data"], "train", image_size=kw["image_size"])
+        except DataError as exc:
+            raise click.ClickException(str(exc)) from None
     status_dir = status_dir or tempfile.mkdtemp(prefix="distbelief-work-")
     os.makedirs(status_dir, exist_ok=True)
     threads = threads_for(devices)

@@ -14,6 +14,8 @@ from .shard import ShardConfig, run_shard
 
 log = logging.getLogger(__name__)
 
+RESTARTS = 3  # restarts per shard, when it has checkpoints to come back from
+
 
 def shard_process(cfg: ShardConfig, level: int) -> None:
     """Entry point of one shard child process."""
@@ -32,16 +34,18 @@ def run_shards(
     metrics_port: int = 0,
     metrics_bind: str = "127.0.0.1",
 ) -> int:
-    """Run one child process per config until a signal; a shard that fails stops all.
+    """Run one child process per config until a signal.
 
-    A crashed shard is not restarted here: without a checkpoint it would come back
-    with its initial weights, silently undoing training. ``metrics_port`` (0: off)
-    serves the supervisor's own ``/metrics``.
+    With ``--checkpoint-dir`` a crashed shard is restarted (up to ``RESTARTS`` times)
+    and resumes from its newest checkpoint; without one it would come back with its
+    initial weights, silently undoing training, so then a shard that fails stops all.
+    ``metrics_port`` (0: off) serves the supervisor's own ``/metrics``.
     """
     children = [Child(f"shard[{c.index}]", shard_process, (c, level)) for c in configs]
+    restarts = RESTARTS if all(c.checkpoint_dir for c in configs) else 0
     try:
         supervisor = Supervisor(
-            children, max_restarts=0, metrics_port=metrics_port, metrics_bind=metrics_bind
+            children, max_restarts=restarts, metrics_port=metrics_port, metrics_bind=metrics_bind
         )
     except MetricsPortError as exc:
         log.error("%s", exc)

@@ -153,6 +153,24 @@ def test_unknown_rule_and_flag_are_one_line_errors(procs):
         assert message in text and "Traceback" not in text
 
 
+def test_wrong_types_in_config_env_and_data_are_one_line_errors(procs, tmp_path):
+    (tmp_path / "bad.toml").write_text('lr = "fast"\n')
+    (tmp_path / "broken.toml").write_text("[serve\nlr = 1\n")
+    for args, env, message in [
+        (["serve", "--config", str(tmp_path / "bad.toml")], {}, "'fast' is not a valid float"),
+        (["serve", "--config", str(tmp_path / "broken.toml")], {}, "is not valid TOML"),
+        (["serve"], {"DISTBELIEF_LR": "abc"}, "'abc' is not a valid float"),
+        (["serve", "--port", "99999"], {}, "99999 is not in the range"),
+        (["work", "--fetch-every", "0"], {}, "0 is not in the range x>=1"),
+        (["work", "--data", str(tmp_path / "none")], {}, "data folder"),
+    ]:
+        proc = procs.start(*args, name="bad", env=env)
+        assert proc.wait(60) in (1, 2)
+        text = proc.log_path.read_text()
+        assert message in text and "Traceback" not in text, text
+        assert len(text.strip().splitlines()[-1]) < 300
+
+
 def test_config_file_and_environment_set_flags(procs, tmp_path):
     port = free_port()
     assert port_is_free(port + 1)
