@@ -3,6 +3,8 @@ import math
 import msgpack
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distbelief import protocol
 from distbelief.protocol import ProtocolError
@@ -106,3 +108,27 @@ def test_describe_is_readable_for_good_and_bad_messages():
     assert "undecodable" in protocol.describe([b"\xc1"])
     assert protocol.describe([]) == "<empty message>"
     assert "nan" in protocol.describe([msgpack.packb({"x": math.nan})])
+
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=30)
+    | st.binary(max_size=30),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.one_of(st.binary(max_size=300), msgpack_values.map(msgpack.packb)))
+def test_the_header_decoder_takes_anything_without_crashing(data):
+    # any bytes at all: a valid request, or ProtocolError with a stable code; nothing else
+    try:
+        protocol.validate_request(protocol.decode(data))
+    except ProtocolError as exc:
+        assert exc.code in protocol.ERRORS and exc.message
