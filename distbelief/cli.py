@@ -345,6 +345,18 @@ def downpour_options(f, **defaults):
     default=None,
     help="Where replicas write their status files (default: a temporary folder).",
 )
+@option(
+    "--first-replica",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Index of this host's first replica in the whole job (several hosts).",
+)
+@option(
+    "--total-replicas",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Replicas in the whole job (default: --first-replica + this host's).",
+)
 @option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO")
 @option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def work(
@@ -358,6 +370,8 @@ def work(
     status_dir,
     log_level,
     as_json,
+    first_replica,
+    total_replicas,
     **kw,
 ) -> None:
     """Run worker replicas (Downpour SGD) against the shards."""
@@ -388,12 +402,12 @@ def work(
         configs = [
             ReplicaConfig(
                 servers=split_servers(servers),
-                index=i,
-                num_replicas=len(devices),
+                index=first_replica + i,
+                num_replicas=total_replicas or first_replica + len(devices),
                 device=device,
                 threads=threads if device == "cpu" else 1,
                 metrics_port=metrics_port + i if metrics_port else 0,
-                status_file=os.path.join(status_dir, f"replica-{i}.json"),
+                status_file=os.path.join(status_dir, f"replica-{first_replica + i}.json"),
                 **kw,
             )
             for i, device in enumerate(devices)

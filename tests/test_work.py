@@ -249,3 +249,38 @@ def test_overlap_pushes_every_step_from_the_background(procs, tmp_path):
     assert status["pulls"] == 1 + 8
     (stats,) = probe_stats([address], 10)
     assert stats["version"] == 8 and stats["pushes"] == 8
+
+
+def test_replicas_on_several_hosts_take_their_global_index(procs, tmp_path):
+    # two `work` commands, as on two hosts, one replica each: replicas 0 and 1 of 2, so
+    # they read the two disjoint shares of each epoch (see the test above)
+    addresses = procs.serve(1, "--num-classes", str(NUM_CLASSES))
+    runs = []
+    for first in (0, 1):
+        status_dir = tmp_path / f"host{first}"
+        proc = procs.start(
+            "work",
+            "--servers",
+            addresses[0],
+            "--cpu",
+            "1",
+            "--steps",
+            "3",
+            "--first-replica",
+            str(first),
+            "--total-replicas",
+            "2",
+            "--status-dir",
+            str(status_dir),
+            *TINY,
+            name=f"host{first}",
+        )
+        runs.append((proc, status_dir, first))
+    for proc, status_dir, first in runs:
+        assert proc.wait(240) == 0, proc.log_path.read_text()[-3000:]
+        status = read_json(status_dir / f"replica-{first}.json")
+        assert status["index"] == first and status["step"] == 3 and status["done"]
+        assert f"replica[{first}]" in proc.log_path.read_text()
+    assert probe_stats(addresses, 10)[0]["version"] == 6
+    bad = procs.start("work", "--first-replica", "2", "--total-replicas", "2", name="bad")
+    assert bad.wait(60) == 2 and "out of range" in bad.log_path.read_text()
