@@ -334,6 +334,8 @@ def test_sbatch_script_parses_and_its_command_lines_parse(tmp_path):
         "SLURM_JOB_NODELIST": "gpu[01-03]",
         "NUM_SHARDS": "3",
         "HOME": str(tmp_path),
+        "SLURM_PROCID": "1",  # as srun sets it in the second worker node's task
+        "SLURM_NTASKS": "2",
     }
     run = subprocess.run(
         ["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
@@ -346,3 +348,4 @@ def test_sbatch_script_parses_and_its_command_lines_parse(tmp_path):
     assert runs["serve"]["shards"] == 3 and runs["serve"]["bind"] == "0.0.0.0"
     assert runs["status"]["servers"] == runs["average"]["servers"] == servers
     assert runs["work"]["servers"] == servers and runs["work"]["gpu"] == 4
+    assert (runs["work"]["first_replica"], runs["work"]["total_replicas"]) == (4, 8)
