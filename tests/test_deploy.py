@@ -113,7 +113,9 @@ def test_compose_runs_two_shards_averager_two_workers_prometheus_and_grafana():
     servers = "tcp://shard-0:5570,tcp://shard-1:5571"  # shard i listens on --port + i
     for name in ("averager", "worker-0", "worker-1"):
         assert commands[name]["servers"] == servers
-    assert commands["worker-0"]["seed"] != commands["worker-1"]["seed"]
+    # replicas 0 and 1 of 2: disjoint shares of the data
+    assert [commands[w]["first_replica"] for w in ("worker-0", "worker-1")] == [0, 1]
+    assert {commands[w]["total_replicas"] for w in ("worker-0", "worker-1")} == {2}
     # Prometheus and Grafana get files that exist in deploy/
     for name in ("prometheus", "grafana"):
         for volume in services[name]["volumes"]:
