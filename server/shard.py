@@ -207,6 +207,7 @@ class Shard(Service):
             self.last_seq.popitem(last=False)
         now = time.monotonic()
         self.last_seen[worker] = now
+        self.metrics.workers.set(len(self.last_seen))
         self.push_times.append(now)
         self.staleness.append(staleness)
         self.counts["pushes"] += 1

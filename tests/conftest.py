@@ -112,6 +112,36 @@ class Processes:
             wait_until_serving(address, proc, proc.log_path, curve)
         return addresses
 
+    def average(
+        self,
+        servers: str,
+        *extra: str,
+        port: int | None = None,
+        curve: str | None = None,
+        name: str = "average",
+    ) -> tuple[subprocess.Popen, str]:
+        """Start ``distbelief average`` of a 10-class GoogLeNet on a free port (metrics
+        off unless ``extra`` says otherwise); wait until it answers; return it and its
+        address."""
+        port = port or free_port()
+        proc = self.start(
+            "average",
+            "--servers",
+            servers,
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--num-classes",
+            "10",
+            *extra,
+            *(["--curve", curve] if curve else []),
+            name=name,
+        )
+        address = f"tcp://{LOOPBACK}:{port}"
+        wait_until_serving(address, proc, proc.log_path, curve)
+        return proc, address
+
     def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
         if proc.poll() is None:
             proc.send_signal(sig)

@@ -18,7 +18,7 @@ from distbelief.client import ClientConfig, ParameterClient, probe_stats
 from distbelief.layout import Layout
 from distbelief.models import googlenet
 
-from .conftest import PLAIN_SGD, free_ports, wait_until_serving
+from .conftest import PLAIN_SGD, free_ports
 
 NUM_CLASSES = 10
 
@@ -41,16 +41,8 @@ def test_polyak_is_the_arithmetic_mean_and_ema_the_closed_form():
 
 
 def start_averager(procs, shard, port, output, *extra):
-    proc = procs.start(
-        "average",
-        "--servers",
+    proc, _ = procs.average(
         shard,
-        "--port",
-        str(port),
-        "--metrics-port",
-        "0",
-        "--num-classes",
-        str(NUM_CLASSES),
         "--every-s",
         "0.3",
         "--output",
@@ -58,9 +50,8 @@ def start_averager(procs, shard, port, output, *extra):
         "--checkpoint-every-s",
         "3600",
         *extra,
-        name="average",
+        port=port,
     )
-    wait_until_serving(f"tcp://127.0.0.1:{port}", proc, proc.log_path)
     return proc
 
 

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from distbelief import protocol
 from distbelief.client import ClientConfig, ParameterClient, ServerUnavailable
 from distbelief.curve import Curve, CurveError, generate_keys, warn_if_exposed
 
-from .conftest import LOOPBACK, PLAIN_SGD, free_port, raw_request, wait_until_serving
+from .conftest import LOOPBACK, PLAIN_SGD, free_port, raw_request
 
 NUM_CLASSES = 10
 
@@ -139,25 +138,7 @@ def test_averager_with_curve_pulls_from_curve_shards_and_serves_admitted_clients
     keys = tmp_path / "keys"
     generate_keys(keys)
     (shard,) = procs.serve(1, "--num-classes", str(NUM_CLASSES), curve=str(keys))
-    port = free_port()
-    proc = procs.start(
-        "average",
-        "--servers",
-        shard,
-        "--port",
-        str(port),
-        "--metrics-port",
-        "0",
-        "--num-classes",
-        str(NUM_CLASSES),
-        "--every-s",
-        "0.2",
-        "--curve",
-        str(keys),
-        name="average",
-    )
-    address = f"tcp://{LOOPBACK}:{port}"
-    wait_until_serving(address, proc, Path(proc.log_path), curve=str(keys))
+    _, address = procs.average(shard, "--every-s", "0.2", curve=str(keys))
     layout, initial = initial_weights("googlenet", NUM_CLASSES, 0)
     cfg = ClientConfig(servers=(address,), timeout_s=20, retries=3, backoff_s=0.5, curve=str(keys))
     with ParameterClient(cfg, layout) as client:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from distbelief import protocol
 from distbelief.client import ClientConfig, ParameterClient
 
-from .conftest import LOOPBACK, Processes, free_port, free_ports, wait_until_serving
+from .conftest import LOOPBACK, Processes, free_port, free_ports
 
 NUM_CLASSES = 10
 REPLY_TIMEOUT_S = 10.0
@@ -44,23 +44,14 @@ def live_averager(tmp_path_factory):
     procs = Processes(tmp_path_factory.mktemp("fuzz-averager"))
     try:
         (shard,) = procs.serve(1, "--num-classes", str(NUM_CLASSES))
-        port, metrics_port = free_port(), free_port()
-        proc = procs.start(
-            "average",
-            "--servers",
+        metrics_port = free_port()
+        proc, address = procs.average(
             shard,
-            "--port",
-            str(port),
             "--metrics-port",
             str(metrics_port),
-            "--num-classes",
-            str(NUM_CLASSES),
             "--every-s",
             "3600",  # one snapshot at the start; no background pulls to blur memory readings
-            name="average",
         )
-        address = f"tcp://{LOOPBACK}:{port}"
-        wait_until_serving(address, proc, Path(proc.log_path))
         yield address, metrics_port, proc
     finally:
         procs.stop_all()
