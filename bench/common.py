@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import signal
 import statistics
 import subprocess
@@ -19,6 +20,11 @@ from distbelief.launcher import free_port_run
 from distbelief.layout import Layout
 
 START_TIMEOUT_S = 120.0
+
+
+def random_port_start() -> int:
+    """Where to start looking for free ports: random, so concurrent runs rarely collide."""
+    return random.Random(os.getpid() ^ time.monotonic_ns()).randrange(20000, 60000)
 
 
 def median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
@@ -57,7 +63,7 @@ def process(args: list[str]) -> Iterator[subprocess.Popen]:
 def serve(num_shards: int, *extra: str) -> Iterator[tuple[list[str], subprocess.Popen]]:
     """``distbelief serve --shards N`` on free ports; yields the addresses once they answer,
     and the process (whose children are the shards)."""
-    base = free_port_run(num_shards, 21000)
+    base = free_port_run(num_shards, random_port_start())
     addresses = [f"tcp://127.0.0.1:{base + i}" for i in range(num_shards)]
     args = [
         sys.executable,
@@ -80,6 +86,9 @@ def serve(num_shards: int, *extra: str) -> Iterator[tuple[list[str], subprocess.
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"shards did not start: {proc.stderr.read().decode()[-2000:]}")
             time.sleep(0.3)
+        time.sleep(0.5)  # a server of someone else's on our port answers; ours then exits
+        if proc.poll() is not None:
+            raise RuntimeError(f"shards exited: {proc.stderr.read().decode()[-2000:]}")
         yield addresses, proc
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from distbelief.server.rules import Schedule
 
-from bench.common import distbelief_cmd, machine, process, serve
+from bench.common import distbelief_cmd, machine, process, random_port_start, serve
 from distbelief.client import ClientConfig, ParameterClient, ServerRefused, probe_stats
 from distbelief.data import evaluate, iterate_batches, load_dataset
 from distbelief.launcher import free_port_run
@@ -55,7 +55,9 @@ def reference_run(args: argparse.Namespace) -> Run:
 
     Also sets ``args.dataset_size`` (the shards' schedule uses it too)."""
     torch.set_num_threads(available_cores())
-    train_set = load_dataset(args.data, "train", image_size=args.image_size, seed=args.seed)
+    train_set = load_dataset(
+        args.data, "train", image_size=args.image_size, seed=args.seed, num_classes=args.num_classes
+    )
     args.dataset_size = len(train_set)
     torch.manual_seed(args.seed)
     model = build_model(MODEL, args.num_classes)
@@ -118,7 +120,7 @@ def async_run(args: argparse.Namespace, replicas: int, start_epoch: float) -> tu
         tempfile.TemporaryDirectory() as tmp,
         serve(2, *classes, *hyper, "--dataset-size", str(args.dataset_size)) as (servers, _),
     ):
-        averager = f"tcp://127.0.0.1:{free_port_run(1, 24000)}"
+        averager = f"tcp://127.0.0.1:{free_port_run(1, random_port_start())}"
         average = distbelief_cmd(
             "average", "--servers", ",".join(servers), "--port", averager.rsplit(":", 1)[1],
             "--metrics-port", "0", "--model", MODEL, *classes, "--every-s", "2",
@@ -149,7 +151,9 @@ def async_run(args: argparse.Namespace, replicas: int, start_epoch: float) -> tu
 
 
 def evaluate_runs(args: argparse.Namespace, runs: list[Run]) -> None:
-    val = load_dataset(args.data, "val", image_size=args.image_size, seed=args.seed)
+    val = load_dataset(
+        args.data, "val", image_size=args.image_size, seed=args.seed, num_classes=args.num_classes
+    )
     model = build_model(MODEL, args.num_classes)
     weights, _ = flatten_into(model, Layout.of(model, MODEL))
     for run in runs:
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", default="2,4")
     parser.add_argument("--polyak-from", type=float, default=0.5, help="fraction of the run")
     parser.add_argument("--eval-examples", type=int, default=1000)
-    parser.add_argument("--data", default="demo")
+    parser.add_argument("--data", default="demo", help="demo; synthetic has 1000 classes")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-classes", type=int, default=10)

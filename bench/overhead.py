@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--data", default="demo")
+    parser.add_argument("--data", default="demo", help="demo; synthetic has 1000 classes")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--shards", type=int, default=1)

@@ -78,7 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     args = parser.parse_args(argv)
     keep_freed_memory()
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        report(args)
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+def report(args: argparse.Namespace) -> None:
     layout = googlenet_layout(args.num_classes)
     half = layout.total // 2
     src, dst = torch.randn(half), torch.empty(half)
@@ -90,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         push_s, pull_s = end_to_end(args.num_classes, dtype, args.reps)
         print(f"{dtype} through 2 shards, 1 client: push {push_s * 1e3:.1f} ms, ", end="")
         print(f"pull {pull_s * 1e3:.1f} ms")
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import queue
 import statistics
 import time
 from typing import Any
 
 import torch
 
-from bench.common import googlenet_layout, ratio_line, shards
+from bench.common import googlenet_layout, random_port_start, ratio_line, shards
 from distbelief.launcher import free_port_run
 
 WORKERS = 2
@@ -93,10 +94,17 @@ def _gather(ctx, target, args_of) -> float:
     for p in procs:
         p.start()
     try:
-        times = []
+        times: list[float] = []
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
         for _ in procs:
-            _, worker_times = out.get(timeout=JOIN_TIMEOUT_S)
-            times += worker_times
+            while True:
+                try:
+                    times += out.get(timeout=1.0)[1]
+                    break
+                except queue.Empty:
+                    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if dead or time.monotonic() > deadline:
+                        raise RuntimeError(f"a worker failed (exit codes {dead})") from None
         return statistics.median(times)
     finally:
         for p in procs:
@@ -108,7 +116,7 @@ def _gather(ctx, target, args_of) -> float:
 
 def ddp_time(size: int, dtype: str, reps: int) -> float:
     ctx = mp.get_context("spawn")
-    port = free_port_run(1, 23000)
+    port = free_port_run(1, random_port_start())
     return _gather(ctx, _ddp_worker, lambda rank: (rank, port, size, dtype, reps))
 
 

@@ -18,7 +18,14 @@ import time
 
 import torch
 
-from bench.common import googlenet_layout, median_time, process, ratio_line, shards
+from bench.common import (
+    googlenet_layout,
+    median_time,
+    process,
+    random_port_start,
+    ratio_line,
+    shards,
+)
 from distbelief.client import ClientConfig, ParameterClient
 from distbelief.launcher import free_port_run
 from distbelief.layout import Layout
@@ -39,7 +46,7 @@ def zmq_echo_time(total: int, reps: int, tune: bool) -> float:
     """Median round trip of ``total`` float32 through a pyzmq echo process."""
     import zmq
 
-    address = f"tcp://127.0.0.1:{free_port_run(1, 21000)}"
+    address = f"tcp://127.0.0.1:{free_port_run(1, random_port_start())}"
     payload = torch.randn(total).numpy()
     with process([sys.executable, "-c", ECHO_SERVER, address, "tune" if tune else "plain"]):
         ctx = zmq.Context()

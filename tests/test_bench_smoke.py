@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RATIO = re.compile(r"ratio (\d+\.\d+)")
 
 
-def ratios(out: str) -> list[float]:
+def ratios(out: str, positive: bool = True) -> list[float]:
     found = [float(r) for r in RATIO.findall(out)]
-    assert found and all(r > 0 for r in found), out
+    assert found and all(r > 0 or not positive for r in found), out
     return found
 
 
@@ -66,7 +66,8 @@ def test_profile_exchange(capsys):
 
 
 def test_overhead(capsys):
-    flags = ["--data", "synthetic", "--steps", "3", "--batch-size", "4", "--reps", "1"]
+    flags = ["--data", "synthetic", "--num-classes", "1000", "--steps", "3", "--batch-size", "4"]
+    flags += ["--reps", "1"]
     assert overhead.main([*flags, "--settings", "every 4 steps"]) == 0
     out = capsys.readouterr().out
     assert len(ratios(out)) == 1 and "reference trainer" in out and "images/s" in out, out
@@ -80,11 +81,13 @@ def test_scaling(capsys):
 
 
 def test_convergence(capsys, tmp_path):
-    flags = ["--data", "synthetic", "--seconds", "2", "--snapshot-every-s", "1", "--replicas", "1"]
+    flags = ["--data", "synthetic", "--num-classes", "1000", "--seconds", "2"]
+    flags += ["--snapshot-every-s", "1", "--replicas", "1"]
     flags += ["--eval-examples", "32", "--batch-size", "8", "--out", str(tmp_path)]
     assert convergence.main(flags) == 0
     out = capsys.readouterr().out
-    assert len(ratios(out)) >= 2 and "async, 1 replicas" in out, out  # Polyak may be empty
+    # an untrained 1000-class model may score 0 on 32 images (ratio 0); Polyak may be empty
+    assert len(ratios(out, positive=False)) >= 2 and "async, 1 replicas" in out, out
     rows = (tmp_path / "convergence.csv").read_text().splitlines()
     assert rows[0] == "run,seconds,examples,top1" and len(rows) >= 4
     assert (tmp_path / "convergence.png").stat().st_size > 0
