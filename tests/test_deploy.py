@@ -23,6 +23,7 @@ import yaml
 
 from distbelief.cli import cli
 from distbelief.config import read_config
+from distbelief.curve import generate_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -200,11 +201,35 @@ def by_kind(kind: str) -> dict[str, dict]:
     return {o["metadata"]["name"]: o for o in k8s_objects() if o["kind"] == kind}
 
 
+CURVE_IN_POD = "/etc/distbelief-curve"
+
+
 def cluster_toml(tmp_path: Path) -> Path:
+    """The ConfigMap's cluster.toml, with fresh keys standing in for the CURVE Secret."""
     (cm,) = by_kind("ConfigMap").values()
+    keys = tmp_path / "curve"
+    if not keys.exists():
+        generate_keys(keys)
     path = tmp_path / "cluster.toml"
-    path.write_text(cm["data"]["cluster.toml"])
+    path.write_text(cm["data"]["cluster.toml"].replace(CURVE_IN_POD, str(keys)))
     return path
+
+
+def test_every_pod_mounts_the_curve_secret_where_cluster_toml_points(tmp_path):
+    (cm,) = by_kind("ConfigMap").values()
+    assert f'curve = "{CURVE_IN_POD}"' in cm["data"]["cluster.toml"]
+    written = {
+        p.relative_to(tmp_path / "curve").as_posix() for p in generate_keys(tmp_path / "curve")
+    }
+    for obj in [*by_kind("StatefulSet").values(), *by_kind("Deployment").values()]:
+        (container,) = containers(obj)
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in obj["spec"]["template"]["spec"]["volumes"]}
+        secret = volumes[mounts[CURVE_IN_POD]]["secret"]
+        assert secret["secretName"] == "distbelief-curve"
+        paths = {item["path"] for item in secret["items"]}
+        # what `--curve` reads, on both sides: the same files `keys generate` writes
+        assert paths == written
 
 
 def test_kustomization_lists_every_manifest():
