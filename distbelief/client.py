@@ -22,6 +22,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -283,7 +284,16 @@ class ParameterClient:
         return done
 
     def _send(self, i: int, p: _Pending, now: float) -> None:
-        self.sockets[i].send_multipart([p.header, *p.payload], copy=False)
+        # Never block here: a DEALER has no pipe to queue on while its connection is
+        # down (a refused CURVE handshake tears it down at once), and a blocking send
+        # would then wait forever. A request that could not be queued times out and is
+        # retried like one whose reply was lost.
+        try:
+            self.sockets[i].send_multipart([p.header, *p.payload], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.debug(
+                "server %d (%s) not connected; request %d not queued", i, self.cfg.servers[i], p.rid
+            )
         p.deadline = now + self.cfg.timeout_s
         p.resend_at = None
 
@@ -369,8 +379,9 @@ def probe_stats(
     try:
         for rid, address in enumerate(addresses):
             sock = open_dealer(context, address, keys)
-            sock.send(protocol.request("stats", rid))
             sockets.append(sock)
+            with contextlib.suppress(zmq.Again):  # not connected: counts as not answering
+                sock.send(protocol.request("stats", rid), flags=zmq.NOBLOCK)
         results: list[dict[str, Any] | None] = [None] * len(addresses)
         poller = zmq.Poller()
         for sock in sockets:
