@@ -21,10 +21,12 @@ from zmq.utils.monitor import recv_monitor_message
 from distbelief import protocol
 from distbelief.curve import Curve, warn_if_exposed
 from distbelief.protocol import ProtocolError
+from distbelief.tuning import release_freed_memory
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.2  # how often the loop wakes to notice a stop request or a tick
+IDLE_RELEASE_S = 2.0  # give freed message memory back after this long without a request
 # handshakes libzmq refused, by the reason its socket monitor gives
 HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",  # CURVE: a key the server does not admit
@@ -125,13 +127,20 @@ class ServiceLoop:
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
         end = None if deadline_s is None else time.monotonic() + deadline_s
+        last_request, released = time.monotonic(), True
         while self.running and (end is None or time.monotonic() < end):
             self.service.tick()
             ready = dict(poller.poll(POLL_INTERVAL_S * 1000))
             if self.monitor in ready:
                 self._count_handshakes()
             if self.socket not in ready:
+                if not released and time.monotonic() - last_request >= IDLE_RELEASE_S:
+                    # freed message buffers are kept for reuse while busy (tuning.py);
+                    # idle, they go back, so a paused cluster does not hold its peak
+                    release_freed_memory()
+                    released = True
                 continue
+            last_request, released = time.monotonic(), False
             frames = self.socket.recv_multipart(copy=False)
             if len(frames) < 2:
                 continue  # an identity with nothing after it: nothing to answer

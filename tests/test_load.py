@@ -7,6 +7,7 @@ resident memory stays flat after warm-up, and no request waits longer than a bou
 
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from distbelief.server.service import IDLE_RELEASE_S
 from distbelief.server.shard import initial_weights
 
 from distbelief.client import ClientConfig, ParameterClient, probe_stats
@@ -25,6 +27,12 @@ NUM_CLASSES = 10
 CLIENTS = 8
 LOAD_S = 60.0
 WARMUP_S = 15.0
+# Shards keep freed message memory for reuse while busy (distbelief/tuning.py), so under
+# load their resident memory follows how many 20 MB messages happen to be in flight,
+# and swung by 6% between 10 s windows in CI. They give it back after idling
+# IDLE_RELEASE_S; what they hold then is what they keep. So memory is read at rest: all
+# clients pause after warm-up and the shards are read once idle, then again at the end.
+REST_S = IDLE_RELEASE_S + 2.0
 MAX_WAIT_S = 10.0  # the stated bound on one request (push or pull) under this load
 MAX_RSS_GROWTH = 0.05
 
@@ -62,10 +70,11 @@ def test_eight_clients_for_a_minute_lose_nothing_and_hold_memory(procs, capsys):
     g = torch.zeros(layout.total)
     g[: layout.parameters] = 2.0**-14
     began = time.monotonic()
-    deadline = began + LOAD_S
+    phase_end = [began + WARMUP_S]  # then, after the rest, the end of the load
     accepted = [[0, 0] for _ in range(CLIENTS)]
     waits: list[list[float]] = [[] for _ in range(CLIENTS)]
     errors: list[BaseException] = []
+    rest, resume = threading.Barrier(CLIENTS + 1), threading.Event()
 
     def client(k: int) -> None:
         try:
@@ -74,28 +83,42 @@ def test_eight_clients_for_a_minute_lose_nothing_and_hold_memory(procs, capsys):
             with ParameterClient(cfg, layout) as c:
                 c.connect()
                 n = 0
-                while time.monotonic() < deadline:
-                    t0 = time.monotonic()
-                    results = c.push(g, examples=1)
-                    t1 = time.monotonic()
-                    c.pull(weights)
-                    t2 = time.monotonic()
-                    waits[k] += [t1 - t0, t2 - t1]
-                    for i, r in enumerate(results):
-                        accepted[k][i] += r.applied
-                    n += 1
-                    if n % 10 == 0:  # a retried push: the same (worker, seq) again
-                        c.seq -= 1
-                        assert not any(r.applied for r in c.push(g, examples=1))
+                for phase in ("warm-up", "load"):
+                    while time.monotonic() < phase_end[0]:
+                        t0 = time.monotonic()
+                        results = c.push(g, examples=1)
+                        t1 = time.monotonic()
+                        c.pull(weights)
+                        t2 = time.monotonic()
+                        waits[k] += [t1 - t0, t2 - t1]
+                        for i, r in enumerate(results):
+                            accepted[k][i] += r.applied
+                        n += 1
+                        if n % 10 == 0:  # a retried push: the same (worker, seq) again
+                            c.seq -= 1
+                            assert not any(r.applied for r in c.push(g, examples=1))
+                    if phase == "warm-up":
+                        rest.wait(MAX_WAIT_S * 2)
+                        resume.wait(MAX_WAIT_S * 2)
         except BaseException as exc:  # surfaced in the main thread
             errors.append(exc)
+            rest.abort()
 
-    memory: list[tuple[float, list[int]]] = []
+    def at_rest() -> list[int]:
+        time.sleep(REST_S)
+        return [rss_bytes(p.pid) for p in shards]
+
     threads = [threading.Thread(target=client, args=(k,)) for k in range(CLIENTS)]
     for t in threads:
         t.start()
+    with contextlib.suppress(threading.BrokenBarrierError):  # a client failed: see below
+        rest.wait(WARMUP_S + MAX_WAIT_S * 2)
+        after_warmup = at_rest()
+    under_load: list[list[int]] = []
+    phase_end[0] = time.monotonic() + LOAD_S - WARMUP_S
+    resume.set()
     while any(t.is_alive() for t in threads):
-        memory.append((time.monotonic() - began, [rss_bytes(p.pid) for p in shards]))
+        under_load.append([rss_bytes(p.pid) for p in shards])
         time.sleep(1.0)
     for t in threads:
         t.join(MAX_WAIT_S)
@@ -114,16 +137,10 @@ def test_eight_clients_for_a_minute_lose_nothing_and_hold_memory(procs, capsys):
     # one push more or less would be off by 2^-14 = 6e-5 everywhere
     torch.testing.assert_close(weights, initial - totals[0] * g, rtol=0, atol=2e-6)
 
-    # memory flat after warm-up, and every request answered within the bound
-    # (RSS swings by the messages in flight, 20 MB each; a leak shows as the median of
-    # the last 10 s rising above the median of the 10 s after warm-up)
-    first = [rss for t, rss in memory if WARMUP_S <= t < WARMUP_S + 10]
-    last = [rss for t, rss in memory if t >= memory[-1][0] - 10]
-    assert len(first) >= 8 and len(last) >= 8 and memory[-1][0] >= LOAD_S - 2
-    growth = [
-        statistics.median(r[i] for r in last) / statistics.median(r[i] for r in first) - 1
-        for i in range(2)
-    ]
+    # memory at rest flat after warm-up, and every request answered within the bound
+    at_end = at_rest()
+    growth = [end / warm - 1 for end, warm in zip(at_end, after_warmup, strict=True)]
+    peak = [max(r[i] for r in under_load) for i in range(2)]
     all_waits = sorted(w for ws in waits for w in ws)
     worst = all_waits[-1]
     with capsys.disabled():
@@ -132,7 +149,9 @@ def test_eight_clients_for_a_minute_lose_nothing_and_hold_memory(procs, capsys):
             f"({totals[0] / LOAD_S:.1f}/s), request wait median "
             f"{statistics.median(all_waits) * 1000:.0f} ms, p99 "
             f"{all_waits[int(0.99 * len(all_waits))] * 1000:.0f} ms, max {worst * 1000:.0f} ms; "
-            f"shard RSS growth after warm-up {growth[0]:+.1%} / {growth[1]:+.1%}"
+            f"shard RSS at rest after warm-up {after_warmup[0] >> 20} / "
+            f"{after_warmup[1] >> 20} MB, at the end {growth[0]:+.1%} / {growth[1]:+.1%}, "
+            f"peak under load {peak[0] >> 20} / {peak[1] >> 20} MB"
         )
     assert worst <= MAX_WAIT_S
     assert all(x < MAX_RSS_GROWTH for x in growth), growth
