@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,7 @@ class UpConfig:
     average_args: tuple[str, ...] = ()  # flags passed through to `distbelief average`
     average_every_s: float = 2.0
     curve: str | None = None  # a key folder: CURVE between every process
+    ipc: bool = True  # replicas and averager reach the shards over Unix sockets
 
 
 @dataclass
@@ -112,6 +115,18 @@ class Launcher:
         self.serve_supervisor_metrics = self._ports(1, 9098)
         self.work_supervisor_metrics = self._ports(1, 9099)
         self.averager = f"tcp://127.0.0.1:{self.average_port}"
+        # the data path (replicas, averager) goes over Unix sockets: no TCP stack, about
+        # a quarter less time per model-sized message than loopback TCP here
+        # (bench/RESULTS.md); status, tests and operators keep the TCP addresses. A short
+        # folder of its own: socket paths are limited to 107 bytes.
+        self.ipc_dir = tempfile.mkdtemp(prefix="distbelief-") if cfg.ipc else None
+        self.data_addresses = self.addresses
+        if self.ipc_dir:
+            from distbelief.server.shard import shard_socket_path
+
+            self.data_addresses = [
+                f"ipc://{shard_socket_path(self.ipc_dir, i)}" for i in range(cfg.shards)
+            ]
         self.serve: subprocess.Popen | None = None
         self.average: subprocess.Popen | None = None
         self.work: subprocess.Popen | None = None
@@ -158,6 +173,7 @@ class Launcher:
                 str(cfg.num_classes),
                 "--seed",
                 str(cfg.seed),
+                *(["--ipc-dir", self.ipc_dir] if self.ipc_dir else []),
                 *cfg.serve_args,
                 *self.curve_args,
             ],
@@ -168,7 +184,7 @@ class Launcher:
             [
                 "average",
                 "--servers",
-                ",".join(self.addresses),
+                ",".join(self.data_addresses),
                 "--port",
                 str(self.average_port),
                 "--metrics-port",
@@ -193,7 +209,7 @@ class Launcher:
             [
                 "work",
                 "--servers",
-                ",".join(self.addresses),
+                ",".join(self.data_addresses),
                 *devices,
                 "--metrics-port",
                 str(self.work_metrics),
@@ -322,6 +338,8 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        if self.ipc_dir:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
 def _one_line(statuses: list[dict[str, Any]]) -> str:

@@ -9,7 +9,10 @@ calling ``service.tick()`` between requests for periodic work (checkpoints, pull
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import time
 from typing import Any
 
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.2  # how often the loop wakes to notice a stop request or a tick
 IDLE_RELEASE_S = 2.0  # give freed message memory back after this long without a request
+MAX_IPC_PATH = 100  # bytes; the kernel's limit for a Unix socket path is 107
 # handshakes libzmq refused, by the reason its socket monitor gives
 HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",  # CURVE: a key the server does not admit
@@ -97,8 +101,10 @@ class ServiceLoop:
         port: int,
         max_bytes: int,
         curve: Curve | None = None,
+        ipc_path: str | None = None,
     ):
         self.service = service
+        self.ipc_path: str | None = None  # set once bound: close() removes the file
         self.running = True
         self.context = zmq.Context()
         self.auth = curve.authenticator(self.context) if curve else None
@@ -116,7 +122,38 @@ class ServiceLoop:
             self.close()
             hint = " (port in use? choose another --port)" if exc.errno == zmq.EADDRINUSE else ""
             raise OSError(f"{name} cannot listen on {bind}:{port}: {exc.strerror}{hint}") from None
+        if ipc_path:
+            try:
+                self._bind_ipc(ipc_path, name)
+            except OSError:
+                self.close()
+                raise
         warn_if_exposed(bind, curve, name)
+
+    def _bind_ipc(self, path: str, name: str) -> None:
+        """Also listen on the Unix socket ``path``, for clients on this host.
+
+        libzmq would silently take the path over from a live server, so a path that
+        answers a connection is refused here, like a port in use; a stale file from a
+        server that died is replaced.
+        """
+        if len(os.fsencode(path)) > MAX_IPC_PATH:
+            raise OSError(
+                f"{name} cannot listen on ipc://{path}: the path is longer than "
+                f"{MAX_IPC_PATH} bytes (Unix sockets allow 107); choose a shorter --ipc-dir"
+            )
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                pass  # nothing listening: free, or a stale file libzmq replaces
+            else:
+                raise OSError(f"{name} cannot listen on ipc://{path}: another server uses it")
+        try:
+            self.socket.bind(f"ipc://{path}")
+        except zmq.ZMQError as exc:
+            raise OSError(f"{name} cannot listen on ipc://{path}: {exc.strerror}") from None
+        self.ipc_path = path
 
     def stop(self, *_: Any) -> None:
         self.running = False
@@ -169,6 +206,9 @@ class ServiceLoop:
         if self.auth:
             self.auth.stop()
         self.context.term()
+        if self.ipc_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.ipc_path)
 
 
 class SnapshotPool:

@@ -8,6 +8,7 @@ as soon as they arrive (asynchronous SGD: no barrier, no ordering across shards)
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections import OrderedDict, deque
@@ -60,7 +61,12 @@ class ShardConfig:
     checkpoint_every_s: float = 600.0
     keep_checkpoints: int = 3
     curve: str | None = None  # a key folder: CURVE with ZAP on the shard's socket
+    ipc_dir: str | None = None  # also listen on ipc://<ipc_dir>/shard-<index>.sock
     worker_timeout_s: float = 60.0  # a worker silent this long is forgotten
+
+    @property
+    def ipc_path(self) -> str | None:
+        return shard_socket_path(self.ipc_dir, self.index) if self.ipc_dir else None
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -84,6 +90,11 @@ class ShardConfig:
         keys = ("rule", "lr", "momentum", "weight_decay", "lr_decay", "lr_decay_epochs")
         d = asdict(self)
         return {k: d[k] for k in keys} | {"dataset_size": self.dataset_size}
+
+
+def shard_socket_path(ipc_dir: str, index: int) -> str:
+    """The Unix socket shard ``index`` listens on with ``serve --ipc-dir ipc_dir``."""
+    return os.path.join(ipc_dir, f"shard-{index}.sock")
 
 
 def initial_weights(model_name: str, num_classes: int, seed: int) -> tuple[Layout, torch.Tensor]:
@@ -322,6 +333,7 @@ def run_shard(cfg: ShardConfig) -> None:
         # the largest legal message: an f32 gradient of this shard's range and a header
         max_bytes=protocol.wire_bytes("f32", shard.size) + protocol.MAX_HEADER_BYTES,
         curve=curve,
+        ipc_path=cfg.ipc_path,
     )
     try:
         serve_metrics(shard.metrics.registry, cfg.metrics_port, cfg.metrics_bind)
@@ -334,7 +346,7 @@ def run_shard(cfg: ShardConfig) -> None:
             layout.total,
             cfg.model,
             cfg.rule,
-            server.address,
+            server.address + (f" and ipc://{server.ipc_path}" if server.ipc_path else ""),
         )
         server.run()
         log.info("stopping at version %d", shard.version)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -139,6 +141,64 @@ def test_port_in_use_is_a_one_line_error(procs):
     text = proc.log_path.read_text()
     assert f"cannot listen on 127.0.0.1:{port}" in text and "port in use" in text
     assert "Traceback" not in text
+
+
+def test_ipc_dir_serves_the_same_shards_over_unix_sockets(procs):
+    # a short folder of our own: Unix socket paths are limited to 107 bytes
+    with tempfile.TemporaryDirectory(prefix="db-test-") as ipc_dir:
+        tcp = procs.serve(2, "--num-classes", str(NUM_CLASSES), *PLAIN_SGD, "--ipc-dir", ipc_dir)
+        ipc = [f"ipc://{ipc_dir}/shard-{i}.sock" for i in range(2)]
+        layout, initial = initial_weights("googlenet", NUM_CLASSES, 0)
+        g = torch.zeros(layout.total)
+        g[: layout.parameters] = 2.0**-10
+        with client_for(ipc, layout) as client:
+            assert [r.applied for r in client.push(g, examples=1)] == [True, True]
+        over_tcp, over_ipc = torch.empty(layout.total), torch.empty(layout.total)
+        with client_for(tcp, layout) as client:
+            assert client.pull(over_tcp) == [1, 1]
+        with client_for(ipc, layout) as client:
+            assert client.pull(over_ipc) == [1, 1]
+        assert torch.equal(over_ipc, over_tcp) and torch.equal(over_tcp, initial - g)
+
+        # a second server on the same sockets is refused, not allowed to steal them
+        proc = procs.start(
+            "serve",
+            "--port",
+            str(free_port()),
+            "--metrics-port",
+            "0",
+            "--num-classes",
+            str(NUM_CLASSES),
+            "--ipc-dir",
+            ipc_dir,
+            name="second",
+        )
+        assert proc.wait(90) == 2
+        text = proc.log_path.read_text()
+        assert f"cannot listen on ipc://{ipc_dir}/shard-0.sock: another server uses it" in text
+        assert "Traceback" not in text
+        with client_for(ipc, layout) as client:  # the first one still answers there
+            assert client.pull(over_ipc) == [1, 1]
+
+        procs.stop_all()
+        assert not list(Path(ipc_dir).glob("*.sock"))  # shards remove their sockets
+
+    long_dir = "/tmp/" + "d" * 120
+    proc = procs.start(
+        "serve",
+        "--metrics-port",
+        "0",
+        "--port",
+        str(free_port()),
+        "--num-classes",
+        str(NUM_CLASSES),
+        "--ipc-dir",
+        long_dir,
+        name="long",
+    )
+    assert proc.wait(90) == 2
+    assert "longer than 100 bytes" in proc.log_path.read_text()
+    shutil.rmtree(long_dir, ignore_errors=True)
 
 
 def test_unknown_rule_and_flag_are_one_line_errors(procs):
