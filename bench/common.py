@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -59,28 +61,40 @@ def process(args: list[str]) -> Iterator[subprocess.Popen]:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+TRANSPORTS = ("tcp", "ipc")
+
+
 @contextlib.contextmanager
-def serve(num_shards: int, *extra: str) -> Iterator[tuple[list[str], subprocess.Popen]]:
+def serve(
+    num_shards: int, *extra: str, transport: str = "tcp"
+) -> Iterator[tuple[list[str], subprocess.Popen]]:
     """``distbelief serve --shards N`` on free ports; yields the addresses once they answer,
-    and the process (whose children are the shards)."""
+    and the process (whose children are the shards). With ``transport="ipc"`` the shards
+    also listen on Unix sockets (``--ipc-dir``) and those are the addresses yielded."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; known: {', '.join(TRANSPORTS)}")
     base = free_port_run(num_shards, random_port_start())
     addresses = [f"tcp://127.0.0.1:{base + i}" for i in range(num_shards)]
-    args = [
-        sys.executable,
-        "-m",
-        "distbelief",
-        "serve",
-        "--shards",
-        str(num_shards),
-        "--port",
-        str(base),
-        "--metrics-port",
-        "0",
-        "--log-level",
-        "WARNING",
-        *extra,
-    ]
-    with process(args) as proc:
+    with contextlib.ExitStack() as stack:
+        if transport == "ipc":
+            ipc_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="db-bench-"))
+            extra = (*extra, "--ipc-dir", ipc_dir)
+        args = [
+            sys.executable,
+            "-m",
+            "distbelief",
+            "serve",
+            "--shards",
+            str(num_shards),
+            "--port",
+            str(base),
+            "--metrics-port",
+            "0",
+            "--log-level",
+            "WARNING",
+            *extra,
+        ]
+        proc = stack.enter_context(process(args))
         deadline = time.monotonic() + START_TIMEOUT_S
         while not all(s is not None for s in probe_stats(addresses, 1.0)):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -89,14 +103,32 @@ def serve(num_shards: int, *extra: str) -> Iterator[tuple[list[str], subprocess.
         time.sleep(0.5)  # a server of someone else's on our port answers; ours then exits
         if proc.poll() is not None:
             raise RuntimeError(f"shards exited: {proc.stderr.read().decode()[-2000:]}")
+        if transport == "ipc":
+            addresses = [f"ipc://{ipc_dir}/shard-{i}.sock" for i in range(num_shards)]
         yield addresses, proc
 
 
 @contextlib.contextmanager
-def shards(num_shards: int, *extra: str) -> Iterator[list[str]]:
+def shards(num_shards: int, *extra: str, transport: str = "tcp") -> Iterator[list[str]]:
     """``distbelief serve --shards N`` on free ports; yields the addresses once they answer."""
-    with serve(num_shards, *extra) as (addresses, _):
+    with serve(num_shards, *extra, transport=transport) as (addresses, _):
         yield addresses
+
+
+def transports_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--transports",
+        default=default,
+        help="comma-separated: tcp (loopback), ipc (Unix sockets, serve --ipc-dir)",
+    )
+
+
+def split_transports(value: str) -> list[str]:
+    found = [t.strip() for t in value.split(",") if t.strip()]
+    unknown = set(found) - set(TRANSPORTS)
+    if unknown or not found:
+        raise SystemExit(f"--transports: choose from {', '.join(TRANSPORTS)}, got {value!r}")
+    return found
 
 
 def ratio_line(name: str, baseline: str, base_s: float, ours: str, ours_s: float) -> str:

@@ -8,6 +8,8 @@ interleaved (so that a change in the machine's load hits every setting alike):
 - ``distbelief serve --shards S`` + ``distbelief work --cpu 1`` (the replica gets all
   cores' threads; the shard processes share those cores) with fetch/push every step,
   every 4 steps, and every step with ``--overlap``; images/s from ``work --json``.
+  The replica reaches the shards over ``--transport`` (default ``ipc``: Unix sockets,
+  as ``distbelief up`` does on one host; ``tcp`` for loopback TCP).
 
 Prints the median images/s of each and the ratio distbelief / reference (targets:
 ≥ 0.9 every step, ≥ 0.97 every 4 steps or with ``--overlap``).
@@ -20,7 +22,14 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from bench.common import distbelief_cmd, machine, run_json, shards, throughput_line
+from bench.common import (
+    TRANSPORTS,
+    distbelief_cmd,
+    machine,
+    run_json,
+    shards,
+    throughput_line,
+)
 from distbelief.tuning import available_cores
 
 RUN_TIMEOUT_S = 900.0
@@ -55,7 +64,7 @@ def reference_images_per_s(args: argparse.Namespace) -> float:
 
 def replica_images_per_s(args: argparse.Namespace, flags: list[str]) -> float:
     serve_flags = ("--num-classes", str(args.num_classes), "--lr", str(args.lr))
-    with shards(args.shards, *serve_flags) as servers:
+    with shards(args.shards, *serve_flags, transport=args.transport) as servers:
         cmd = distbelief_cmd(
             "work",
             "--servers",
@@ -82,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument(
+        "--transport", default="ipc", choices=TRANSPORTS, help="how the replica reaches the shards"
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names")
     args = parser.parse_args(argv)

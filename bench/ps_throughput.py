@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from bench import ps_vs_zmq, update_vs_memcpy
-from bench.common import googlenet_layout
+from bench.common import googlenet_layout, split_transports
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     layout = googlenet_layout(args.num_classes)
     counts = [int(x) for x in args.shards.split(",")]
-    ps_vs_zmq.run(layout, counts, args.num_classes, args.reps, args.dtype)
+    transports = split_transports(args.transports)
+    ps_vs_zmq.run(layout, counts, args.num_classes, args.reps, args.dtype, transports)
     update_vs_memcpy.run(layout.total, args.reps)
     return 0
 

@@ -7,7 +7,8 @@ vector of the model's size, ``--reps`` times, started together at a barrier:
   flat gradient, as DistributedDataParallel does each step (bucketing aside);
 - **parameter server**: a push of the gradient plus a pull of the weights through
   ``distbelief serve --shards 2`` (real subprocesses), with ``--wire-dtype`` f32
-  and bf16.
+  and bf16, over loopback TCP and over Unix sockets (``serve --ipc-dir``; gloo has
+  no such transport, it uses TCP on one host too).
 
 Prints the median time per exchange over both workers and the ratio DDP / ours
 (≥ 1.0: the shards are at least as fast; target ≤ 1.0× DDP's time with f32, lower
@@ -15,7 +16,8 @@ with bf16). On a 2-core machine the 2 shard processes and the 2 workers share th
 cores, while DDP's two processes have them to themselves.
 
 GoogLeNet with 10 classes and its aux heads has 10,334,080 parameters (41 MB as f32).
-Usage: ``python -m bench.ps_vs_ddp [--reps 10] [--num-classes 10] [--dtypes f32,bf16]``.
+Usage: ``python -m bench.ps_vs_ddp [--reps 10] [--num-classes 10] [--dtypes f32,bf16]
+[--transports tcp,ipc]``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from typing import Any
 
 import torch
 
-from bench.common import googlenet_layout, random_port_start, ratio_line, shards
+from bench.common import (
+    googlenet_layout,
+    random_port_start,
+    ratio_line,
+    shards,
+    split_transports,
+    transports_argument,
+)
 from distbelief.launcher import free_port_run
 
 WORKERS = 2
@@ -120,10 +129,10 @@ def ddp_time(size: int, dtype: str, reps: int) -> float:
     return _gather(ctx, _ddp_worker, lambda rank: (rank, port, size, dtype, reps))
 
 
-def ps_time(num_classes: int, dtype: str, reps: int) -> float:
+def ps_time(num_classes: int, dtype: str, reps: int, transport: str) -> float:
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(WORKERS)
-    with shards(2, "--num-classes", str(num_classes)) as servers:
+    with shards(2, "--num-classes", str(num_classes), transport=transport) as servers:
         return _gather(
             ctx, _ps_worker, lambda rank: (rank, servers, num_classes, dtype, reps, barrier)
         )
@@ -134,14 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--num-classes", type=int, default=10)  # 10.3M parameters
     parser.add_argument("--dtypes", default="f32,bf16")
+    transports_argument(parser, "tcp,ipc")
     args = parser.parse_args(argv)
+    transports = split_transports(args.transports)
     layout = googlenet_layout(args.num_classes)
     for dtype in args.dtypes.split(","):
         ddp_s = ddp_time(layout.total, dtype, args.reps)
-        ours = ps_time(args.num_classes, dtype, args.reps)
-        name = f"gradient exchange, 2 workers, {dtype}"
-        baseline = f"DDP all_reduce (gloo, {dtype})"
-        print(ratio_line(name, baseline, ddp_s, "2 shards push+pull", ours))
+        for transport in transports:
+            ours = ps_time(args.num_classes, dtype, args.reps, transport)
+            name = f"gradient exchange, 2 workers, {dtype}"
+            baseline = f"DDP all_reduce (gloo, {dtype})"
+            print(ratio_line(name, baseline, ddp_s, f"2 shards push+pull over {transport}", ours))
     return 0
 
 

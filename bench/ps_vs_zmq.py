@@ -6,14 +6,19 @@ gradient (applied by the shard's update rule) plus a pull of the weights, the sa
 2·N bytes, through ``distbelief serve --shards S`` for each S. Two baselines: a plain
 echo, and one whose processes get the malloc tuning that shards and replicas use
 (``distbelief.tuning``). Prints both times and the ratio baseline / ours (target ≥ 0.8).
+Each transport is compared with an echo over the same transport: ``tcp`` (loopback)
+and ``ipc`` (Unix sockets: ``serve --ipc-dir``, what ``distbelief up`` uses on one host).
 
-Usage: ``python -m bench.ps_vs_zmq [--shards 1,2,4] [--reps 10] [--num-classes 1000]``.
+Usage: ``python -m bench.ps_vs_zmq [--shards 1,2,4] [--reps 10] [--num-classes 1000]
+[--transports tcp,ipc]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tempfile
 import time
 
 import torch
@@ -25,6 +30,8 @@ from bench.common import (
     random_port_start,
     ratio_line,
     shards,
+    split_transports,
+    transports_argument,
 )
 from distbelief.client import ClientConfig, ParameterClient
 from distbelief.launcher import free_port_run
@@ -42,11 +49,20 @@ while True:
 """
 
 
-def zmq_echo_time(total: int, reps: int, tune: bool) -> float:
+def zmq_echo_time(total: int, reps: int, tune: bool, transport: str = "tcp") -> float:
     """Median round trip of ``total`` float32 through a pyzmq echo process."""
+    with contextlib.ExitStack() as stack:
+        if transport == "ipc":
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="db-echo-"))
+            address = f"ipc://{folder}/echo.sock"
+        else:
+            address = f"tcp://127.0.0.1:{free_port_run(1, random_port_start())}"
+        return _echo_time(address, total, reps, tune)
+
+
+def _echo_time(address: str, total: int, reps: int, tune: bool) -> float:
     import zmq
 
-    address = f"tcp://127.0.0.1:{free_port_run(1, random_port_start())}"
     payload = torch.randn(total).numpy()
     with process([sys.executable, "-c", ECHO_SERVER, address, "tune" if tune else "plain"]):
         ctx = zmq.Context()
@@ -68,11 +84,13 @@ def zmq_echo_time(total: int, reps: int, tune: bool) -> float:
             ctx.term()
 
 
-def ps_time(layout: Layout, num_shards: int, num_classes: int, reps: int, dtype: str) -> float:
+def ps_time(
+    layout: Layout, num_shards: int, num_classes: int, reps: int, dtype: str, transport: str
+) -> float:
     """Median push of a gradient plus pull of the weights through ``num_shards`` shards."""
     weights = torch.empty(layout.total)
     grads = torch.randn(layout.total) * 1e-6
-    with shards(num_shards, "--num-classes", str(num_classes)) as addresses:
+    with shards(num_shards, "--num-classes", str(num_classes), transport=transport) as addresses:
         cfg = ClientConfig(servers=tuple(addresses), wire_dtype=dtype, timeout_s=60)
         with ParameterClient(cfg, layout) as client:
             client.connect()
@@ -84,22 +102,28 @@ def ps_time(layout: Layout, num_shards: int, num_classes: int, reps: int, dtype:
             return median_time(push_pull, reps)
 
 
-def echo_baselines(total: int, reps: int) -> tuple[float, float]:
-    """Plain echo, then (with this process tuned too, as a replica is) the tuned echo."""
-    plain_s = zmq_echo_time(total, reps, tune=False)
+def run(
+    layout: Layout,
+    shard_counts: list[int],
+    num_classes: int,
+    reps: int,
+    dtype: str,
+    transports: list[str],
+) -> None:
+    """Measure and print, per transport, the echo baselines and each shard count's ratios.
+
+    The plain echo goes first for every transport: once this process is tuned
+    (``keep_freed_memory``) it cannot be untuned."""
+    plain = {t: zmq_echo_time(layout.total, reps, tune=False, transport=t) for t in transports}
     keep_freed_memory()
-    tuned_s = zmq_echo_time(total, reps, tune=True)
-    return plain_s, tuned_s
-
-
-def run(layout: Layout, shard_counts: list[int], num_classes: int, reps: int, dtype: str) -> None:
-    """Measure and print the echo baselines and each shard count's ratio lines."""
-    plain_s, tuned_s = echo_baselines(layout.total, reps)
-    for num_shards in shard_counts:
-        ours = ps_time(layout, num_shards, num_classes, reps, dtype)
-        name = f"pull+push, {num_shards} shard(s), {dtype}"
-        print(ratio_line(name, "raw zmq echo (plain malloc)", plain_s, "distbelief", ours))
-        print(ratio_line(name, "raw zmq echo (tuned malloc)", tuned_s, "distbelief", ours))
+    for transport in transports:
+        tuned_s = zmq_echo_time(layout.total, reps, tune=True, transport=transport)
+        for num_shards in shard_counts:
+            ours = ps_time(layout, num_shards, num_classes, reps, dtype, transport)
+            name = f"pull+push, {num_shards} shard(s), {dtype}, {transport}"
+            echo = f"raw zmq echo over {transport}"
+            print(ratio_line(name, f"{echo} (plain malloc)", plain[transport], "distbelief", ours))
+            print(ratio_line(name, f"{echo} (tuned malloc)", tuned_s, "distbelief", ours))
 
 
 def add_arguments(parser: argparse.ArgumentParser, shard_counts: str) -> None:
@@ -107,6 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser, shard_counts: str) -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
+    transports_argument(parser, "tcp,ipc")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     layout = googlenet_layout(args.num_classes)
     counts = [int(x) for x in args.shards.split(",")]
-    run(layout, counts, args.num_classes, args.reps, args.dtype)
+    run(layout, counts, args.num_classes, args.reps, args.dtype, split_transports(args.transports))
     return 0
 
 

@@ -429,6 +429,12 @@ def work(
         raise click.UsageError(str(exc)) from None
     level = getattr(logging, log_level)
     setup_logging("work", level=level)
+    if kw["overlap"] and "cpu" in devices:
+        logging.getLogger("distbelief.work").warning(
+            "--overlap on CPU replicas: the background push and pull need the same cores "
+            "as the compute they would hide behind, and on 2 cores it was slower than "
+            "without (bench/RESULTS.md, overhead). It pays on GPUs or with spare cores."
+        )
     code, summaries = run_replicas(
         configs,
         max_restarts=max_restarts,

@@ -34,7 +34,8 @@ def ratios(out: str, positive: bool = True) -> list[float]:
 
 def test_ps_throughput_command_runs_and_prints_ratios():
     out = subprocess.run(
-        [sys.executable, "-m", "bench.ps_throughput", "--num-classes", "10", "--reps", "1"],
+        [sys.executable, "-m", "bench.ps_throughput", "--num-classes", "10", "--reps", "1"]
+        + ["--transports", "ipc"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -42,21 +43,23 @@ def test_ps_throughput_command_runs_and_prints_ratios():
         check=True,
     ).stdout
     assert len(ratios(out)) == 6, out  # 1 and 2 shards × two echo baselines, two rules
-    assert "raw zmq echo (plain malloc)" in out and "memcpy" in out
+    assert "raw zmq echo over ipc (plain malloc)" in out and "memcpy" in out
 
 
 def test_ps_vs_zmq_and_update_vs_memcpy(capsys):
     assert ps_vs_zmq.main(["--num-classes", "10", "--reps", "1", "--shards", "4"]) == 0
     assert update_vs_memcpy.main(["--num-classes", "10", "--reps", "1"]) == 0
     out = capsys.readouterr().out
-    assert len(ratios(out)) == 4, out
-    assert "pull+push, 4 shard(s), f32" in out and "update rule adagrad" in out
+    assert len(ratios(out)) == 6, out  # 2 transports × 2 echoes, 2 rules
+    assert "pull+push, 4 shard(s), f32, tcp" in out and "update rule adagrad" in out
+    assert "pull+push, 4 shard(s), f32, ipc" in out
 
 
 def test_ps_vs_ddp(capsys):
-    assert ps_vs_ddp.main(["--reps", "1", "--dtypes", "bf16"]) == 0
+    assert ps_vs_ddp.main(["--reps", "1", "--dtypes", "bf16", "--transports", "ipc"]) == 0
     out = capsys.readouterr().out
     assert len(ratios(out)) == 1 and "DDP all_reduce (gloo, bf16)" in out, out
+    assert "push+pull over ipc" in out
 
 
 def test_profile_exchange(capsys):

@@ -249,6 +249,7 @@ def test_overlap_pushes_every_step_from_the_background(procs, tmp_path):
     assert status["pulls"] == 1 + 8
     (stats,) = probe_stats([address], 10)
     assert stats["version"] == 8 and stats["pushes"] == 8
+    assert "--overlap on CPU replicas" in proc.log_path.read_text()  # the warning
 
 
 def test_replicas_on_several_hosts_take_their_global_index(procs, tmp_path):
