@@ -7,7 +7,8 @@ interleaved (so that a change in the machine's load hits every setting alike):
   as many torch threads as the machine has cores), its images/s from ``--json``;
 - ``distbelief serve --shards S`` + ``distbelief work --cpu 1`` (the replica gets all
   cores' threads; the shard processes share those cores) with fetch/push every step,
-  every 4 steps, and every step with ``--overlap``; images/s from ``work --json``.
+  every 4 steps (f32 and bf16 on the wire), and every step with ``--overlap``;
+  images/s from ``work --json``.
   The replica reaches the shards over ``--transport`` (default ``ipc``: Unix sockets,
   as ``distbelief up`` does on one host; ``tcp`` for loopback TCP).
 
@@ -36,6 +37,10 @@ RUN_TIMEOUT_S = 900.0
 SETTINGS = {  # name -> (work flags, target)
     "every step": (["--fetch-every", "1", "--push-every", "1"], 0.9),
     "every 4 steps": (["--fetch-every", "4", "--push-every", "4"], 0.97),
+    "every 4 steps, bf16 wire": (
+        ["--fetch-every", "4", "--push-every", "4", "--wire-dtype", "bf16"],
+        0.97,
+    ),
     "every step with --overlap": (["--push-every", "1", "--overlap"], 0.97),
 }
 

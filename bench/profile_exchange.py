@@ -5,11 +5,12 @@ shard's half of a GoogLeNet-sized vector (2 shards), f32 and bf16 on the wire:
 the client's encoding of the push, the shard's decoding, finiteness check and update
 rule, the shard's pull snapshot, and the client's copy (or decoding) of the pull
 reply into its weights; then ``push`` alone and ``pull`` alone through
-``distbelief serve --shards 2`` for one client. A ``copy_`` of the same bytes is the
+``distbelief serve --shards 2`` for one client, over TCP and over Unix sockets. A ``copy_`` of the same bytes is the
 baseline of each line (ratio memcpy / piece), so the lines say how many memcpys each
 piece costs.
 
-Usage: ``python -m bench.profile_exchange [--num-classes 10] [--reps 10] [--threads 1]``.
+Usage: ``python -m bench.profile_exchange [--num-classes 10] [--reps 10] [--threads 1]
+[--transports tcp,ipc]``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import argparse
 import torch
 from distbelief.server.rules import make_rule
 
-from bench.common import googlenet_layout, median_time, ratio_line, shards
+from bench.common import (
+    googlenet_layout,
+    median_time,
+    ratio_line,
+    shards,
+    split_transports,
+    transports_argument,
+)
 from distbelief import protocol
 from distbelief.client import ClientConfig, ParameterClient
 from distbelief.tuning import keep_freed_memory
@@ -57,11 +65,11 @@ def pieces(size: int, dtype: str, reps: int) -> dict[str, float]:
     return out
 
 
-def end_to_end(num_classes: int, dtype: str, reps: int) -> tuple[float, float]:
+def end_to_end(num_classes: int, dtype: str, reps: int, transport: str) -> tuple[float, float]:
     """Median ``push`` alone and ``pull`` alone through 2 shards, one client."""
     layout = googlenet_layout(num_classes, show=False)
     weights, grads = torch.empty(layout.total), torch.randn(layout.total) * 1e-6
-    with shards(2, "--num-classes", str(num_classes)) as servers:
+    with shards(2, "--num-classes", str(num_classes), transport=transport) as servers:
         cfg = ClientConfig(servers=tuple(servers), wire_dtype=dtype, timeout_s=60)
         with ParameterClient(cfg, layout) as client:
             client.connect()
@@ -76,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, as a shard of 2")
     parser.add_argument("--dtypes", default=",".join(DTYPES))
+    transports_argument(parser, "tcp,ipc")
     args = parser.parse_args(argv)
     keep_freed_memory()
     threads = torch.get_num_threads()
@@ -96,9 +105,12 @@ def report(args: argparse.Namespace) -> None:
     for dtype in args.dtypes.split(","):
         for name, seconds in pieces(half, dtype, args.reps).items():
             print(ratio_line(f"{dtype} {name}", "memcpy", copy_s, "piece", seconds))
-        push_s, pull_s = end_to_end(args.num_classes, dtype, args.reps)
-        print(f"{dtype} through 2 shards, 1 client: push {push_s * 1e3:.1f} ms, ", end="")
-        print(f"pull {pull_s * 1e3:.1f} ms")
+        for transport in split_transports(args.transports):
+            push_s, pull_s = end_to_end(args.num_classes, dtype, args.reps, transport)
+            print(
+                f"{dtype} through 2 shards over {transport}, 1 client: "
+                f"push {push_s * 1e3:.1f} ms, pull {pull_s * 1e3:.1f} ms"
+            )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def test_ps_vs_ddp(capsys):
 def test_profile_exchange(capsys):
     assert profile_exchange.main(["--reps", "1", "--dtypes", "bf16"]) == 0
     out = capsys.readouterr().out
-    assert len(ratios(out)) == 6 and "bf16 through 2 shards, 1 client: push" in out, out
+    assert len(ratios(out)) == 6 and "bf16 through 2 shards over tcp, 1 client: push" in out
+    assert "bf16 through 2 shards over ipc, 1 client: push" in out, out
 
 
 def test_overhead(capsys):
