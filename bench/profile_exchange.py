@@ -5,9 +5,9 @@ shard's half of a GoogLeNet-sized vector (2 shards), f32 and bf16 on the wire:
 the client's encoding of the push, the shard's decoding, finiteness check and update
 rule, the shard's pull snapshot, and the client's copy (or decoding) of the pull
 reply into its weights; then ``push`` alone and ``pull`` alone through
-``distbelief serve --shards 2`` for one client, over TCP and over Unix sockets. A ``copy_`` of the same bytes is the
-baseline of each line (ratio memcpy / piece), so the lines say how many memcpys each
-piece costs.
+``distbelief serve --shards 2`` for one client, over TCP and over Unix sockets. A
+``copy_`` of the same bytes is the baseline of each line (ratio memcpy / piece), so
+the lines say how many memcpys each piece costs.
 
 Usage: ``python -m bench.profile_exchange [--num-classes 10] [--reps 10] [--threads 1]
 [--transports tcp,ipc]``.
