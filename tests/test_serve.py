@@ -143,6 +143,25 @@ def test_port_in_use_is_a_one_line_error(procs):
     assert "Traceback" not in text
 
 
+def refused_serve(procs, *args: str) -> str:
+    """Start one shard that must refuse to start (exit 2, no traceback); its log."""
+    proc = procs.start(
+        "serve",
+        "--port",
+        str(free_port()),
+        "--metrics-port",
+        "0",
+        "--num-classes",
+        str(NUM_CLASSES),
+        *args,
+        name="refused",
+    )
+    assert proc.wait(90) == 2
+    text = proc.log_path.read_text()
+    assert "Traceback" not in text
+    return text
+
+
 def test_ipc_dir_serves_the_same_shards_over_unix_sockets(procs):
     # a short folder of our own: Unix socket paths are limited to 107 bytes
     with tempfile.TemporaryDirectory(prefix="db-test-") as ipc_dir:
@@ -161,22 +180,8 @@ def test_ipc_dir_serves_the_same_shards_over_unix_sockets(procs):
         assert torch.equal(over_ipc, over_tcp) and torch.equal(over_tcp, initial - g)
 
         # a second server on the same sockets is refused, not allowed to steal them
-        proc = procs.start(
-            "serve",
-            "--port",
-            str(free_port()),
-            "--metrics-port",
-            "0",
-            "--num-classes",
-            str(NUM_CLASSES),
-            "--ipc-dir",
-            ipc_dir,
-            name="second",
-        )
-        assert proc.wait(90) == 2
-        text = proc.log_path.read_text()
+        text = refused_serve(procs, "--ipc-dir", ipc_dir)
         assert f"cannot listen on ipc://{ipc_dir}/shard-0.sock: another server uses it" in text
-        assert "Traceback" not in text
         with client_for(ipc, layout) as client:  # the first one still answers there
             assert client.pull(over_ipc) == [1, 1]
 
@@ -184,20 +189,7 @@ def test_ipc_dir_serves_the_same_shards_over_unix_sockets(procs):
         assert not list(Path(ipc_dir).glob("*.sock"))  # shards remove their sockets
 
     long_dir = "/tmp/" + "d" * 120
-    proc = procs.start(
-        "serve",
-        "--metrics-port",
-        "0",
-        "--port",
-        str(free_port()),
-        "--num-classes",
-        str(NUM_CLASSES),
-        "--ipc-dir",
-        long_dir,
-        name="long",
-    )
-    assert proc.wait(90) == 2
-    assert "longer than 100 bytes" in proc.log_path.read_text()
+    assert "longer than 100 bytes" in refused_serve(procs, "--ipc-dir", long_dir)
     shutil.rmtree(long_dir, ignore_errors=True)
 
 
