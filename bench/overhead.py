@@ -34,10 +34,10 @@ from bench.common import (
 from distbelief.tuning import available_cores
 
 RUN_TIMEOUT_S = 900.0
-SETTINGS = {  # name -> (work flags, target)
+SETTINGS = {  # name (no commas: --settings splits on them) -> (work flags, target)
     "every step": (["--fetch-every", "1", "--push-every", "1"], 0.9),
     "every 4 steps": (["--fetch-every", "4", "--push-every", "4"], 0.97),
-    "every 4 steps, bf16 wire": (
+    "every 4 steps in bf16": (
         ["--fetch-every", "4", "--push-every", "4", "--wire-dtype", "bf16"],
         0.97,
     ),
@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown setting {unknown[0]!r}; known: {', '.join(SETTINGS)}")
     print(machine())
     print(
         f"GoogLeNet, {args.num_classes} classes, {args.data} data at {args.image_size} px, "
