@@ -61,7 +61,18 @@ def process(args: list[str]) -> Iterator[subprocess.Popen]:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-TRANSPORTS = ("tcp", "ipc")
+# shm: TCP for the headers, the payloads through shared memory (work --shared-memory)
+TRANSPORTS = ("tcp", "ipc", "shm")
+
+
+def client_options(transport: str) -> dict[str, Any]:
+    """The ``ClientConfig`` settings a transport needs beyond the addresses."""
+    return {"shared_memory": transport == "shm"}
+
+
+def work_flags(transport: str) -> list[str]:
+    """The ``distbelief work`` flags a transport needs beyond ``--servers``."""
+    return ["--shared-memory" if transport == "shm" else "--no-shared-memory"]
 
 
 @contextlib.contextmanager
@@ -70,7 +81,8 @@ def serve(
 ) -> Iterator[tuple[list[str], subprocess.Popen]]:
     """``distbelief serve --shards N`` on free ports; yields the addresses once they answer,
     and the process (whose children are the shards). With ``transport="ipc"`` the shards
-    also listen on Unix sockets (``--ipc-dir``) and those are the addresses yielded."""
+    also listen on Unix sockets (``--ipc-dir``) and those are the addresses yielded; with
+    ``"shm"`` the addresses are TCP and clients pass :func:`client_options`."""
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; known: {', '.join(TRANSPORTS)}")
     base = free_port_run(num_shards, random_port_start())
@@ -119,7 +131,8 @@ def transports_argument(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument(
         "--transports",
         default=default,
-        help="comma-separated: tcp (loopback), ipc (Unix sockets, serve --ipc-dir)",
+        help="comma-separated: tcp (loopback), ipc (Unix sockets, serve --ipc-dir), "
+        "shm (headers over TCP, payloads through shared memory)",
     )
 
 

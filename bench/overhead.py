@@ -9,8 +9,9 @@ interleaved (so that a change in the machine's load hits every setting alike):
   cores' threads; the shard processes share those cores) with fetch/push every step,
   every 4 steps (f32 and bf16 on the wire), and every step with ``--overlap``;
   images/s from ``work --json``.
-  The replica reaches the shards over ``--transport`` (default ``ipc``: Unix sockets,
-  as ``distbelief up`` does on one host; ``tcp`` for loopback TCP).
+  The replica reaches the shards over ``--transport`` (default ``shm``: payloads
+  through shared memory, as ``distbelief up`` does on one host; ``ipc`` for Unix
+  sockets, ``tcp`` for loopback TCP).
 
 Prints the median images/s of each and the ratio distbelief / reference (targets:
 ≥ 0.9 every step, ≥ 0.97 every 4 steps or with ``--overlap``).
@@ -30,6 +31,7 @@ from bench.common import (
     run_json,
     shards,
     throughput_line,
+    work_flags,
 )
 from distbelief.tuning import available_cores
 
@@ -81,6 +83,7 @@ def replica_images_per_s(args: argparse.Namespace, flags: list[str]) -> float:
             "--log-level",
             "WARNING",
             *common_flags(args),
+            *work_flags(args.transport),
             *flags,
         )
         (summary,) = run_json(cmd, RUN_TIMEOUT_S)
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument(
-        "--transport", default="ipc", choices=TRANSPORTS, help="how the replica reaches the shards"
+        "--transport", default="shm", choices=TRANSPORTS, help="how the replica reaches the shards"
     )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names")

@@ -5,12 +5,13 @@ shard's half of a GoogLeNet-sized vector (2 shards), f32 and bf16 on the wire:
 the client's encoding of the push, the shard's decoding, finiteness check and update
 rule, the shard's pull snapshot, and the client's copy (or decoding) of the pull
 reply into its weights; then ``push`` alone and ``pull`` alone through
-``distbelief serve --shards 2`` for one client, over TCP and over Unix sockets. A
+``distbelief serve --shards 2`` for one client, over TCP, over Unix sockets and
+through shared memory (headers over TCP). A
 ``copy_`` of the same bytes is the baseline of each line (ratio memcpy / piece), so
 the lines say how many memcpys each piece costs.
 
 Usage: ``python -m bench.profile_exchange [--num-classes 10] [--reps 10] [--threads 1]
-[--transports tcp,ipc]``.
+[--transports tcp,ipc,shm]``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from distbelief.server.rules import make_rule
 
 from bench.common import (
+    client_options,
     googlenet_layout,
     median_time,
     ratio_line,
@@ -70,7 +72,9 @@ def end_to_end(num_classes: int, dtype: str, reps: int, transport: str) -> tuple
     layout = googlenet_layout(num_classes, show=False)
     weights, grads = torch.empty(layout.total), torch.randn(layout.total) * 1e-6
     with shards(2, "--num-classes", str(num_classes), transport=transport) as servers:
-        cfg = ClientConfig(servers=tuple(servers), wire_dtype=dtype, timeout_s=60)
+        cfg = ClientConfig(
+            servers=tuple(servers), wire_dtype=dtype, timeout_s=60, **client_options(transport)
+        )
         with ParameterClient(cfg, layout) as client:
             client.connect()
             push_s = median_time(lambda: client.push(grads, examples=1), reps)
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, as a shard of 2")
     parser.add_argument("--dtypes", default=",".join(DTYPES))
-    transports_argument(parser, "tcp,ipc")
+    transports_argument(parser, "tcp,ipc,shm")
     args = parser.parse_args(argv)
     keep_freed_memory()
     threads = torch.get_num_threads()

@@ -7,8 +7,9 @@ vector of the model's size, ``--reps`` times, started together at a barrier:
   flat gradient, as DistributedDataParallel does each step (bucketing aside);
 - **parameter server**: a push of the gradient plus a pull of the weights through
   ``distbelief serve --shards 2`` (real subprocesses), with ``--wire-dtype`` f32
-  and bf16, over loopback TCP and over Unix sockets (``serve --ipc-dir``; gloo has
-  no such transport, it uses TCP on one host too).
+  and bf16, over loopback TCP, over Unix sockets (``serve --ipc-dir``) and through
+  shared memory (``work --shared-memory``: only headers cross the socket). gloo has
+  neither of the last two; on one host it uses TCP.
 
 Prints the median time per exchange over both workers and the ratio DDP / ours
 (≥ 1.0: the shards are at least as fast; target ≤ 1.0× DDP's time with f32, lower
@@ -17,7 +18,7 @@ cores, while DDP's two processes have them to themselves.
 
 GoogLeNet with 10 classes and its aux heads has 10,334,080 parameters (41 MB as f32).
 Usage: ``python -m bench.ps_vs_ddp [--reps 10] [--num-classes 10] [--dtypes f32,bf16]
-[--transports tcp,ipc]``.
+[--transports tcp,ipc,shm]``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 
 from bench.common import (
+    client_options,
     googlenet_layout,
     random_port_start,
     ratio_line,
@@ -72,7 +74,14 @@ def _ddp_worker(rank: int, port: int, size: int, dtype: str, reps: int, out: Any
 
 
 def _ps_worker(
-    rank: int, servers: list[str], num_classes: int, dtype: str, reps: int, barrier, out
+    rank: int,
+    servers: list[str],
+    transport: str,
+    num_classes: int,
+    dtype: str,
+    reps: int,
+    barrier,
+    out,
 ) -> None:
     from distbelief.client import ClientConfig, ParameterClient
     from distbelief.tuning import keep_freed_memory
@@ -82,7 +91,13 @@ def _ps_worker(
     layout = googlenet_layout(num_classes, show=False)
     weights = torch.empty(layout.total)
     grads = torch.randn(layout.total) * 1e-6
-    cfg = ClientConfig(servers=tuple(servers), wire_dtype=dtype, timeout_s=60, worker=f"w{rank}")
+    cfg = ClientConfig(
+        servers=tuple(servers),
+        wire_dtype=dtype,
+        timeout_s=60,
+        worker=f"w{rank}",
+        **client_options(transport),
+    )
     with ParameterClient(cfg, layout) as client:
         client.connect()
         times = []
@@ -134,7 +149,9 @@ def ps_time(num_classes: int, dtype: str, reps: int, transport: str) -> float:
     barrier = ctx.Barrier(WORKERS)
     with shards(2, "--num-classes", str(num_classes), transport=transport) as servers:
         return _gather(
-            ctx, _ps_worker, lambda rank: (rank, servers, num_classes, dtype, reps, barrier)
+            ctx,
+            _ps_worker,
+            lambda rank: (rank, servers, transport, num_classes, dtype, reps, barrier),
         )
 
 
@@ -143,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--num-classes", type=int, default=10)  # 10.3M parameters
     parser.add_argument("--dtypes", default="f32,bf16")
-    transports_argument(parser, "tcp,ipc")
+    transports_argument(parser, "tcp,ipc,shm")
     args = parser.parse_args(argv)
     transports = split_transports(args.transports)
     layout = googlenet_layout(args.num_classes)

@@ -7,10 +7,12 @@ gradient (applied by the shard's update rule) plus a pull of the weights, the sa
 echo, and one whose processes get the malloc tuning that shards and replicas use
 (``distbelief.tuning``). Prints both times and the ratio baseline / ours (target ≥ 0.8).
 Each transport is compared with an echo over the same transport: ``tcp`` (loopback)
-and ``ipc`` (Unix sockets: ``serve --ipc-dir``, what ``distbelief up`` uses on one host).
+and ``ipc`` (Unix sockets: ``serve --ipc-dir``). ``shm`` (headers over TCP, payloads
+through shared memory: ``work --shared-memory``, what ``distbelief up`` uses on one
+host) has no ZeroMQ counterpart; it is compared with the TCP echo of the same bytes.
 
 Usage: ``python -m bench.ps_vs_zmq [--shards 1,2,4] [--reps 10] [--num-classes 1000]
-[--transports tcp,ipc]``.
+[--transports tcp,ipc,shm]``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 import torch
 
 from bench.common import (
+    client_options,
     googlenet_layout,
     median_time,
     process,
@@ -38,10 +41,14 @@ from distbelief.launcher import free_port_run
 from distbelief.layout import Layout
 from distbelief.tuning import keep_freed_memory
 
+ECHO_OVER = {"shm": "tcp"}  # ZeroMQ has no shared-memory transport: the TCP echo
+
 ECHO_SERVER = """
 import sys, zmq
 if sys.argv[2] == "tune":
     from distbelief.tuning import keep_freed_memory
+
+ECHO_OVER = {"shm": "tcp"}  # ZeroMQ has no shared-memory transport: the TCP echo
     keep_freed_memory()
 ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1])
 while True:
@@ -91,7 +98,9 @@ def ps_time(
     weights = torch.empty(layout.total)
     grads = torch.randn(layout.total) * 1e-6
     with shards(num_shards, "--num-classes", str(num_classes), transport=transport) as addresses:
-        cfg = ClientConfig(servers=tuple(addresses), wire_dtype=dtype, timeout_s=60)
+        cfg = ClientConfig(
+            servers=tuple(addresses), wire_dtype=dtype, timeout_s=60, **client_options(transport)
+        )
         with ParameterClient(cfg, layout) as client:
             client.connect()
 
@@ -114,16 +123,18 @@ def run(
 
     The plain echo goes first for every transport: once this process is tuned
     (``keep_freed_memory``) it cannot be untuned."""
-    plain = {t: zmq_echo_time(layout.total, reps, tune=False, transport=t) for t in transports}
+    echoes = sorted({ECHO_OVER.get(t, t) for t in transports})
+    plain = {t: zmq_echo_time(layout.total, reps, tune=False, transport=t) for t in echoes}
     keep_freed_memory()
+    tuned = {t: zmq_echo_time(layout.total, reps, tune=True, transport=t) for t in echoes}
     for transport in transports:
-        tuned_s = zmq_echo_time(layout.total, reps, tune=True, transport=transport)
+        over = ECHO_OVER.get(transport, transport)
         for num_shards in shard_counts:
             ours = ps_time(layout, num_shards, num_classes, reps, dtype, transport)
             name = f"pull+push, {num_shards} shard(s), {dtype}, {transport}"
-            echo = f"raw zmq echo over {transport}"
-            print(ratio_line(name, f"{echo} (plain malloc)", plain[transport], "distbelief", ours))
-            print(ratio_line(name, f"{echo} (tuned malloc)", tuned_s, "distbelief", ours))
+            echo = f"raw zmq echo over {over}"
+            print(ratio_line(name, f"{echo} (plain malloc)", plain[over], "distbelief", ours))
+            print(ratio_line(name, f"{echo} (tuned malloc)", tuned[over], "distbelief", ours))
 
 
 def add_arguments(parser: argparse.ArgumentParser, shard_counts: str) -> None:
@@ -131,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser, shard_counts: str) -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
-    transports_argument(parser, "tcp,ipc")
+    transports_argument(parser, "tcp,ipc,shm")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,6 +158,12 @@ def curve_option(*, server: bool):
     "--servers ipc://DIR/shard-0.sock,… (Unix sockets: faster than TCP loopback).",
 )
 @option(
+    "--shared-memory/--no-shared-memory",
+    default=True,
+    help="Answer workers on this host that offer a /dev/shm segment through it "
+    "(work --shared-memory).",
+)
+@option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=9100,
@@ -296,6 +302,14 @@ DOWNPOUR_SPECS = [
     (
         "--overlap/--no-overlap",
         dict(default=False, help="Push and pull in the background."),
+    ),
+    (
+        "--shared-memory/--no-shared-memory",
+        dict(
+            default=False,
+            help="Exchange payloads with shards on this host through /dev/shm (only "
+            "headers cross the socket); other shards over the wire.",
+        ),
     ),
     ("--steps", dict(type=click.IntRange(min=1), default=None, help="Steps per replica.")),
     (
@@ -713,7 +727,7 @@ def up_rule_options(f):
 
 
 def up_downpour_options(f):
-    return downpour_options(f, epochs=DEMO_EPOCHS)
+    return downpour_options(f, epochs=DEMO_EPOCHS, shared_memory=True)
 
 
 @cli.command()
@@ -810,6 +824,7 @@ def up(
     start = int(average_from * steps * replicas / kw["push_every"])  # shard versions
     work_args = _flags(kw, "fetch_every", "push_every", "wire_dtype", "steps", "epochs")
     work_args += ["--batch-size", str(batch_size), "--overlap" if kw["overlap"] else "--no-overlap"]
+    work_args += ["--shared-memory" if kw["shared_memory"] else "--no-shared-memory"]
     cfg = UpConfig(
         shards=shards,
         cpu=cpu,

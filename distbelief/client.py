@@ -18,6 +18,13 @@ Contract:
   After ``retries`` retries :class:`ServerUnavailable` is raised.
 - With ``curve`` (a key folder, see :mod:`distbelief.curve`) every socket speaks CURVE;
   a server that does not admit our key never answers, which ends the same way.
+- With ``shared_memory`` the client offers each server a segment in ``/dev/shm``
+  (:mod:`distbelief.shm`) at ``connect()``; a server on this host that maps it gets
+  pushes and answers pulls through it, and only headers cross the socket. Others
+  (another host, ``serve --no-shared-memory``, the averager) are spoken to over the
+  wire as before. Pushes through shared memory are f32 whatever ``wire_dtype`` says.
+  A pull retried after a timeout may, rarely, find the shard's two answers written
+  one over the other: weights of two adjacent versions, as async SGD reads anyway.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from typing import Any
 import torch
 import zmq
 
-from distbelief import protocol
+from distbelief import protocol, shm
 from distbelief.curve import Curve
 from distbelief.layout import Layout
 from distbelief.protocol import ProtocolError
@@ -57,6 +64,7 @@ class ClientConfig:
     max_backoff_s: float = 32.0
     wire_dtype: str = "f32"
     curve: str | None = None  # a key folder: CURVE on every socket
+    shared_memory: bool = False  # payloads through /dev/shm with servers on this host
 
     def __post_init__(self) -> None:
         if not self.servers:
@@ -130,6 +138,7 @@ class ParameterClient:
         # last pull: our weights are ahead of it, and the caller should pull again
         self.must_pull = False
         self._scratch: list[torch.Tensor | None] = [None] * len(cfg.servers)
+        self.segments: list[shm.Segment | None] = [None] * len(cfg.servers)
 
     # -- public verbs ----------------------------------------------------------------
 
@@ -161,15 +170,59 @@ class ParameterClient:
                 "list the servers in shard order"
             )
         self.versions = [s.version for s in self.info]
+        if self.cfg.shared_memory and shm.available():
+            self._offer_segments(fingerprint)
         return self.info
+
+    def _offer_segments(self, fingerprint: str) -> None:
+        """Give every server a segment; keep those it proves to see (same token)."""
+        self._close_segments()
+        offered = {
+            info.index: shm.Segment.create(info.index, info.stop - info.start) for info in self.info
+        }
+        replies = self._exchange(
+            {
+                i: ("hello", {"fingerprint": fingerprint, "shm": s.name}, [])
+                for i, s in offered.items()
+            }
+        )
+        for i, (header, _) in sorted(replies.items()):
+            segment = offered[i]
+            if header.get("shm_token") == segment.token.hex():
+                self.segments[i] = segment
+                continue
+            segment.close()
+            log.info(
+                "server %d (%s) does not share memory with us (%s); using the wire",
+                i,
+                self.cfg.servers[i],
+                header.get("shm_error", "another token"),
+            )
+        shared = sum(s is not None for s in self.segments)
+        if shared:
+            log.info("shared memory with %d of %d server(s)", shared, len(self.segments))
+
+    def _close_segments(self) -> None:
+        for i, segment in enumerate(self.segments):
+            if segment is not None:
+                segment.close()
+                self.segments[i] = None
 
     def pull(self, weights: torch.Tensor) -> list[int]:
         """Fill ``weights`` from every server; return their versions. Blocks."""
         self._need_info()
-        fields = {"dtype": self.cfg.wire_dtype}
-        replies = self._exchange({i: ("pull", fields, []) for i in self._all})
+        requests = {}
+        for i, segment in enumerate(self.segments):
+            fields = {"dtype": self.cfg.wire_dtype} if segment is None else {"shm": segment.name}
+            requests[i] = ("pull", fields, [])
+        replies = self._exchange(requests)
         for i, (header, payload) in replies.items():
             info = self.info[i]
+            segment = self.segments[i]
+            if segment is not None:
+                weights[info.start : info.stop].copy_(segment.pull)
+                self._note_version(i, header["version"])
+                continue
             dtype = header.get("dtype")
             body = payload[0].buffer if len(payload) == 1 else b""
             if dtype not in protocol.DTYPES or len(body) != protocol.wire_bytes(
@@ -177,11 +230,14 @@ class ParameterClient:
             ):
                 raise ServerRefused(i, info.address, "bad_size", "pull reply has the wrong size")
             weights[info.start : info.stop].copy_(protocol.from_wire(body, dtype))
-            if header["version"] < self.versions[i]:
-                self._went_back(i, header["version"])
-            self.versions[i] = header["version"]
+            self._note_version(i, header["version"])
         self.must_pull = False
         return list(self.versions)
+
+    def _note_version(self, i: int, version: int) -> None:
+        if version < self.versions[i]:
+            self._went_back(i, version)
+        self.versions[i] = version
 
     def push(self, grads: torch.Tensor, examples: int) -> list[PushResult]:
         """Send every server its slice of ``grads`` (computed at the last pulled versions).
@@ -200,7 +256,13 @@ class ParameterClient:
                 "examples": examples,
                 "dtype": dtype,
             }
-            requests[i] = ("push", fields, [self._encode(i, grads[info.start : info.stop])])
+            values = grads[info.start : info.stop]
+            segment = self.segments[i]
+            if segment is None:
+                requests[i] = ("push", fields, [self._encode(i, values)])
+            else:  # the shard reads it there, in place, before it answers
+                segment.push.copy_(values)
+                requests[i] = ("push", fields | {"dtype": "f32", "shm": segment.name}, [])
         replies = self._exchange(requests)
         results = []
         for i, (h, _) in sorted(replies.items()):
@@ -227,6 +289,7 @@ class ParameterClient:
         for s in self.sockets:
             s.close(linger=0)
         self.context.term()
+        self._close_segments()
 
     def __enter__(self) -> ParameterClient:
         return self

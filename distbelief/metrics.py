@@ -147,6 +147,11 @@ class ShardMetrics:
             "Unix time of the last checkpoint this shard wrote (0: none yet)",
             registry=r,
         )
+        self.shared_memory_segments = Gauge(
+            p + "shared_memory_segments",
+            "Shared-memory segments of clients on this host mapped by the shard",
+            registry=r,
+        )
 
 
 @dataclass

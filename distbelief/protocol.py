@@ -16,10 +16,15 @@ Replies carry ``ok`` (bool) and, when not ok, ``error`` (one of ``ERRORS``, stab
 and ``message`` (for people). ``payload`` is one frame of raw little-endian tensor
 bytes whose element type the header's ``dtype`` names (``f32``, ``bf16``, ``f16``);
 servers always keep and update float32, the narrower types only save wire bytes.
+``shm`` names a shared-memory segment of a client on the server's host
+(:mod:`distbelief.shm`); such a push or pull carries no payload frame.
 
-- ``hello``  {fingerprint} -> {fingerprint, index, start, stop, total, version, hparams}
-- ``pull``   {dtype?} -> {version, dtype} + weights of the server's range
-- ``push``   {worker, seq, base_version, examples, dtype} + gradient of the range
+- ``hello``  {fingerprint, shm?} -> {fingerprint, index, start, stop, total, version,
+             hparams, shm_token? | shm_error?}
+- ``pull``   {dtype?, shm?} -> {version, dtype} + weights of the server's range
+             (with ``shm``: written into that shared-memory segment, no payload)
+- ``push``   {worker, seq, base_version, examples, dtype, shm?} + gradient of the range
+             (with ``shm``: read from that segment, no payload)
              -> {version, applied, staleness}; a repeated (worker, seq) changes nothing
 - ``stats``  {} -> {stats}
 - ``save``   {} -> {path}
@@ -82,14 +87,18 @@ class Field:
 
 _INT_MAX = 2**62
 REQUEST_FIELDS: dict[str, dict[str, Field]] = {
-    "hello": {"fingerprint": Field(str)},
-    "pull": {"dtype": Field(str, required=False, choices=tuple(DTYPES))},
+    "hello": {"fingerprint": Field(str), "shm": Field(str, required=False)},
+    "pull": {
+        "dtype": Field(str, required=False, choices=tuple(DTYPES)),
+        "shm": Field(str, required=False),
+    },
     "push": {
         "worker": Field(str),
         "seq": Field(int, minimum=0),
         "base_version": Field(int, minimum=0),
         "examples": Field(int, minimum=0),
         "dtype": Field(str, choices=tuple(DTYPES)),
+        "shm": Field(str, required=False),
     },
     "stats": {},
     "save": {},

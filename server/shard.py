@@ -23,6 +23,7 @@ from distbelief.layout import Layout, ShardPlan, flat_weights
 from distbelief.metrics import ShardMetrics, new_registry, serve_metrics
 from distbelief.models import build_model
 from distbelief.protocol import ProtocolError
+from distbelief.shm import Segment
 from distbelief.tuning import keep_freed_memory
 
 from .checkpoints import ShardCheckpointer
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 LIVENESS_CHECK_S = 1.0  # how often the loop looks for workers gone silent
 MAX_TRACKED_WORKERS = 4096  # bound on the (worker -> last seq) table for idempotent pushes
 STALENESS_WINDOW = 1024  # recent staleness values kept for p50/p95 in `stats`
+MAX_SEGMENTS = 256  # clients' shared-memory segments mapped at once (least recent unmapped)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +64,7 @@ class ShardConfig:
     keep_checkpoints: int = 3
     curve: str | None = None  # a key folder: CURVE with ZAP on the shard's socket
     ipc_dir: str | None = None  # also listen on ipc://<ipc_dir>/shard-<index>.sock
+    shared_memory: bool = True  # answer pushes and pulls through clients' /dev/shm segments
     worker_timeout_s: float = 60.0  # a worker silent this long is forgotten
 
     @property
@@ -131,6 +134,7 @@ class Shard(Service):
         self.last_seq: OrderedDict[str, int] = OrderedDict()
         self.last_seen: dict[str, float] = {}  # live workers: time of their last push
         self.next_liveness_check = 0.0
+        self.segments: OrderedDict[str, tuple[Segment, float]] = OrderedDict()
         self.staleness: deque[int] = deque(maxlen=STALENESS_WINDOW)
         self.push_times: deque[float] = deque(maxlen=256)
         self.counts = {"pushes": 0, "duplicates": 0, "pulls": 0}
@@ -155,6 +159,12 @@ class Shard(Service):
                 f"the peer's fingerprint {header['fingerprint'][:32]!r} differs: check --model, "
                 "--num-classes and the number of servers",
             )
+        shm: dict[str, str] = {}
+        if "shm" in header:  # the client offers a segment: say whether we see it
+            try:
+                shm["shm_token"] = self._segment(header["shm"]).token.hex()
+            except ProtocolError as exc:
+                shm["shm_error"] = exc.message
         return [
             protocol.reply(
                 header["rid"],
@@ -165,11 +175,38 @@ class Shard(Service):
                 total=self.layout.total,
                 version=self.version,
                 hparams=self.cfg.hparams(),
+                **shm,
             )
         ]
 
+    def _segment(self, name: str) -> Segment:
+        """The client's shared-memory segment ``name``, mapped once and then reused."""
+        if not self.cfg.shared_memory:
+            raise ProtocolError(
+                "not_available", f"shard {self.cfg.index} runs with --no-shared-memory"
+            )
+        now = time.monotonic()
+        if name in self.segments:
+            segment = self.segments[name][0]
+            self.segments.move_to_end(name)
+        else:
+            try:
+                segment = Segment.attach(name, self.size)
+            except ValueError as exc:
+                raise ProtocolError("bad_field", f"shared memory: {exc}") from None
+            if len(self.segments) >= MAX_SEGMENTS:
+                self.segments.popitem(last=False)[1][0].close()
+        self.segments[name] = (segment, now)
+        self.metrics.shared_memory_segments.set(len(self.segments))
+        return segment
+
     def _on_pull(self, header: dict, payload: list) -> list[Any]:
         expect_payload(payload, 0)
+        if "shm" in header:
+            self._segment(header["shm"]).pull.copy_(self.weights)
+            self.counts["pulls"] += 1
+            self.metrics.pulls.inc()
+            return [protocol.reply(header["rid"], version=self.version, dtype="f32")]
         dtype = header.get("dtype", "f32")
         # a snapshot, not a view: the send is zero-copy and the next push changes the weights
         frame = self.snapshots.frame(self.weights, dtype)
@@ -180,10 +217,11 @@ class Shard(Service):
     def _on_push(self, header: dict, payload: list) -> list[Any]:
         began = time.perf_counter()
         dtype = header["dtype"]
-        expect_payload(payload, 1)
-        body = frame_bytes(payload[0])
+        shm = header.get("shm")
+        expect_payload(payload, 0 if shm else 1)
+        body = b"" if shm else frame_bytes(payload[0])
         expected = protocol.wire_bytes(dtype, self.size)
-        if len(body) != expected:
+        if not shm and len(body) != expected:
             raise ProtocolError(
                 "bad_size",
                 f"gradient of {len(body)} bytes; shard {self.cfg.index} holds {self.size} "
@@ -191,12 +229,18 @@ class Shard(Service):
             )
         worker, seq = header["worker"], header["seq"]
         staleness = max(0, self.version - header["base_version"])
+        # before reading the segment: a retried push's segment may hold its successor
         if seq <= self.last_seq.get(worker, -1):
             self.counts["duplicates"] += 1
             self.metrics.duplicates.inc()
             return [self._push_reply(header["rid"], applied=False, staleness=staleness)]
-        grad = protocol.from_wire(body, dtype)
-        if dtype != "f32":
+        if shm:
+            if dtype != "f32":
+                raise ProtocolError("bad_field", "a push through shared memory is f32")
+            grad = self._segment(shm).push  # the client's f32 gradient, read in place
+        else:
+            grad = protocol.from_wire(body, dtype)
+        if dtype != "f32" and not shm:
             grad = self.grad.copy_(grad)
         _check_finite(grad)
         self.rule.apply(grad, self.schedule.lr_at(self.examples))
@@ -234,6 +278,14 @@ class Shard(Service):
         if now >= self.next_liveness_check:
             self.next_liveness_check = now + LIVENESS_CHECK_S
             self.forget_silent_workers(now)
+            self.unmap_idle_segments(now)
+
+    def unmap_idle_segments(self, now: float) -> None:
+        """Unmap segments no request has named for ``worker_timeout_s`` (clients gone)."""
+        idle = [n for n, (_, t) in self.segments.items() if now - t > self.cfg.worker_timeout_s]
+        for name in idle:
+            self.segments.pop(name)[0].close()
+        self.metrics.shared_memory_segments.set(len(self.segments))
 
     def forget_silent_workers(self, now: float) -> list[str]:
         """Drop workers that have not pushed for ``worker_timeout_s``; return them.

@@ -62,6 +62,7 @@ class ReplicaConfig:
     push_every: int = 1
     wire_dtype: str = "f32"
     overlap: bool = False
+    shared_memory: bool = False  # payloads through /dev/shm with shards on this host
     amp: str | None = None  # "bf16" or "f16": autocast on CUDA
     channels_last: bool = False
     steps: int | None = None
@@ -150,6 +151,7 @@ class Replica:
                 # the host name keeps replicas in separate containers (same pids) apart
                 worker=f"{socket.gethostname()}-replica{cfg.index}-{os.getpid()}",
                 curve=cfg.curve,
+                shared_memory=cfg.shared_memory,
             ),
             self.layout,
         )
