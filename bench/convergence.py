@@ -132,6 +132,7 @@ def async_run(args: argparse.Namespace, replicas: int, start_epoch: float) -> tu
             "--data", args.data, "--image-size", str(args.image_size),
             "--batch-size", str(args.batch_size), *classes, "--seed", str(args.seed),
             "--metrics-port", "0", "--status-dir", tmp, "--log-level", "WARNING",
+            "--shared-memory",  # as distbelief up runs its replicas
         )  # fmt: skip
         with process(average), process(work) as proc:
             t0 = _first_status(Path(tmp), proc, time.monotonic() + START_TIMEOUT_S)

@@ -8,7 +8,8 @@ pull, both directions) and the CPU the shards and the clients used (as a share o
 all cores); then, per shard count, where throughput stops growing. Baseline: one
 client through one shard, so each cell's ratio is its speed-up over that.
 
-Usage: ``python -m bench.scaling [--shards 1,2,4] [--clients 1,2,4,8] [--seconds 3]``.
+Usage: ``python -m bench.scaling [--shards 1,2,4] [--clients 1,2,4,8] [--seconds 3]
+[--transport tcp|ipc|shm]``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from bench.common import cpu_seconds, googlenet_layout, serve
+from bench.common import TRANSPORTS, client_options, cpu_seconds, googlenet_layout, serve
 from distbelief.client import ClientConfig, ParameterClient
 from distbelief.layout import Layout
 from distbelief.tuning import available_cores, keep_freed_memory
@@ -29,7 +30,13 @@ START_TIMEOUT_S = 300.0  # every client connects and does one warm-up exchange f
 
 
 def measure(
-    servers: list[str], serve_pid: int, layout: Layout, clients: int, seconds: float, dtype: str
+    servers: list[str],
+    serve_pid: int,
+    layout: Layout,
+    clients: int,
+    seconds: float,
+    dtype: str,
+    transport: str = "tcp",
 ) -> tuple[float, float]:
     """Exchanges per second summed over ``clients``, and the CPU share of all cores used."""
     grads = torch.randn(layout.total) * 1e-6  # read only: every client may send it
@@ -39,7 +46,13 @@ def measure(
     stop = threading.Event()
 
     def loop(i: int) -> None:
-        cfg = ClientConfig(servers=tuple(servers), wire_dtype=dtype, timeout_s=60, worker=f"c{i}")
+        cfg = ClientConfig(
+            servers=tuple(servers),
+            wire_dtype=dtype,
+            timeout_s=60,
+            worker=f"c{i}",
+            **client_options(transport),
+        )
         try:
             with ParameterClient(cfg, layout) as client:
                 client.connect()
@@ -95,19 +108,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
+    parser.add_argument("--transport", default="tcp", choices=TRANSPORTS)
     args = parser.parse_args(argv)
     keep_freed_memory()  # as a replica process does
     layout = googlenet_layout(args.num_classes)
     wire = {"f32": 4, "bf16": 2, "f16": 2}[args.dtype]
     exchange_bytes = 2 * wire * layout.total
-    print(f"one exchange = push + pull = {exchange_bytes / 1e6:.1f} MB ({args.dtype})")
+    print(
+        f"one exchange = push + pull = {exchange_bytes / 1e6:.1f} MB ({args.dtype}), "
+        f"over {args.transport}"
+    )
     print(f"{'shards':>6} {'clients':>7} {'pushes/s':>9} {'MB/s':>8} {'CPU':>5}  vs 1x1")
     base = None
     for num_shards in [int(x) for x in args.shards.split(",")]:
         rates: dict[int, float] = {}
-        with serve(num_shards, "--num-classes", str(args.num_classes)) as (servers, proc):
+        classes = ("--num-classes", str(args.num_classes))
+        with serve(num_shards, *classes, transport=args.transport) as (servers, proc):
             for clients in [int(x) for x in args.clients.split(",")]:
-                rate, cpu = measure(servers, proc.pid, layout, clients, args.seconds, args.dtype)
+                rate, cpu = measure(
+                    servers, proc.pid, layout, clients, args.seconds, args.dtype, args.transport
+                )
                 rates[clients] = rate
                 base = base or rate
                 print(
