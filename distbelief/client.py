@@ -18,11 +18,14 @@ Contract:
   After ``retries`` retries :class:`ServerUnavailable` is raised.
 - With ``curve`` (a key folder, see :mod:`distbelief.curve`) every socket speaks CURVE;
   a server that does not admit our key never answers, which ends the same way.
-- With ``shared_memory`` the client offers each server a segment in ``/dev/shm``
-  (:mod:`distbelief.shm`) at ``connect()``; a server on this host that maps it gets
-  pushes and answers pulls through it, and only headers cross the socket. Others
-  (another host, ``serve --no-shared-memory``, the averager) are spoken to over the
-  wire as before. Pushes through shared memory are f32 whatever ``wire_dtype`` says.
+- With ``shared_memory`` the client offers every server one segment in ``/dev/shm``
+  holding the whole flat weights and gradients (:mod:`distbelief.shm`) at
+  ``connect()``; a server on this host that maps it gets pushes and answers pulls
+  through it, and only headers cross the socket. Others (another host, ``serve
+  --no-shared-memory``, the averager) are spoken to over the wire as before. Pushes
+  through shared memory are f32 whatever ``wire_dtype`` says. ``shared_buffers()``
+  hands out the segment's two vectors: a caller that computes in them (passes them to
+  ``push``/``pull`` as ``grads``/``weights``) saves the last copy on each side.
   A pull retried after a timeout may, rarely, find the shard's two answers written
   one over the other: weights of two adjacent versions, as async SGD reads anyway.
 """
@@ -138,7 +141,8 @@ class ParameterClient:
         # last pull: our weights are ahead of it, and the caller should pull again
         self.must_pull = False
         self._scratch: list[torch.Tensor | None] = [None] * len(cfg.servers)
-        self.segments: list[shm.Segment | None] = [None] * len(cfg.servers)
+        self.segment: shm.Segment | None = None  # shared with the servers in self.shared
+        self.shared = [False] * len(cfg.servers)
 
     # -- public verbs ----------------------------------------------------------------
 
@@ -175,52 +179,56 @@ class ParameterClient:
         return self.info
 
     def _offer_segments(self, fingerprint: str) -> None:
-        """Give every server a segment; keep those it proves to see (same token)."""
-        self._close_segments()
-        offered = {
-            info.index: shm.Segment.create(info.index, info.stop - info.start) for info in self.info
-        }
-        replies = self._exchange(
-            {
-                i: ("hello", {"fingerprint": fingerprint, "shm": s.name}, [])
-                for i, s in offered.items()
-            }
-        )
+        """Offer every server our segment; use it with those that prove to see it."""
+        if self.segment is None:
+            self.segment = shm.Segment.create(self.layout.total)
+        fields = {"fingerprint": fingerprint, "shm": self.segment.name}
+        replies = self._exchange({i: ("hello", fields, []) for i in self._all})
         for i, (header, _) in sorted(replies.items()):
-            segment = offered[i]
-            if header.get("shm_token") == segment.token.hex():
-                self.segments[i] = segment
-                continue
-            segment.close()
-            log.info(
-                "server %d (%s) does not share memory with us (%s); using the wire",
-                i,
-                self.cfg.servers[i],
-                header.get("shm_error", "another token"),
-            )
-        shared = sum(s is not None for s in self.segments)
-        if shared:
-            log.info("shared memory with %d of %d server(s)", shared, len(self.segments))
+            self.shared[i] = header.get("shm_token") == self.segment.token.hex()
+            if not self.shared[i]:
+                log.info(
+                    "server %d (%s) does not share memory with us (%s); using the wire",
+                    i,
+                    self.cfg.servers[i],
+                    header.get("shm_error", "another token"),
+                )
+        if any(self.shared):
+            log.info("shared memory with %d of %d server(s)", sum(self.shared), len(self.shared))
+        else:
+            self._close_segment()
 
-    def _close_segments(self) -> None:
-        for i, segment in enumerate(self.segments):
-            if segment is not None:
-                segment.close()
-                self.segments[i] = None
+    def shared_buffers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(weights, grads)`` in shared memory, when some server shares it; else None.
+
+        ``pull(weights)`` and ``push(grads)`` with exactly these tensors copy nothing on
+        our side: the shards write and read them in place.
+        """
+        if self.segment is None:
+            return None
+        return self.segment.weights, self.segment.grads
+
+    def _close_segment(self) -> None:
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
+            self.shared = [False] * len(self.shared)
 
     def pull(self, weights: torch.Tensor) -> list[int]:
         """Fill ``weights`` from every server; return their versions. Blocks."""
         self._need_info()
         requests = {}
-        for i, segment in enumerate(self.segments):
-            fields = {"dtype": self.cfg.wire_dtype} if segment is None else {"shm": segment.name}
+        for i, shared in enumerate(self.shared):
+            fields = {"shm": self.segment.name} if shared else {"dtype": self.cfg.wire_dtype}
             requests[i] = ("pull", fields, [])
         replies = self._exchange(requests)
         for i, (header, payload) in replies.items():
             info = self.info[i]
-            segment = self.segments[i]
-            if segment is not None:
-                weights[info.start : info.stop].copy_(segment.pull)
+            if self.shared[i]:
+                if not _same_buffer(weights, self.segment.weights):
+                    weights[info.start : info.stop].copy_(
+                        self.segment.weights[info.start : info.stop]
+                    )
                 self._note_version(i, header["version"])
                 continue
             dtype = header.get("dtype")
@@ -257,12 +265,12 @@ class ParameterClient:
                 "dtype": dtype,
             }
             values = grads[info.start : info.stop]
-            segment = self.segments[i]
-            if segment is None:
+            if not self.shared[i]:
                 requests[i] = ("push", fields, [self._encode(i, values)])
-            else:  # the shard reads it there, in place, before it answers
-                segment.push.copy_(values)
-                requests[i] = ("push", fields | {"dtype": "f32", "shm": segment.name}, [])
+                continue
+            if not _same_buffer(grads, self.segment.grads):  # the shard reads it in place
+                self.segment.grads[info.start : info.stop].copy_(values)
+            requests[i] = ("push", fields | {"dtype": "f32", "shm": self.segment.name}, [])
         replies = self._exchange(requests)
         results = []
         for i, (h, _) in sorted(replies.items()):
@@ -289,7 +297,7 @@ class ParameterClient:
         for s in self.sockets:
             s.close(linger=0)
         self.context.term()
-        self._close_segments()
+        self._close_segment()
 
     def __enter__(self) -> ParameterClient:
         return self
@@ -416,6 +424,10 @@ class ParameterClient:
         )
         self._reopen(i)
         p.resend_at = now + backoff
+
+
+def _same_buffer(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.numel() == b.numel()
 
 
 def open_dealer(context: zmq.Context, address: str, curve: Curve | None) -> zmq.Socket:

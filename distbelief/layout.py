@@ -127,20 +127,32 @@ class ShardPlan:
         return [self.range(i) for i in range(self.num_shards)]
 
 
-def flatten_into(model: nn.Module, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+def flatten_into(
+    model: nn.Module,
+    layout: Layout,
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Make ``model``'s parameters and gradients views into two flat float32 buffers.
 
     Returns ``(weights, grads)``. The current parameter values are copied into
     ``weights``; afterwards writing a slice of ``weights`` changes the model and
     ``backward()`` accumulates into ``grads`` (which starts at zero). The buffers live
-    on the device of the model's first parameter.
+    on the device of the model's first parameter, or are ``buffers`` when given (two
+    float32 vectors of ``layout.total`` on that device, such as shared memory).
     """
     params = dict(model.named_parameters())
     if not layout.entries:
         raise ValueError("model has no trainable parameters")
     device = params[layout.entries[0].name].device
-    weights = torch.zeros(layout.total, dtype=torch.float32, device=device)
-    grads = torch.zeros(layout.total, dtype=torch.float32, device=device)
+    if buffers is None:
+        weights = torch.zeros(layout.total, dtype=torch.float32, device=device)
+        grads = torch.zeros(layout.total, dtype=torch.float32, device=device)
+    else:
+        weights, grads = buffers
+        if any(b.shape != (layout.total,) or b.dtype != torch.float32 for b in buffers):
+            raise ValueError(f"buffers must be two float32 vectors of {layout.total}")
+        weights.zero_()  # the padding; parameters are copied in below
+        grads.zero_()
     for e in layout.entries:
         p = params[e.name]
         if tuple(p.shape) != e.shape:

@@ -121,9 +121,7 @@ class Averager(Service):
         self.current: torch.Tensor | None = None  # float32 average, refreshed per update
         self.snapshots = SnapshotPool(self.total)
         self.client = ParameterClient(
-            ClientConfig(
-                servers=cfg.servers, timeout_s=cfg.timeout_s, retries=0, curve=cfg.curve
-            ),
+            ClientConfig(servers=cfg.servers, timeout_s=cfg.timeout_s, retries=0, curve=cfg.curve),
             self.layout,
         )
         self.metrics = AveragerMetrics(new_registry("averager"))

@@ -191,7 +191,7 @@ class Shard(Service):
             self.segments.move_to_end(name)
         else:
             try:
-                segment = Segment.attach(name, self.size)
+                segment = Segment.attach(name, self.layout.total)
             except ValueError as exc:
                 raise ProtocolError("bad_field", f"shared memory: {exc}") from None
             if len(self.segments) >= MAX_SEGMENTS:
@@ -203,7 +203,7 @@ class Shard(Service):
     def _on_pull(self, header: dict, payload: list) -> list[Any]:
         expect_payload(payload, 0)
         if "shm" in header:
-            self._segment(header["shm"]).pull.copy_(self.weights)
+            self._segment(header["shm"]).weights[self.start : self.stop].copy_(self.weights)
             self.counts["pulls"] += 1
             self.metrics.pulls.inc()
             return [protocol.reply(header["rid"], version=self.version, dtype="f32")]
@@ -237,7 +237,8 @@ class Shard(Service):
         if shm:
             if dtype != "f32":
                 raise ProtocolError("bad_field", "a push through shared memory is f32")
-            grad = self._segment(shm).push  # the client's f32 gradient, read in place
+            # the client's f32 gradient, read in place
+            grad = self._segment(shm).grads[self.start : self.stop]
         else:
             grad = protocol.from_wire(body, dtype)
         if dtype != "f32" and not shm:

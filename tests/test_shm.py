@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,25 +48,34 @@ def test_shared_memory_exchange_equals_the_wire_and_moves_only_headers(procs):
     for name, addresses in (("shared", shared), ("wire", wire)):
         with connected(addresses, layout, shared_memory=True) as client:
             if name == "shared":
-                assert all(s is not None for s in client.segments)
-                assert len(our_segments()) == 2
+                assert client.shared == [True, True] and len(our_segments()) == 1
             else:  # serve --no-shared-memory: the offer is declined, the wire used
-                assert client.segments == [None, None]
+                assert client.shared == [False, False] and client.shared_buffers() is None
+                assert not our_segments()
             weights = torch.empty(layout.total)
             for g in grads:
                 client.pull(weights)
                 client.push(g, examples=4)
             assert client.pull(weights) == [3, 3]
             results[name] = weights
-        assert not our_segments()  # close() removed them
+            if name == "shared":  # computing in the segment itself: no copy on our side
+                shared_weights, shared_grads = client.shared_buffers()
+                shared_grads.copy_(grads[0])
+                client.push(shared_grads, examples=4)
+                assert client.pull(shared_weights) == [4, 4]
+                results["in place"] = shared_weights.clone()
+        assert not our_segments()  # close() removed it
+    with connected(wire, layout) as client:  # the same fourth push over the wire
+        client.push(grads[0], examples=4)
+        client.pull(results["wire"])
     # the same momentum updates from the same gradients, bit for bit
-    assert torch.equal(results["shared"], results["wire"])
     assert not torch.equal(results["shared"], initial)
+    assert torch.equal(results["in place"], results["wire"])
 
     text = metrics_text(metrics)
-    assert counter(text, "distbelief_shard_pushes_total") == 3
-    assert counter(text, "distbelief_shard_pulls_total") == 4
-    # 3 pushes and 4 pulls of a 20 MB range moved under 10 KB: only msgpack headers
+    assert counter(text, "distbelief_shard_pushes_total") == 4
+    assert counter(text, "distbelief_shard_pulls_total") == 5
+    # 4 pushes and 5 pulls of a 20 MB range moved under 10 KB: only msgpack headers
     assert counter(text, "distbelief_shard_received_bytes_total") < 10_000
     assert counter(text, "distbelief_shard_sent_bytes_total") < 10_000
     assert counter(text, "distbelief_shard_shared_memory_segments") == 1
@@ -75,14 +85,12 @@ def test_bad_segment_names_are_refused_and_change_nothing(procs, tmp_path):
     (address,) = procs.serve(1, "--num-classes", str(NUM_CLASSES), *PLAIN_SGD)
     layout, initial = initial_weights("googlenet", NUM_CLASSES, 0)
     fingerprint = layout.fingerprint(1)
-    with connected([address], layout) as client:  # a segment of the wrong size
-        size = client.info[0].stop - client.info[0].start
-    small = shm.Segment.create(0, size - 64)
+    small = shm.Segment.create(layout.total - 64)  # a segment of the wrong size
     try:
         for name, why in [
             ("../../etc/passwd", "is not a distbelief shared-memory segment name"),
-            ("distbelief-1-00000000-0", "not on this host?"),
-            (small.name, f"{size} parameters need"),
+            ("distbelief-1-00000000", "not on this host?"),
+            (small.name, f"a vector of {layout.total} parameters needs"),
         ]:
             hello = protocol.request("hello", 1, fingerprint=fingerprint, shm=name)
             reply = protocol.decode(raw_request(address, [hello])[0])
@@ -106,16 +114,36 @@ def test_segments_of_dead_clients_are_removed():
     # a process that made a segment and died with kill -9: its file is left behind
     code = (
         "import os, signal; from distbelief import shm; "
-        "s = shm.Segment.create(0, 1024); print(s.name, flush=True); "
+        "s = shm.Segment.create(1024); print(s.name, flush=True); "
         "os.kill(os.getpid(), signal.SIGKILL)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     name = done.stdout.strip()
     assert done.returncode == -9 and (Path(shm.SHM_DIR) / name).exists()
-    live = shm.Segment.create(1, 1024)  # the next client on the host sweeps it
+    live = shm.Segment.create(1024)  # the next client on the host sweeps it
     try:
         assert not (Path(shm.SHM_DIR) / name).exists()
         assert (Path(shm.SHM_DIR) / live.name).exists()  # its own stays
     finally:
         live.close()
     assert not (Path(shm.SHM_DIR) / live.name).exists()
+
+
+def test_a_cpu_replica_trains_in_shared_memory(procs, tmp_path):
+    metrics = free_ports(2)
+    addresses = procs.serve(2, "--num-classes", str(NUM_CLASSES), "--metrics-port", str(metrics))
+    flags = ["--servers", ",".join(addresses), "--cpu", "1", "--steps", "6", "--batch-size", "8"]
+    flags += ["--num-classes", str(NUM_CLASSES), "--metrics-port", "0", "--json"]
+    before = set(os.listdir(shm.SHM_DIR))
+    proc = procs.start("work", *flags, "--shared-memory", name="work")
+    assert proc.wait(240) == 0, proc.log_path.read_text()[-3000:]
+    log = proc.log_path.read_text()
+    assert "training in shared memory" in log
+    (summary,) = json.loads(log.strip().splitlines()[-1])
+    assert summary["step"] == 6 and summary["pushes"] == 6 and summary["pulls"] == 6
+    assert summary["loss"] == summary["loss"]  # finite, not NaN
+    for shard in range(2):
+        text = metrics_text(metrics + shard)
+        assert counter(text, "distbelief_shard_pushes_total") == 6
+        assert counter(text, "distbelief_shard_received_bytes_total") < 10_000
+    assert set(os.listdir(shm.SHM_DIR)) <= before  # the replica removed its segment

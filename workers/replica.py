@@ -180,6 +180,7 @@ class Replica:
         serve_metrics(self.metrics.registry, cfg.metrics_port, cfg.metrics_bind)
         info = self.client.connect()
         log.info("connected to %d shard(s); %d parameters", len(info), self.layout.parameters)
+        self._train_in_shared_memory()
         total = self.total_steps()
         self.status.total_steps = total
         batches = replica_batches(cfg, self.train_set)
@@ -221,6 +222,16 @@ class Replica:
         self.status.write(cfg.status_file)
         self.client.close()
         return self.status
+
+    def _train_in_shared_memory(self) -> None:
+        """On CPU, without --overlap: compute in the client's shared-memory vectors, so the
+        shards read the gradient and write the weights where the model has them."""
+        shared = self.client.shared_buffers()
+        if shared is None or self.device.type != "cpu" or self.cfg.overlap:
+            return  # a GPU copies through host buffers; --overlap pulls into a spare one
+        self.weights, self.grads = flatten_into(self.model, self.layout, shared)
+        self.host_weights, self.host_grads = self.weights, self.grads
+        log.info("training in shared memory: pushes and pulls copy nothing here")
 
     # -- the pieces of a step --------------------------------------------------------
 
