@@ -47,8 +47,6 @@ ECHO_SERVER = """
 import sys, zmq
 if sys.argv[2] == "tune":
     from distbelief.tuning import keep_freed_memory
-
-ECHO_OVER = {"shm": "tcp"}  # ZeroMQ has no shared-memory transport: the TCP echo
     keep_freed_memory()
 ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1])
 while True:
@@ -71,7 +69,7 @@ def _echo_time(address: str, total: int, reps: int, tune: bool) -> float:
     import zmq
 
     payload = torch.randn(total).numpy()
-    with process([sys.executable, "-c", ECHO_SERVER, address, "tune" if tune else "plain"]):
+    with process([sys.executable, "-c", ECHO_SERVER, address, "tune" if tune else "plain"]) as echo:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -81,7 +79,8 @@ def _echo_time(address: str, total: int, reps: int, tune: bool) -> float:
         def round_trip() -> None:
             sock.send_multipart([b"h", payload], copy=False)
             if not sock.poll(60_000):
-                raise TimeoutError("the echo process did not answer in 60 s")
+                died = echo.stderr.read().decode()[-2000:] if echo.poll() is not None else ""
+                raise TimeoutError(f"the echo process did not answer in 60 s {died}")
             sock.recv_multipart(copy=False)
 
         try:
