@@ -718,7 +718,7 @@ def keys_generate(directory, clients, force) -> None:
 
 
 # `distbelief up` defaults: the demo, tuned to converge on 2 CPU cores in minutes
-DEMO_EPOCHS = 3.0
+DEMO_EPOCHS = 2.75
 DEMO_LR = 0.005
 
 
