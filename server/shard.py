@@ -202,31 +202,32 @@ class Shard(Service):
 
     def _on_pull(self, header: dict, payload: list) -> list[Any]:
         expect_payload(payload, 0)
-        if "shm" in header:
+        if "shm" in header:  # written into the client's segment: no payload
             self._segment(header["shm"]).weights[self.start : self.stop].copy_(self.weights)
-            self.counts["pulls"] += 1
-            self.metrics.pulls.inc()
-            return [protocol.reply(header["rid"], version=self.version, dtype="f32")]
-        dtype = header.get("dtype", "f32")
-        # a snapshot, not a view: the send is zero-copy and the next push changes the weights
-        frame = self.snapshots.frame(self.weights, dtype)
+            dtype, frames = "f32", []
+        else:
+            dtype = header.get("dtype", "f32")
+            # a snapshot, not a view: the send is zero-copy and the next push changes it
+            frames = [self.snapshots.frame(self.weights, dtype)]
         self.counts["pulls"] += 1
         self.metrics.pulls.inc()
-        return [protocol.reply(header["rid"], version=self.version, dtype=dtype), frame]
+        return [protocol.reply(header["rid"], version=self.version, dtype=dtype), *frames]
 
     def _on_push(self, header: dict, payload: list) -> list[Any]:
         began = time.perf_counter()
-        dtype = header["dtype"]
-        shm = header.get("shm")
+        dtype, shm = header["dtype"], header.get("shm")
         expect_payload(payload, 0 if shm else 1)
-        body = b"" if shm else frame_bytes(payload[0])
-        expected = protocol.wire_bytes(dtype, self.size)
-        if not shm and len(body) != expected:
-            raise ProtocolError(
-                "bad_size",
-                f"gradient of {len(body)} bytes; shard {self.cfg.index} holds {self.size} "
-                f"parameters = {expected} bytes as {dtype}",
-            )
+        if shm and dtype != "f32":
+            raise ProtocolError("bad_field", "a push through shared memory is f32")
+        if not shm:
+            body = frame_bytes(payload[0])
+            expected = protocol.wire_bytes(dtype, self.size)
+            if len(body) != expected:
+                raise ProtocolError(
+                    "bad_size",
+                    f"gradient of {len(body)} bytes; shard {self.cfg.index} holds {self.size} "
+                    f"parameters = {expected} bytes as {dtype}",
+                )
         worker, seq = header["worker"], header["seq"]
         staleness = max(0, self.version - header["base_version"])
         # before reading the segment: a retried push's segment may hold its successor
@@ -234,15 +235,12 @@ class Shard(Service):
             self.counts["duplicates"] += 1
             self.metrics.duplicates.inc()
             return [self._push_reply(header["rid"], applied=False, staleness=staleness)]
-        if shm:
-            if dtype != "f32":
-                raise ProtocolError("bad_field", "a push through shared memory is f32")
-            # the client's f32 gradient, read in place
+        if shm:  # the client's f32 gradient, read in place
             grad = self._segment(shm).grads[self.start : self.stop]
-        else:
+        elif dtype == "f32":
             grad = protocol.from_wire(body, dtype)
-        if dtype != "f32" and not shm:
-            grad = self.grad.copy_(grad)
+        else:
+            grad = self.grad.copy_(protocol.from_wire(body, dtype))
         _check_finite(grad)
         self.rule.apply(grad, self.schedule.lr_at(self.examples))
         if self.padding:
