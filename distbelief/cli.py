@@ -80,6 +80,14 @@ RULE_SPECS = [
         ),
     ),
     (
+        "--lr-warmup-epochs",
+        dict(
+            type=click.FloatRange(min=0),
+            default=0.0,
+            help="Raise the learning rate linearly to --lr over these epochs (0: no warm-up).",
+        ),
+    ),
+    (
         "--dataset-size",
         dict(
             type=click.IntRange(min=1),
@@ -88,6 +96,51 @@ RULE_SPECS = [
         ),
     ),
 ]
+
+STALENESS_SPECS = [
+    (
+        "--staleness-policy",
+        dict(
+            type=click.Choice(["none", "async-momentum", "lr-scale", "dc-asgd", "gap-aware"]),
+            default="none",
+            help="How shards adjust a stale push: none (plain Downpour), async-momentum, "
+            "lr-scale, dc-asgd or gap-aware (docs/staleness.md).",
+        ),
+    ),
+    (
+        "--dc-lambda",
+        dict(
+            type=click.FloatRange(min=0),
+            default=2.0,
+            help="DC-ASGD-a's lambda0 (dc-asgd policy).",
+        ),
+    ),
+    (
+        "--weight-history",
+        dict(
+            type=click.IntRange(min=1),
+            default=64,
+            help="Weight copies a shard keeps for dc-asgd and gap-aware (memory: this many "
+            "times the shard's range).",
+        ),
+    ),
+]
+
+
+def staleness_options(f, **defaults):
+    """The staleness-policy flags of serve and up."""
+    return _add_options(f, STALENESS_SPECS, defaults)
+
+
+def staleness_config(kw: dict):
+    """Pop the staleness flags from ``kw`` into a StalenessConfig."""
+    from distbelief.server.staleness import StalenessConfig
+
+    return StalenessConfig(
+        policy=kw.pop("staleness_policy"),
+        dc_lambda=kw.pop("dc_lambda"),
+        history=kw.pop("weight_history"),
+    )
 
 
 def rule_options(f, **defaults):
@@ -178,6 +231,7 @@ def curve_option(*, server: bool):
 )
 @model_options
 @rule_options
+@staleness_options
 @option(
     "--checkpoint-dir",
     type=click.Path(file_okay=False),
@@ -228,6 +282,7 @@ def serve(
         except OSError as exc:
             raise click.UsageError(f"--ipc-dir {kw['ipc_dir']}: {exc.strerror}") from None
     try:
+        kw["staleness"] = staleness_config(kw)
         if shards is not None:
             configs = [_shard_config(ShardConfig, i, shards, kw) for i in range(shards)]
         else:
@@ -309,6 +364,15 @@ DOWNPOUR_SPECS = [
             default=False,
             help="Exchange payloads with shards on this host through /dev/shm (only "
             "headers cross the socket); other shards over the wire.",
+        ),
+    ),
+    (
+        "--warm-start",
+        dict(
+            type=click.FloatRange(0, 1),
+            default=0.0,
+            help="Share of the first epoch replica 0 trains alone before the others start "
+            "(DistBelief's warm start; 0: all at once).",
         ),
     ),
     ("--steps", dict(type=click.IntRange(min=1), default=None, help="Steps per replica.")),
@@ -720,14 +784,22 @@ def keys_generate(directory, clients, force) -> None:
 # `distbelief up` defaults: the demo, tuned to converge on 2 CPU cores in minutes
 DEMO_EPOCHS = 2.75
 DEMO_LR = 0.005
+# chosen by measurement (bench/RESULTS.md, "staleness")
+DEMO_STALENESS_POLICY = "async-momentum"
+DEMO_WARM_START = 0.0
+DEMO_LR_WARMUP_EPOCHS = 0.0
 
 
 def up_rule_options(f):
-    return rule_options(f, dataset_size=None, lr=DEMO_LR)
+    return rule_options(f, dataset_size=None, lr=DEMO_LR, lr_warmup_epochs=DEMO_LR_WARMUP_EPOCHS)
 
 
 def up_downpour_options(f):
-    return downpour_options(f, epochs=DEMO_EPOCHS, shared_memory=True)
+    return downpour_options(f, epochs=DEMO_EPOCHS, shared_memory=True, warm_start=DEMO_WARM_START)
+
+
+def up_staleness_options(f):
+    return staleness_options(f, staleness_policy=DEMO_STALENESS_POLICY)
 
 
 @cli.command()
@@ -746,6 +818,7 @@ def up_downpour_options(f):
 )
 @option("--seed", type=int, default=0)
 @up_rule_options
+@up_staleness_options
 @option(
     "--run-dir",
     type=click.Path(file_okay=False),
@@ -815,14 +888,20 @@ def up(
             plan_devices(gpu=gpu, gpu_ids=None, cpu=None)
         except DeviceError as exc:
             raise click.ClickException(str(exc)) from None
-    serve_args = _flags(kw, "rule", "lr", "momentum", "weight_decay", "lr_decay", "lr_decay_epochs")
+    serve_args = _flags(
+        kw,
+        *("rule", "lr", "momentum", "weight_decay", "lr_decay", "lr_decay_epochs"),
+        *("lr_warmup_epochs", "staleness_policy", "dc_lambda", "weight_history"),
+    )
     serve_args += ["--dataset-size", str(kw["dataset_size"] or len(train_set))]
     if checkpoint_dir:
         serve_args += ["--checkpoint-dir", checkpoint_dir]
     replicas = gpu or cpu or 2
     steps = kw["steps"] or int((kw["epochs"] or 1.0) * (len(train_set) // (batch_size * replicas)))
     start = int(average_from * steps * replicas / kw["push_every"])  # shard versions
-    work_args = _flags(kw, "fetch_every", "push_every", "wire_dtype", "steps", "epochs")
+    work_args = _flags(
+        kw, "fetch_every", "push_every", "wire_dtype", "steps", "epochs", "warm_start"
+    )
     work_args += ["--batch-size", str(batch_size), "--overlap" if kw["overlap"] else "--no-overlap"]
     work_args += ["--shared-memory" if kw["shared_memory"] else "--no-shared-memory"]
     cfg = UpConfig(

@@ -152,6 +152,48 @@ class ShardMetrics:
             "Shared-memory segments of clients on this host mapped by the shard",
             registry=r,
         )
+        self.mean_staleness = Gauge(
+            p + "staleness_mean",
+            "Running mean staleness of pushes (what the async-momentum policy reads)",
+            registry=r,
+        )
+        self.effective_momentum = Gauge(
+            p + "effective_momentum",
+            "Momentum the update rule used for the last push (after the staleness policy)",
+            registry=r,
+        )
+        self.effective_learning_rate = Gauge(
+            p + "effective_learning_rate",
+            "Learning rate the last push was applied with (after the staleness policy)",
+            registry=r,
+        )
+        self.correction = Gauge(
+            p + "staleness_correction_ratio",
+            "Size of the last push's delay compensation relative to its gradient",
+            registry=r,
+        )
+        self.history_bytes = Gauge(
+            p + "weight_history_bytes",
+            "Memory of the weight copies kept for delay compensation",
+            registry=r,
+        )
+        self.history_misses = Counter(
+            p + "weight_history_misses",
+            "Stale pushes applied uncompensated: their base version was no longer kept",
+            registry=r,
+        )
+        self._misses_seen = 0
+
+    def observe_update(self, applied, updater) -> None:
+        """Export what the staleness policy did with one push."""
+        self.effective_learning_rate.set(applied.lr)
+        if applied.momentum is not None:
+            self.effective_momentum.set(applied.momentum)
+        self.correction.set(applied.correction)
+        if updater.history is not None:
+            self.history_bytes.set(updater.history.bytes)
+            self.history_misses.inc(updater.history.misses - self._misses_seen)
+            self._misses_seen = updater.history.misses
 
 
 @dataclass

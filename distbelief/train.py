@@ -71,6 +71,7 @@ class TrainConfig:
     weight_decay: float = 0.0002
     lr_decay: float = 0.96
     lr_decay_epochs: float = 8.0
+    lr_warmup_epochs: float = 0.0
     dataset_size: int | None = None  # None: the training set's size
     threads: int | None = None
     log_every: int = 20
@@ -89,13 +90,14 @@ class TrainResult:
     top1: float
     top5: float
     curve: list[tuple[int, float]] = field(default_factory=list)
+    weights: torch.Tensor | None = field(default=None, repr=False)  # the final flat weights
 
     @property
     def images_per_s(self) -> float:
         return self.examples / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "curve"} | {
+        return {k: v for k, v in asdict(self).items() if k not in ("curve", "weights")} | {
             "images_per_s": self.images_per_s
         }
 
@@ -124,6 +126,7 @@ def train_reference(cfg: TrainConfig, *, show_progress: bool = True) -> TrainRes
         decay=cfg.lr_decay,
         decay_epochs=cfg.lr_decay_epochs,
         dataset_size=cfg.dataset_size or len(train_set),
+        warmup_epochs=cfg.lr_warmup_epochs,
     )
     total = cfg.steps or math.ceil((cfg.epochs or 1.0) * len(train_set) / cfg.batch_size)
     batches = iterate_batches(train_set, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -151,4 +154,5 @@ def train_reference(cfg: TrainConfig, *, show_progress: bool = True) -> TrainRes
         top1=scores["top1"],
         top5=scores["top5"],
         curve=curve,
+        weights=optimizer.param_groups[0]["params"][0].detach().clone(),
     )

@@ -47,6 +47,7 @@ class ShardCheckpointer:
         """Write a checkpoint of the shard's state now; return its path."""
         s = self.shard
         tensors = {"weights": s.weights, **{f"state.{k}": v for k, v in s.rule.state().items()}}
+        tensors |= {f"policy.{k}": v for k, v in s.updater.state().items()}
         meta = {
             "version": s.version,
             "examples": s.examples,
@@ -84,6 +85,9 @@ class ShardCheckpointer:
         s.weights.copy_(ckpt.tensors["weights"])
         s.rule.load_state(
             {k[len("state.") :]: v for k, v in ckpt.tensors.items() if k.startswith("state.")}
+        )
+        s.updater.load_state(
+            {k[len("policy.") :]: v for k, v in ckpt.tensors.items() if k.startswith("policy.")}
         )
         s.version = ckpt.meta_json("version")
         s.examples = ckpt.meta_json("examples")

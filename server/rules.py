@@ -12,7 +12,10 @@ construction exactly what ``torch.optim`` computes.
   rate γ/√Σg² that Downpour SGD used, as ``torch.optim.Adagrad`` computes it.
 
 The learning rate comes from :class:`Schedule`: ``lr0 · decay^floor(epoch / decay_epochs)``
-with ``epoch = examples seen / dataset size`` (the GoogLeNet paper: 4% every 8 epochs).
+with ``epoch = examples seen / dataset size`` (the GoogLeNet paper: 4% every 8 epochs),
+optionally after a linear warm-up over the first ``warmup_epochs``: the rate rises from
+``lr0 / W`` at the first example to ``lr0`` at ``W = warmup_epochs · dataset size``
+examples (a factor ``min(1, (examples + 1) / W)``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Schedule:
     decay: float = 0.96
     decay_epochs: float = 8.0
     dataset_size: int = 1_281_167  # ImageNet-1k train images
+    warmup_epochs: float = 0.0  # linear warm-up of the rate; 0: none
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -45,13 +49,19 @@ class Schedule:
             raise ValueError(f"lr decay epochs must be positive, got {self.decay_epochs}")
         if self.dataset_size <= 0:
             raise ValueError(f"dataset size must be positive, got {self.dataset_size}")
+        if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):
+            raise ValueError(f"warm-up epochs must be 0 or more, got {self.warmup_epochs}")
 
     def epoch(self, examples: int) -> float:
         return examples / self.dataset_size
 
     def lr_at(self, examples: int) -> float:
         """The learning rate in force once ``examples`` examples have been applied."""
-        return self.lr * self.decay ** math.floor(self.epoch(examples) / self.decay_epochs)
+        lr = self.lr * self.decay ** math.floor(self.epoch(examples) / self.decay_epochs)
+        warmup = self.warmup_epochs * self.dataset_size
+        if examples + 1 < warmup:
+            lr *= (examples + 1) / warmup
+        return lr
 
 
 class UpdateRule:

@@ -29,6 +29,7 @@ from distbelief.tuning import keep_freed_memory
 from .checkpoints import ShardCheckpointer
 from .rules import RULES, Schedule, make_rule
 from .service import Service, ServiceLoop, SnapshotPool, expect_payload, frame_bytes
+from .staleness import StalenessConfig, Updater
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ class ShardConfig:
     weight_decay: float = 0.0002
     lr_decay: float = 0.96
     lr_decay_epochs: float = 8.0
+    lr_warmup_epochs: float = 0.0
     dataset_size: int = 1_281_167
+    staleness: StalenessConfig = StalenessConfig()
     threads: int | None = None  # torch threads for the update; None: torch's default
     checkpoint_dir: str | None = None
     checkpoint_every_s: float = 600.0
@@ -87,12 +90,17 @@ class ShardConfig:
             decay=self.lr_decay,
             decay_epochs=self.lr_decay_epochs,
             dataset_size=self.dataset_size,
+            warmup_epochs=self.lr_warmup_epochs,
         )
 
     def hparams(self) -> dict[str, Any]:
         keys = ("rule", "lr", "momentum", "weight_decay", "lr_decay", "lr_decay_epochs")
         d = asdict(self)
-        return {k: d[k] for k in keys} | {"dataset_size": self.dataset_size}
+        return {k: d[k] for k in keys} | {
+            "lr_warmup_epochs": self.lr_warmup_epochs,
+            "dataset_size": self.dataset_size,
+            "staleness_policy": self.staleness.policy,
+        }
 
 
 def shard_socket_path(ipc_dir: str, index: int) -> str:
@@ -126,6 +134,7 @@ class Shard(Service):
             cfg.rule, self.weights, weight_decay=cfg.weight_decay, momentum=cfg.momentum
         )
         self.schedule = cfg.schedule()
+        self.updater = Updater(self.rule, self.schedule, cfg.staleness)
         self.grad = torch.empty(self.size, dtype=torch.float32)  # bf16/f16 pushes land here
         self.snapshots = SnapshotPool(self.size)
         self.checkpointer: ShardCheckpointer | None = None
@@ -209,6 +218,7 @@ class Shard(Service):
             dtype = header.get("dtype", "f32")
             # a snapshot, not a view: the send is zero-copy and the next push changes it
             frames = [self.snapshots.frame(self.weights, dtype)]
+        self.updater.pulled(self.version)  # the base of this client's next push
         self.counts["pulls"] += 1
         self.metrics.pulls.inc()
         return [protocol.reply(header["rid"], version=self.version, dtype=dtype), *frames]
@@ -242,7 +252,13 @@ class Shard(Service):
         else:
             grad = self.grad.copy_(protocol.from_wire(body, dtype))
         _check_finite(grad)
-        self.rule.apply(grad, self.schedule.lr_at(self.examples))
+        applied = self.updater.apply(
+            grad,
+            examples_before=self.examples,
+            staleness=staleness,
+            base_version=header["base_version"],
+        )
+        self.metrics.observe_update(applied, self.updater)
         if self.padding:
             self.weights[-self.padding :] = 0  # whatever a client sent for it
         self._count_push(worker, seq, header["examples"], staleness)
@@ -318,6 +334,7 @@ class Shard(Service):
         m = self.metrics
         m.version.set(self.version)
         m.learning_rate.set(self.schedule.lr_at(self.examples))
+        m.mean_staleness.set(self.updater.mean_staleness)
         m.epoch.set(self.schedule.epoch(self.examples))
 
     def recent_workers(self, now: float | None = None) -> int:
@@ -342,6 +359,12 @@ class Shard(Service):
             "updates_per_s": (len(recent) - 1) / span if span > 0 else 0.0,
             "staleness_p50": _quantile(stale, 0.5),
             "staleness_p95": _quantile(stale, 0.95),
+            "staleness_mean": self.updater.mean_staleness,
+            "staleness_policy": self.cfg.staleness.policy,
+            "effective_lr": self.updater.last.lr,
+            "effective_momentum": self.updater.last.momentum,
+            "correction": self.updater.last.correction,
+            "history_misses": self.updater.history.misses if self.updater.history else 0,
             "workers_recent": self.recent_workers(now),
             **self.counts,
             "rejected": dict(self.rejected),
@@ -396,7 +419,7 @@ def run_shard(cfg: ShardConfig) -> None:
             shard.stop,
             layout.total,
             cfg.model,
-            cfg.rule,
+            f"{cfg.rule}, staleness policy {cfg.staleness.policy}",
             server.address + (f" and ipc://{server.ipc_path}" if server.ipc_path else ""),
         )
         server.run()

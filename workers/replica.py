@@ -42,6 +42,8 @@ from distbelief.train import forward_backward
 log = logging.getLogger(__name__)
 
 STATUS_EVERY_S = 1.0  # how often the status file that `up` and `work` read is rewritten
+WARM_START_POLL_S = 0.5  # how often a waiting replica asks shard 0 how far replica 0 got
+WARM_START_STALL_S = 120.0  # stop waiting when the shards' examples stand still this long
 LOSS_WINDOW = 10  # steps averaged for the status file's first and recent loss
 
 
@@ -63,6 +65,7 @@ class ReplicaConfig:
     wire_dtype: str = "f32"
     overlap: bool = False
     shared_memory: bool = False  # payloads through /dev/shm with shards on this host
+    warm_start: float = 0.0  # share of the first epoch replica 0 trains alone
     amp: str | None = None  # "bf16" or "f16": autocast on CUDA
     channels_last: bool = False
     steps: int | None = None
@@ -87,6 +90,8 @@ class ReplicaConfig:
             raise ValueError("give --steps or --epochs, not both")
         if self.amp not in (None, "bf16", "f16"):
             raise ValueError(f"--amp must be bf16 or f16, got {self.amp!r}")
+        if not 0 <= self.warm_start <= 1:
+            raise ValueError(f"--warm-start must lie in [0, 1], got {self.warm_start}")
         if not 0 <= self.index < self.num_replicas:
             raise ValueError(f"replica index {self.index} out of range for {self.num_replicas}")
 
@@ -181,6 +186,7 @@ class Replica:
         info = self.client.connect()
         log.info("connected to %d shard(s); %d parameters", len(info), self.layout.parameters)
         self._train_in_shared_memory()
+        self._wait_for_warm_start(info[0].hparams.get("dataset_size"))
         total = self.total_steps()
         self.status.total_steps = total
         batches = replica_batches(cfg, self.train_set)
@@ -222,6 +228,26 @@ class Replica:
         self.status.write(cfg.status_file)
         self.client.close()
         return self.status
+
+    def _wait_for_warm_start(self, dataset_size: int | None) -> None:
+        """Replicas other than 0 wait until the shards have seen the warm-start share of
+        the first epoch: replica 0 alone takes the network off its initial plateau, with
+        fresh gradients, as DistBelief started Downpour with one replica."""
+        if self.cfg.index == 0 or self.cfg.warm_start <= 0 or not dataset_size:
+            return
+        goal = self.cfg.warm_start * dataset_size
+        seen, last_change, logged = -1, time.monotonic(), 0.0
+        while (examples := self.client.stats()[0]["examples"]) < goal:
+            now = time.monotonic()
+            if examples != seen:
+                seen, last_change = examples, now
+            elif now - last_change > WARM_START_STALL_S:
+                log.warning("warm start: no progress for %g s; starting", WARM_START_STALL_S)
+                return
+            if now - logged >= 10.0:
+                log.info("warm start: waiting for replica 0 (%d of %d examples)", examples, goal)
+                logged = now
+            time.sleep(WARM_START_POLL_S)
 
     def _train_in_shared_memory(self) -> None:
         """On CPU, without --overlap: compute in the client's shared-memory vectors, so the
