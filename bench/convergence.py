@@ -4,15 +4,19 @@ In one run, on the demo set, each for ``--seconds`` of training on the same mach
 
 - the reference trainer (``torch.optim.SGD`` in this process, all cores' threads);
 - ``distbelief serve --shards 2`` + ``distbelief average`` + ``distbelief work --cpu N``
-  (real subprocesses) for each N in ``--replicas``; the averager keeps the Polyak
-  average of the iterates from ``--polyak-from`` of the run on (estimated in epochs
-  from the reference trainer's speed).
+  (real subprocesses) for each N in ``--replicas`` and each staleness policy in
+  ``--policies`` (``none`` is plain Downpour; ``+warm`` adds ``work --warm-start`` and
+  ``serve --lr-warmup-epochs``, as in ``bench.staleness``); the averager keeps the
+  Polyak average of the iterates from ``--polyak-from`` of the run on (estimated in
+  epochs from the reference trainer's speed).
 
 Every ``--snapshot-every-s`` the weights (the shards', the averager's) are copied;
 after all runs every snapshot is evaluated on ``--eval-examples`` held-out images,
 so evaluation costs no training time. Writes ``convergence.csv`` and
-``convergence.png`` to ``--out`` and prints each run's final top-1 with the ratio to
-the reference trainer's at the same wall-clock time.
+``convergence.png`` (top-1 against seconds and against images seen) to ``--out``
+and prints each run's final top-1 with two ratios to the reference trainer: at the same
+wall-clock time, and at the same number of images seen (the reference's curve
+interpolated at the run's images; learning per image, what staleness costs).
 
 Usage: ``python -m bench.convergence [--seconds 150] [--replicas 2,4] [--out bench/out]``.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import tempfile
 import time
@@ -31,6 +36,8 @@ import torch
 from distbelief.server.rules import Schedule
 
 from bench.common import distbelief_cmd, machine, process, random_port_start, serve
+from bench.staleness import policy_flags
+from distbelief.cli import DEMO_LR_WARMUP_EPOCHS, DEMO_POLICY_SPEC, DEMO_WARM_START
 from distbelief.client import ClientConfig, ParameterClient, ServerRefused, probe_stats
 from distbelief.data import evaluate, iterate_batches, load_dataset
 from distbelief.launcher import free_port_run
@@ -109,16 +116,23 @@ def _pull(address: list[str], layout: Layout) -> torch.Tensor | None:
     return weights
 
 
-def async_run(args: argparse.Namespace, replicas: int, start_epoch: float) -> tuple[Run, Run]:
+def async_run(
+    args: argparse.Namespace, replicas: int, policy: str, start_epoch: float
+) -> tuple[Run, Run]:
     """Shards + averager + N replicas; snapshots of the shards' and the averaged weights."""
     layout = Layout.of(build_model(MODEL, args.num_classes), MODEL)
     hyper = ["--lr", str(args.lr), "--momentum", str(args.momentum)]
     hyper += ["--weight-decay", str(args.weight_decay), "--seed", str(args.seed)]
-    shards_run, polyak_run = Run(f"async, {replicas} replicas"), Run(f"Polyak, {replicas} replicas")
+    serve_flags, work_flags = policy_flags(policy, args.warm_start, args.lr_warmup_epochs)
+    name = f"{replicas} replicas, {policy}"
+    shards_run, polyak_run = Run(f"async, {name}"), Run(f"Polyak, {name}")
     classes = ["--num-classes", str(args.num_classes)]
     with (
         tempfile.TemporaryDirectory() as tmp,
-        serve(2, *classes, *hyper, "--dataset-size", str(args.dataset_size)) as (servers, _),
+        serve(2, *classes, *hyper, *serve_flags, "--dataset-size", str(args.dataset_size)) as (
+            servers,
+            _,
+        ),
     ):
         averager = f"tcp://127.0.0.1:{free_port_run(1, random_port_start())}"
         average = distbelief_cmd(
@@ -133,6 +147,7 @@ def async_run(args: argparse.Namespace, replicas: int, start_epoch: float) -> tu
             "--batch-size", str(args.batch_size), *classes, "--seed", str(args.seed),
             "--metrics-port", "0", "--status-dir", tmp, "--log-level", "WARNING",
             "--shared-memory",  # as distbelief up runs its replicas
+            *work_flags,
         )  # fmt: skip
         with process(average), process(work) as proc:
             t0 = _first_status(Path(tmp), proc, time.monotonic() + START_TIMEOUT_S)
@@ -165,6 +180,16 @@ def evaluate_runs(args: argparse.Namespace, runs: list[Run]) -> None:
             run.top1.append(float(scores["top1"]))
 
 
+def reference_at(reference: Run, examples: int) -> float | None:
+    """The reference trainer's top-1 after ``examples`` images (linear between its
+    snapshots); None beyond its last snapshot."""
+    points = [(e, t) for (_, e, _), t in zip(reference.snapshots, reference.top1, strict=True)]
+    for (e0, t0), (e1, t1) in itertools.pairwise(points):
+        if e0 <= examples <= e1:
+            return t0 if e1 == e0 else t0 + (t1 - t0) * (examples - e0) / (e1 - e0)
+    return None
+
+
 def write_outputs(runs: list[Run], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / "convergence.csv").open("w", newline="") as f:
@@ -178,14 +203,17 @@ def write_outputs(runs: list[Run], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for run in runs:
-        ax.plot([s for s, _, _ in run.snapshots], run.top1, marker="o", label=run.name)
-    ax.set_xlabel("wall-clock seconds of training")
-    ax.set_ylabel("held-out top-1")
-    ax.set_title("GoogLeNet on the demo set")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        for ax, x in zip(axes, (0, 1), strict=True):
+            ax.plot([s[x] for s in run.snapshots], run.top1, marker="o", label=run.name)
+    axes[0].set_xlabel("wall-clock seconds of training")
+    axes[1].set_xlabel("images seen")
+    axes[0].set_ylabel("held-out top-1")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("GoogLeNet on the demo set")
     fig.tight_layout()
     fig.savefig(out / "convergence.png", dpi=120)
     plt.close(fig)
@@ -196,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=150.0, help="training time per run")
     parser.add_argument("--snapshot-every-s", type=float, default=15.0)
     parser.add_argument("--replicas", default="2,4")
+    parser.add_argument(
+        "--policies",
+        default=f"none,{DEMO_POLICY_SPEC}",
+        help="staleness policies of the async runs (+warm: warm start and lr warm-up)",
+    )
+    parser.add_argument("--warm-start", type=float, default=DEMO_WARM_START)
+    parser.add_argument("--lr-warmup-epochs", type=float, default=DEMO_LR_WARMUP_EPOCHS)
     parser.add_argument("--polyak-from", type=float, default=0.5, help="fraction of the run")
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument("--data", default="demo", help="demo; synthetic has 1000 classes")
@@ -213,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     start_epoch = args.polyak_from * reference.snapshots[-1][1] / args.dataset_size
     runs = [reference]
     for replicas in [int(x) for x in args.replicas.split(",")]:
-        runs += async_run(args, replicas, start_epoch)
+        for policy in args.policies.split(","):
+            runs += async_run(args, replicas, policy, start_epoch)
     evaluate_runs(args, runs)
     write_outputs(runs, Path(args.out))
     ref_top1 = reference.top1[-1]
@@ -223,10 +259,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run.name}: nothing averaged yet (start epoch {start_epoch:.3f} not reached)")
             continue
         seconds, examples, _ = run.snapshots[-1]
+        at_images = reference_at(reference, examples)
+        same_images = (
+            f"reference at {examples} images {at_images:.1%}, "
+            f"ratio {run.top1[-1] / max(at_images, 1e-9):.2f}"
+            if at_images is not None
+            else "beyond the reference's images"
+        )
         print(
             f"held-out top-1 after {seconds:.0f} s: reference trainer {ref_top1:.1%}, "
             f"{run.name} {run.top1[-1]:.1%} ({examples} images), "
-            f"ratio {run.top1[-1] / max(ref_top1, 1e-9):.2f}"
+            f"ratio {run.top1[-1] / max(ref_top1, 1e-9):.2f}; at equal images: {same_images}"
         )
     print(f"wrote {args.out}/convergence.csv and {args.out}/convergence.png")
     return 0

@@ -788,6 +788,8 @@ DEMO_LR = 0.005
 DEMO_STALENESS_POLICY = "async-momentum"
 DEMO_WARM_START = 0.0
 DEMO_LR_WARMUP_EPOCHS = 0.0
+# the same default as a policy spec of bench.staleness and bench.convergence
+DEMO_POLICY_SPEC = DEMO_STALENESS_POLICY + ("+warm" if DEMO_WARM_START else "")
 
 
 def up_rule_options(f):

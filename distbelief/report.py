@@ -61,12 +61,13 @@ def shard_table(stats: list[dict[str, Any] | None], addresses: list[str]) -> Tab
         "epoch",
         "lr",
         "staleness p50/p95",
+        "policy (momentum)",
         "replicas",
     ):
         table.add_column(col, justify="left" if col in ("shard", "address") else "right")
     for i, (s, address) in enumerate(zip(stats, addresses, strict=True)):
         if s is None:
-            table.add_row(str(i), address, "[red]no answer[/red]", *["-"] * 6)
+            table.add_row(str(i), address, "[red]no answer[/red]", *["-"] * 7)
             continue
         table.add_row(
             str(i),
@@ -77,9 +78,17 @@ def shard_table(stats: list[dict[str, Any] | None], addresses: list[str]) -> Tab
             _num(s["epoch"], "{:.2f}"),
             _num(s["lr"], "{:.4g}"),
             f"{s['staleness_p50']:.0f}/{s['staleness_p95']:.0f}",
+            _policy(s),
             _num(s["workers_recent"]),
         )
     return table
+
+
+def _policy(stats: dict[str, Any]) -> str:
+    """The staleness policy in force and the momentum the last push was applied with."""
+    policy = stats.get("staleness_policy", "-")
+    momentum = stats.get("effective_momentum")
+    return policy if momentum is None else f"{policy} ({momentum:.2f})"
 
 
 def show(*renderables: Any, stderr: bool = False) -> None:

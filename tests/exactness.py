@@ -1,9 +1,11 @@
 """Run one worker through live shards beside torch.optim.SGD; print the comparison.
 
-``python -m tests.exactness RULE tcp://a,tcp://b`` (used by tests/test_serve.py in a
-fresh interpreter). The reference trainer's loop (``torch.optim.SGD`` over the flat
-parameters, same seed, batches, dropout masks, hyper-parameters and schedule) runs on
-its own beside the worker, and after every step the weights the worker pulls from the
+``python -m tests.exactness RULE tcp://a,tcp://b [WARMUP_EPOCHS]`` (used by
+tests/test_serve.py in a fresh interpreter; the shards may run any staleness policy:
+with one worker every push is fresh, and each policy is then the plain rule). The
+reference trainer's loop (``torch.optim.SGD`` over the flat parameters, same seed,
+batches, dropout masks, hyper-parameters and schedule, warm-up included) runs on its
+own beside the worker, and after every step the weights the worker pulls from the
 shards are compared with the reference's. Prints JSON: how many steps matched bit for
 bit, the largest relative difference, and the shards' versions, examples and rate.
 """
@@ -30,7 +32,7 @@ DATASET_SIZE = 32  # tiny, so the 0.96 step schedule kicks in every 2 steps (dec
 HP = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.0005}
 
 
-def compare(rule: str, addresses: list[str]) -> dict:
+def compare(rule: str, addresses: list[str], warmup_epochs: float = 0.0) -> dict:
     """Train one worker through the shards and, beside it, the reference trainer's
     ``torch.optim.SGD`` on its own from the same seed, batches and schedule; after every
     step compare the weights the worker pulls with the reference's."""
@@ -51,7 +53,13 @@ def compare(rule: str, addresses: list[str]) -> dict:
         nesterov=rule == "nesterov",
     )
     (ref_weights,) = opt.param_groups[0]["params"]
-    schedule = Schedule(lr=HP["lr"], decay=0.96, decay_epochs=0.5, dataset_size=DATASET_SIZE)
+    schedule = Schedule(
+        lr=HP["lr"],
+        decay=0.96,
+        decay_epochs=0.5,
+        dataset_size=DATASET_SIZE,
+        warmup_epochs=warmup_epochs,
+    )
     fresh, worst, exact_steps, examples = True, 0.0, 0, 0
     cfg = ClientConfig(servers=tuple(addresses), timeout_s=60, retries=1)
     with ParameterClient(cfg, layout) as client:
@@ -92,4 +100,5 @@ def compare(rule: str, addresses: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(compare(sys.argv[1], sys.argv[2].split(","))))
+    warmup = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    print(json.dumps(compare(sys.argv[1], sys.argv[2].split(","), warmup)))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from distbelief.server.shard import initial_weights
 
+from distbelief.cli import DEMO_STALENESS_POLICY
 from distbelief.client import ClientConfig, ParameterClient, ServerRefused
 from distbelief.layout import Layout
 from distbelief.models import build_model
@@ -30,10 +31,27 @@ def client_for(addresses, layout, **kw) -> ParameterClient:
     return client
 
 
-@pytest.mark.parametrize("rule", ["momentum", "nesterov"])
-def test_one_worker_through_two_shards_reproduces_torch_sgd(procs, rule):
+@pytest.mark.parametrize(
+    "rule,policy,warmup",
+    [
+        ("momentum", "none", 0.0),
+        ("nesterov", "none", 0.0),
+        # distbelief up's default policy, with a warm-up over the first 5 steps
+        (
+            "momentum",
+            DEMO_STALENESS_POLICY,
+            5 * BATCH / DATASET_SIZE,
+        ),
+        ("momentum", "dc-asgd", 0.0),
+    ],
+)
+def test_one_worker_through_two_shards_reproduces_torch_sgd(procs, rule, policy, warmup):
     addresses = procs.serve(
         2,
+        "--staleness-policy",
+        policy,
+        "--lr-warmup-epochs",
+        str(warmup),
         "--num-classes",
         str(NUM_CLASSES),
         "--seed",
@@ -54,7 +72,7 @@ def test_one_worker_through_two_shards_reproduces_torch_sgd(procs, rule):
     # the worker and the reference run in a fresh interpreter: CPU kernels other tests
     # warmed up in this process (oneDNN's primitive cache) must not be part of the result
     run = subprocess.run(
-        [sys.executable, "-m", "tests.exactness", rule, ",".join(addresses)],
+        [sys.executable, "-m", "tests.exactness", rule, ",".join(addresses), str(warmup)],
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,

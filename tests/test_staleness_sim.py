@@ -1,0 +1,78 @@
+"""The staleness simulator (bench/staleness.py): τ = 0 is the reference trainer bit for
+bit; with staleness it runs every policy and reports a table."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.staleness import SimConfig, StalenessModel, read_histogram, simulate
+from distbelief.train import TrainConfig, train_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, BATCH = 12, 8
+HP = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.0005}
+
+
+def test_one_replica_is_the_reference_trainer_bit_for_bit():
+    ref = train_reference(
+        TrainConfig(steps=STEPS, batch_size=BATCH, num_classes=10, seed=3, **HP),
+        show_progress=False,
+    )
+    sim = simulate(SimConfig(replicas=1, examples=STEPS * BATCH, batch_size=BATCH, seed=3, **HP))
+    assert ref.weights is not None and not torch.equal(ref.weights, torch.zeros(1))
+    assert torch.equal(sim.weights, ref.weights)  # the same floats, not just close
+    stale = simulate(SimConfig(replicas=4, examples=STEPS * BATCH, batch_size=BATCH, seed=3, **HP))
+    assert not torch.equal(stale.weights, ref.weights)  # staleness changes the run
+
+
+def test_round_robin_staleness_ramps_to_n_minus_one_after_the_warm_start():
+    model = StalenessModel(SimConfig(replicas=4), warm_steps=3)
+    assert [model.tau(t) for t in range(9)] == [0, 0, 0, 0, 1, 2, 3, 3, 3]
+
+
+def test_histogram_from_a_shards_metrics_text(tmp_path):
+    text = "\n".join(
+        [
+            "# HELP distbelief_shard_staleness Versions applied",
+            "# TYPE distbelief_shard_staleness histogram",
+            'distbelief_shard_staleness_bucket{le="0.0"} 10.0',
+            'distbelief_shard_staleness_bucket{le="1.0"} 10.0',
+            'distbelief_shard_staleness_bucket{le="2.0"} 40.0',
+            'distbelief_shard_staleness_bucket{le="+Inf"} 40.0',
+            "distbelief_shard_staleness_count 40.0",
+            "distbelief_shard_staleness_sum 70.0",
+        ]
+    )
+    (tmp_path / "metrics.txt").write_text(text)
+    assert read_histogram(str(tmp_path / "metrics.txt")) == ((0, 0.25), (2, 0.75))
+    model = StalenessModel(
+        SimConfig(replicas=2, staleness_histogram=((0, 0.25), (2, 0.75))), warm_steps=0
+    )
+    draws = [model.tau(100) for _ in range(400)]
+    assert set(draws) == {0, 2} and 250 < draws.count(2) < 350
+
+
+def test_the_command_runs_every_policy_and_prints_ratios(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.staleness", "--replicas", "1,4", "--seeds", "0,1"]
+        + ["--examples", "64", "--batch-size", "8", "--points", "2", "--eval-examples", "64"]
+        + ["--policies", "none,async-momentum,lr-scale,dc-asgd,gap-aware,async-momentum+warm"]
+        + ["--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    assert len(re.findall(r"\| ratio \d", out)) == 7, out  # the reference and six policies at N = 4
+    summary = json.loads((tmp_path / "staleness.json").read_text())["summary"]
+    assert {r["policy"] for r in summary if r["replicas"] == 4} == {
+        "none", "async-momentum", "lr-scale", "dc-asgd", "gap-aware", "async-momentum+warm"
+    }  # fmt: skip
+    assert all(0 <= t <= 1 for r in summary for t in r["top1"])
