@@ -27,6 +27,8 @@ Usage: ``python -m bench.staleness [--replicas 1,2,4,8,16,32] [--examples 9600] 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import math
 import random
@@ -70,6 +72,8 @@ class SimConfig:
     warm_start: float = 0.05  # with +warm: share of the first epoch replica 0 trains alone
     lr_warmup_epochs: float = 0.05  # with +warm: linear warm-up of the rate
     staleness_histogram: tuple[tuple[int, float], ...] = ()  # (τ, probability); () = N−1
+    staleness_decay: float = StalenessConfig.staleness_decay  # async-momentum's running mean
+    dc_lambda: float = StalenessConfig.dc_lambda
     eval_examples: int = 1000
     threads: int | None = None
 
@@ -127,8 +131,7 @@ def simulate(cfg: SimConfig) -> SimResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # the reference trainer's order of construction: data, seed, model (same RNG draws)
-    train_set = load_dataset(cfg.data, "train", image_size=cfg.image_size, seed=cfg.seed)
-    val_set = load_dataset(cfg.data, "val", image_size=cfg.image_size, seed=cfg.seed)
+    train_set, val_set = _datasets(cfg.data, cfg.image_size, cfg.seed)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.num_classes or train_set.num_classes)
     layout = Layout.of(model, cfg.model)
@@ -141,7 +144,10 @@ def simulate(cfg: SimConfig) -> SimResult:
         dataset_size=len(train_set),
         warmup_epochs=cfg.lr_warmup_epochs if warm else 0.0,
     )
-    updater = Updater(rule, schedule, StalenessConfig(policy=cfg.base_policy))
+    policy = StalenessConfig(
+        policy=cfg.base_policy, staleness_decay=cfg.staleness_decay, dc_lambda=cfg.dc_lambda
+    )
+    updater = Updater(rule, schedule, policy)
     warm_steps = math.ceil(cfg.warm_start * len(train_set) / cfg.batch_size) if warm else 0
     staleness = StalenessModel(cfg, warm_steps)
     history = [shard.clone() for _ in range(staleness.max_tau + 1)]  # ring: version % len
@@ -165,6 +171,15 @@ def simulate(cfg: SimConfig) -> SimResult:
     result.seconds = time.perf_counter() - began
     result.weights = shard
     return result
+
+
+@functools.lru_cache(maxsize=6)
+def _datasets(data: str, image_size: int, seed: int):
+    """The train and held-out splits, built once per process (a grid reuses them)."""
+    return (
+        load_dataset(data, "train", image_size=image_size, seed=seed),
+        load_dataset(data, "val", image_size=image_size, seed=seed),
+    )
 
 
 def _top1(model, replica: torch.Tensor, shard: torch.Tensor, val_set, cfg: SimConfig) -> float:
@@ -222,26 +237,42 @@ def _run(cfg: SimConfig) -> dict:
 
 
 def grid(args: argparse.Namespace) -> list[SimConfig]:
+    """Every (N, policy, lr, momentum, seed); one replica only with the first policy
+    (with τ = 0 every policy is the reference trainer)."""
     histogram = read_histogram(args.staleness_from) if args.staleness_from else ()
     budgets = tuple(int(args.examples * k / args.points) for k in range(1, args.points))
-    configs = []
-    for n in [int(x) for x in args.replicas.split(",")]:
-        for policy in args.policies.split(","):
-            if n == 1 and policy != args.policies.split(",")[0]:
-                continue  # one replica: every policy is the reference trainer
-            for lr in [float(x) for x in args.lrs.split(",")]:
-                for seed in [int(x) for x in args.seeds.split(",")]:
-                    configs.append(
-                        SimConfig(
-                            replicas=n, policy=policy, seed=seed, lr=lr,
-                            examples=args.examples, budgets=budgets,
-                            batch_size=args.batch_size, momentum=args.momentum,
-                            warm_start=args.warm_start, lr_warmup_epochs=args.lr_warmup_epochs,
-                            staleness_histogram=histogram if n > 1 else (),
-                            eval_examples=args.eval_examples, threads=args.threads,
-                        )
-                    )  # fmt: skip
-    return configs
+    policies = args.policies.split(",")
+    return [
+        SimConfig(
+            replicas=n,
+            policy=policy,
+            seed=seed,
+            lr=lr,
+            momentum=momentum,
+            examples=args.examples,
+            budgets=budgets,
+            batch_size=args.batch_size,
+            warm_start=args.warm_start,
+            lr_warmup_epochs=args.lr_warmup_epochs,
+            staleness_histogram=histogram if n > 1 else (),
+            staleness_decay=args.staleness_decay,
+            dc_lambda=args.dc_lambda,
+            eval_examples=args.eval_examples,
+            threads=args.threads,
+        )  # fmt: skip
+        for n, policy, lr, momentum, seed in itertools.product(
+            _numbers(args.replicas, int),
+            policies,
+            _numbers(args.lrs, float),
+            _numbers(args.momenta, float),
+            _numbers(args.seeds, int),
+        )
+        if n > 1 or policy == policies[0]
+    ]
+
+
+def _numbers(text: str, kind: type) -> list:
+    return [kind(x) for x in text.split(",")]
 
 
 def summarise(runs: list[dict], target: float) -> list[dict]:
@@ -249,9 +280,10 @@ def summarise(runs: list[dict], target: float) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         c = run["config"]
-        groups.setdefault((c["replicas"], c["policy"], c["lr"]), []).append(run)
+        key = (c["replicas"], c["policy"], c["lr"], c["momentum"])
+        groups.setdefault(key, []).append(run)
     best: dict[tuple, dict] = {}
-    for (n, policy, lr), group in groups.items():
+    for (n, policy, lr, momentum), group in groups.items():
         curves = [r["curve"] for r in group]
         final = statistics.mean(c[-1][1] for c in curves)
         reach = [next((e for e, t in c if t >= target), None) for c in curves]
@@ -259,6 +291,7 @@ def summarise(runs: list[dict], target: float) -> list[dict]:
             "replicas": n,
             "policy": policy,
             "lr": lr,
+            "momentum": momentum,
             "seeds": len(group),
             "top1": [statistics.mean(c[i][1] for c in curves) for i in range(len(curves[0]))],
             "top1_sd": statistics.stdev(c[-1][1] for c in curves) if len(curves) > 1 else 0.0,
@@ -278,18 +311,15 @@ def summarise(runs: list[dict], target: float) -> list[dict]:
 def print_table(rows: list[dict], target: float) -> None:
     budgets = rows[0]["budgets"]
     head = " | ".join(f"top-1 @{b // 1000}k" if b >= 1000 else f"@{b}" for b in budgets)
-    print(f"| N | policy | best lr | {head} | ratio | examples to {target:.0%} |")
+    print(f"| N | policy | best lr, momentum | {head} | ratio | examples to {target:.0%} |")
     print("|---|---|---|" + "---|" * len(budgets) + "---|---|")
     for r in rows:
         cells = " | ".join(f"{t:.1%}" for t in r["top1"])
-        reach = (
-            f"{r['to_target']:.0f}"
-            if r["to_target"] is not None
-            else f"{r['reached']}/{r['seeds']} reached"
-        )
+        reach = f"{r['to_target']:.0f}" if r["to_target"] is not None else "not all"
+        ratio = f"ratio {r['ratio']:.2f}" if r["ratio"] is not None else "(no N = 1)"
         print(
-            f"| {r['replicas']} | {r['policy']} | {r['lr']:g} | {cells} ± {r['top1_sd']:.1%} "
-            f"| ratio {r['ratio']:.2f} | {reach} |"
+            f"| {r['replicas']} | {r['policy']} | {r['lr']:g}, {r['momentum']:g} | {cells} "
+            f"± {r['top1_sd']:.1%} | {ratio} | {reach} ({r['reached']}/{r['seeds']}) |"
         )
 
 
@@ -303,9 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", type=int, default=4, help="evaluations per run")
     parser.add_argument("--target", type=float, default=0.5, help="top-1 to reach")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--momenta", default="0.9", help="the tuning grid's momentum values")
     parser.add_argument("--warm-start", type=float, default=0.05)
     parser.add_argument("--lr-warmup-epochs", type=float, default=0.05)
+    parser.add_argument("--staleness-decay", type=float, default=StalenessConfig.staleness_decay)
+    parser.add_argument("--dc-lambda", type=float, default=StalenessConfig.dc_lambda)
     parser.add_argument("--staleness-from", default=None, help="a shard's /metrics text")
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (processes)")

@@ -146,3 +146,74 @@ def test_linear_warmup_reaches_the_base_rate_and_then_steps_as_before():
     assert s.lr_at(49) == 0.1 and s.lr_at(99) == 0.1
     assert s.lr_at(100) == pytest.approx(0.1 * 0.96)
     assert Schedule(lr=0.1, dataset_size=100).lr_at(0) == 0.1
+
+
+# -- real processes ----------------------------------------------------------------
+
+
+def test_dc_asgd_shard_compensates_a_stale_push_and_exports_it(procs):
+    import urllib.request
+
+    from distbelief.client import ClientConfig, ParameterClient, probe_stats
+    from distbelief.layout import Layout
+    from distbelief.models import build_model
+
+    from .conftest import free_port
+
+    metrics_port = free_port()
+    addresses = procs.serve(
+        2, "--num-classes", "10", "--staleness-policy", "dc-asgd", "--weight-history", "4"
+    )
+    # serve in the fixture turns metrics off: a second, single shard exports them
+    metric_addr = procs.serve(
+        1, "--num-classes", "10", "--staleness-policy", "dc-asgd", "--weight-history", "4",
+        "--metrics-port", str(metrics_port), name="serve-metrics",
+    )  # fmt: skip
+    layout = Layout.of(build_model("googlenet", 10), "googlenet")
+    for servers in (addresses, metric_addr):
+        cfg = dict(servers=tuple(servers), timeout_s=20, retries=1)
+        a = ParameterClient(ClientConfig(worker="a", **cfg), layout)
+        b = ParameterClient(ClientConfig(worker="b", **cfg), layout)
+        weights, grad = torch.empty(layout.total), torch.full((layout.total,), 1e-3)
+        for c in (a, b):
+            c.connect()
+            c.pull(weights)  # both at version 0
+        assert [r.staleness for r in b.push(grad, examples=8)] == [0] * len(servers)
+        assert [r.staleness for r in a.push(grad, examples=8)] == [1] * len(servers)
+        a.close()
+        b.close()
+    stats = probe_stats(addresses, 10)
+    for s in stats:
+        assert s["staleness_policy"] == "dc-asgd" and s["hparams"]["staleness_policy"] == "dc-asgd"
+        assert s["correction"] > 0 and s["history_misses"] == 0  # a's base version was kept
+        assert s["effective_momentum"] == 0.9 and s["staleness_mean"] > 0
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+    values = dict(
+        line.rsplit(" ", 1) for line in text.decode().splitlines() if not line.startswith("#")
+    )
+    assert float(values["distbelief_shard_staleness_correction_ratio"]) > 0
+    assert float(values["distbelief_shard_weight_history_bytes"]) > 0
+    assert float(values["distbelief_shard_effective_learning_rate"]) == 0.01
+    assert float(values["distbelief_shard_weight_history_misses_total"]) == 0
+
+
+def test_warm_start_holds_the_other_replicas_back_until_replica_0_has_trained(procs, tmp_path):
+    import json
+
+    from distbelief.client import probe_stats
+
+    dataset_size, batch, steps = 800, 8, 12  # warm start 0.1: the first 80 examples alone
+    addresses = procs.serve(1, "--num-classes", "10", "--dataset-size", str(dataset_size))
+    status_dir = tmp_path / "status"
+    proc = procs.start(
+        "work", "--servers", addresses[0], "--cpu", "2", "--steps", str(steps),
+        "--warm-start", "0.1", "--num-classes", "10", "--batch-size", str(batch),
+        "--metrics-port", "0", "--status-dir", str(status_dir), name="work",
+    )  # fmt: skip
+    assert proc.wait(240) == 0, proc.log_path.read_text()[-3000:]
+    first, second = (json.loads((status_dir / f"replica-{i}.json").read_text()) for i in (0, 1))
+    assert first["warm_start_examples"] == 0  # replica 0 never waits
+    assert second["warm_start_examples"] >= 0.1 * dataset_size  # the others start after it
+    assert first["step"] == second["step"] == steps
+    (stats,) = probe_stats(addresses, 10)
+    assert stats["examples"] == 2 * steps * batch and stats["pushes"] == 2 * steps

@@ -116,6 +116,7 @@ class ReplicaStatus:
     staleness: float = 0.0
     epoch: int = 0
     restarts: int = 0
+    warm_start_examples: int = 0  # the shards' examples when this replica began training
     pid: int = 0
     done: bool = False
 
@@ -238,6 +239,7 @@ class Replica:
         goal = self.cfg.warm_start * dataset_size
         seen, last_change, logged = -1, time.monotonic(), 0.0
         while (examples := self.client.stats()[0]["examples"]) < goal:
+            self.status.warm_start_examples = examples
             now = time.monotonic()
             if examples != seen:
                 seen, last_change = examples, now
@@ -248,6 +250,7 @@ class Replica:
                 log.info("warm start: waiting for replica 0 (%d of %d examples)", examples, goal)
                 logged = now
             time.sleep(WARM_START_POLL_S)
+        self.status.warm_start_examples = examples
 
     def _train_in_shared_memory(self) -> None:
         """On CPU, without --overlap: compute in the client's shared-memory vectors, so the
