@@ -20,7 +20,7 @@ each policy is run on the same learning-rate grid (``--lrs``) and reported at it
 rate per N. Writes ``staleness.json`` and prints a table with the ratio to the
 reference (N = 1) at equal examples.
 
-Usage: ``python -m bench.staleness [--replicas 1,2,4,8,16,32] [--examples 9600] …``
+Usage: ``python -m bench.staleness [--replicas 1,2,4,8,16,32] [--examples 25600] …``
 (the full grid's cost is in bench/RESULTS.md).
 """
 
@@ -48,8 +48,17 @@ from distbelief.data import evaluate, iterate_batches, load_dataset
 from distbelief.layout import Layout, flatten_into
 from distbelief.models import build_model
 from distbelief.train import forward_backward
+from distbelief.tuning import available_cores
 
-POLICY_SPECS = ("none", "async-momentum", "lr-scale", "dc-asgd", "gap-aware")
+POLICY_SPECS = (
+    "none",
+    "async-momentum",
+    "lr-scale",
+    "dc-asgd",
+    "gap-aware",
+    "none+warm",
+    "async-momentum+warm",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,13 +73,13 @@ class SimConfig:
     image_size: int = 32
     num_classes: int | None = None
     batch_size: int = 32
-    examples: int = 9600
+    examples: int = 25600
     budgets: tuple[int, ...] = ()  # evaluate at these examples (and at the end)
     lr: float = 0.005
     momentum: float = 0.9
     weight_decay: float = 0.0002
-    warm_start: float = 0.05  # with +warm: share of the first epoch replica 0 trains alone
-    lr_warmup_epochs: float = 0.05  # with +warm: linear warm-up of the rate
+    warm_start: float = 0.2  # with +warm: share of the first epoch replica 0 trains alone
+    lr_warmup_epochs: float = 0.0  # with +warm: linear warm-up of the rate
     staleness_histogram: tuple[tuple[int, float], ...] = ()  # (τ, probability); () = N−1
     staleness_decay: float = StalenessConfig.staleness_decay  # async-momentum's running mean
     dc_lambda: float = StalenessConfig.dc_lambda
@@ -329,19 +338,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", default=",".join(POLICY_SPECS), help="add +warm to any")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--lrs", default="0.005", help="the tuning grid, the same for each policy")
-    parser.add_argument("--examples", type=int, default=9600, help="budget per run")
+    parser.add_argument("--examples", type=int, default=25600, help="budget per run")
     parser.add_argument("--points", type=int, default=4, help="evaluations per run")
     parser.add_argument("--target", type=float, default=0.5, help="top-1 to reach")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--momenta", default="0.9", help="the tuning grid's momentum values")
-    parser.add_argument("--warm-start", type=float, default=0.05)
-    parser.add_argument("--lr-warmup-epochs", type=float, default=0.05)
+    parser.add_argument("--warm-start", type=float, default=0.2)
+    parser.add_argument("--lr-warmup-epochs", type=float, default=0.0)
     parser.add_argument("--staleness-decay", type=float, default=StalenessConfig.staleness_decay)
     parser.add_argument("--dc-lambda", type=float, default=StalenessConfig.dc_lambda)
     parser.add_argument("--staleness-from", default=None, help="a shard's /metrics text")
     parser.add_argument("--eval-examples", type=int, default=1000)
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once (processes)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    parser.add_argument(
+        "--jobs", type=int, default=available_cores(), help="runs at once (processes)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--out", default="bench/out")
     args = parser.parse_args(argv)
     print(machine())

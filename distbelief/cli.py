@@ -469,6 +469,7 @@ def work(
     import json
     import tempfile
 
+    from distbelief.tuning import available_cores
     from distbelief.workers.replica import ReplicaConfig
     from distbelief.workers.supervisor import DeviceError, plan_devices, run_replicas
     from distbelief.workers.supervisor import threads_per_replica as threads_for
@@ -497,6 +498,7 @@ def work(
                 num_replicas=total_replicas or first_replica + len(devices),
                 device=device,
                 threads=threads if device == "cpu" else 1,
+                warm_threads=available_cores() if device == "cpu" else None,
                 metrics_port=metrics_port + i if metrics_port else 0,
                 status_file=os.path.join(status_dir, f"replica-{first_replica + i}.json"),
                 **kw,
@@ -786,7 +788,7 @@ DEMO_EPOCHS = 2.75
 DEMO_LR = 0.005
 # chosen by measurement (bench/RESULTS.md, "staleness")
 DEMO_STALENESS_POLICY = "async-momentum"
-DEMO_WARM_START = 0.0
+DEMO_WARM_START = 0.2
 DEMO_LR_WARMUP_EPOCHS = 0.0
 # the same default as a policy spec of bench.staleness and bench.convergence
 DEMO_POLICY_SPEC = DEMO_STALENESS_POLICY + ("+warm" if DEMO_WARM_START else "")

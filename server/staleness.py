@@ -49,7 +49,7 @@ class StalenessConfig:
     """The staleness policy a shard applies, and its knobs."""
 
     policy: str = "none"
-    staleness_decay: float = 0.99  # running mean staleness: weight of the past per push
+    staleness_decay: float = 0.9  # running mean staleness: weight of the past per push
     dc_lambda: float = 2.0  # DC-ASGD-a's λ0 (the paper's choice for CIFAR-10)
     dc_decay: float = 0.95  # DC-ASGD-a's m, the MeanSquare decay
     gap_decay: float = 0.99  # gap-aware: decay of the running mean update size C

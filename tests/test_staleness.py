@@ -217,3 +217,18 @@ def test_warm_start_holds_the_other_replicas_back_until_replica_0_has_trained(pr
     assert first["step"] == second["step"] == steps
     (stats,) = probe_stats(addresses, 10)
     assert stats["examples"] == 2 * steps * batch and stats["pushes"] == 2 * steps
+
+
+def test_warm_start_steps_move_to_replica_0_and_the_total_stays():
+    from distbelief.workers.replica import ReplicaConfig, replica_steps
+
+    def steps(index: int, warm: float) -> int:
+        cfg = ReplicaConfig(
+            servers=("tcp://x:1",), index=index, num_replicas=4, batch_size=10,
+            epochs=2.0, warm_start=warm,
+        )  # fmt: skip
+        return replica_steps(cfg, 1000)
+
+    assert [steps(i, 0.0) for i in range(4)] == [50] * 4
+    assert [steps(i, 0.2) for i in range(4)] == [65, 45, 45, 45]  # 20 warm steps, 5 each
+    assert sum(steps(i, 0.2) for i in range(4)) == 200

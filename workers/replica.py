@@ -66,6 +66,7 @@ class ReplicaConfig:
     overlap: bool = False
     shared_memory: bool = False  # payloads through /dev/shm with shards on this host
     warm_start: float = 0.0  # share of the first epoch replica 0 trains alone
+    warm_threads: int | None = None  # replica 0's torch threads while it trains alone
     amp: str | None = None  # "bf16" or "f16": autocast on CUDA
     channels_last: bool = False
     steps: int | None = None
@@ -174,11 +175,7 @@ class Replica:
         )
 
     def total_steps(self) -> int:
-        cfg = self.cfg
-        if cfg.steps is not None:
-            return cfg.steps
-        per_epoch = len(self.train_set) // (cfg.batch_size * cfg.num_replicas)
-        return max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
+        return replica_steps(self.cfg, len(self.train_set))
 
     def run(self) -> ReplicaStatus:
         """Train for the configured steps; return the final status."""
@@ -187,7 +184,8 @@ class Replica:
         info = self.client.connect()
         log.info("connected to %d shard(s); %d parameters", len(info), self.layout.parameters)
         self._train_in_shared_memory()
-        self._wait_for_warm_start(info[0].hparams.get("dataset_size"))
+        warm_goal = self._warm_start_goal(info[0].hparams.get("dataset_size"))
+        self._wait_for_warm_start(warm_goal)
         total = self.total_steps()
         self.status.total_steps = total
         batches = replica_batches(cfg, self.train_set)
@@ -209,6 +207,7 @@ class Replica:
                 else:
                     self._push(pending)
                 pending = 0
+                warm_goal = self._end_warm_start(warm_goal)
             now = time.perf_counter()
             self._record(step + 1, epoch, loss, len(labels), now - began, step + 1 - cfg.start_step)
             if now - last_status >= STATUS_EVERY_S or step + 1 == total:
@@ -230,13 +229,31 @@ class Replica:
         self.client.close()
         return self.status
 
-    def _wait_for_warm_start(self, dataset_size: int | None) -> None:
+    def _warm_start_goal(self, dataset_size: int | None) -> float | None:
+        """The shards' example count at which the warm start ends; None: no warm start."""
+        if self.cfg.warm_start <= 0 or not dataset_size:
+            return None
+        goal = self.cfg.warm_start * dataset_size
+        if self.cfg.index == 0 and self.cfg.warm_threads and self.status.examples < goal:
+            torch.set_num_threads(self.cfg.warm_threads)  # alone: every core of the host
+            log.info("warm start: training alone on %d threads", self.cfg.warm_threads)
+        return goal
+
+    def _end_warm_start(self, goal: float | None) -> float | None:
+        """Replica 0, at a push: once past the warm start, back to its share of the cores."""
+        if goal is None or self.cfg.index != 0 or self.status.examples < goal:
+            return goal
+        if self.cfg.warm_threads and self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+            log.info("warm start over: the other replicas join")
+        return None
+
+    def _wait_for_warm_start(self, goal: float | None) -> None:
         """Replicas other than 0 wait until the shards have seen the warm-start share of
         the first epoch: replica 0 alone takes the network off its initial plateau, with
         fresh gradients, as DistBelief started Downpour with one replica."""
-        if self.cfg.index == 0 or self.cfg.warm_start <= 0 or not dataset_size:
+        if self.cfg.index == 0 or goal is None:
             return
-        goal = self.cfg.warm_start * dataset_size
         seen, last_change, logged = -1, time.monotonic(), 0.0
         while (examples := self.client.stats()[0]["examples"]) < goal:
             self.status.warm_start_examples = examples
@@ -368,6 +385,21 @@ class _Overlap:
             self.thread = None
         if self.error is not None:
             raise self.error
+
+
+def replica_steps(cfg: ReplicaConfig, dataset_size: int) -> int:
+    """Steps replica ``cfg.index`` trains: ``--steps``, or its share of ``--epochs``.
+
+    Replica 0 trains the warm start alone, so with ``--epochs`` those steps move from
+    the others to it and the replicas together still train the epochs asked for.
+    """
+    if cfg.steps is not None:
+        return cfg.steps
+    steps = (cfg.epochs or 1.0) * (dataset_size // (cfg.batch_size * cfg.num_replicas))
+    if cfg.num_replicas > 1 and cfg.warm_start > 0:
+        warm = cfg.warm_start * dataset_size / cfg.batch_size
+        steps += (warm if cfg.index == 0 else 0) - warm / cfg.num_replicas
+    return max(1, math.ceil(steps))
 
 
 def replica_batches(cfg: ReplicaConfig, dataset: Any):
