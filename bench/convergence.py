@@ -190,6 +190,17 @@ def reference_at(reference: Run, examples: int) -> float | None:
     return None
 
 
+def equal_images(reference: Run, run: Run) -> str:
+    """The run against the reference at the same images: at the run's last snapshot
+    that the reference's images cover (the reference interpolated there)."""
+    for (_, examples, _), top1 in reversed(list(zip(run.snapshots, run.top1, strict=True))):
+        ref = reference_at(reference, examples)
+        if ref is not None:
+            ratio = top1 / max(ref, 1e-9)
+            return f"{top1:.1%} vs reference {ref:.1%} at {examples} images, ratio {ratio:.2f}"
+    return "no snapshot within the reference's images"
+
+
 def write_outputs(runs: list[Run], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / "convergence.csv").open("w", newline="") as f:
@@ -259,13 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run.name}: nothing averaged yet (start epoch {start_epoch:.3f} not reached)")
             continue
         seconds, examples, _ = run.snapshots[-1]
-        at_images = reference_at(reference, examples)
-        same_images = (
-            f"reference at {examples} images {at_images:.1%}, "
-            f"ratio {run.top1[-1] / max(at_images, 1e-9):.2f}"
-            if at_images is not None
-            else "beyond the reference's images"
-        )
+        same_images = equal_images(reference, run)
         print(
             f"held-out top-1 after {seconds:.0f} s: reference trainer {ref_top1:.1%}, "
             f"{run.name} {run.top1[-1]:.1%} ({examples} images), "
