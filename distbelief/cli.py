@@ -949,11 +949,13 @@ def _print_up_summary(result, run_dir: str) -> None:
 
     show(replica_table(result.replicas), shard_table(result.shards, result.addresses))
     if result.top1 is not None:
-        click.echo(f"held-out top-1 {result.top1:.2%}  top-5 {result.top5:.2%}  (final weights)")
+        # the averaged model is the one for inference, as in the GoogLeNet paper; the
+        # last iterate of asynchronous training swings from one snapshot to the next
         click.echo(
             f"held-out top-1 {result.averaged_top1:.2%}  top-5 {result.averaged_top5:.2%}  "
-            f"(Polyak average of {result.averaged_snapshots} snapshots)"
+            f"(Polyak average of {result.averaged_snapshots} snapshots: the model for inference)"
         )
+        click.echo(f"held-out top-1 {result.top1:.2%}  top-5 {result.top5:.2%}  (final weights)")
     elif result.exit_code == 130:
         click.echo("stopped by Ctrl-C; shards wrote their final checkpoints if they had a folder")
     else:
