@@ -892,6 +892,11 @@ def up(
             plan_devices(gpu=gpu, gpu_ids=None, cpu=None)
         except DeviceError as exc:
             raise click.ClickException(str(exc)) from None
+    ctx = click.get_current_context()
+    if kw["rule"] == "adagrad" and ctx.get_parameter_source("staleness_policy") == (
+        click.core.ParameterSource.DEFAULT
+    ):
+        kw["staleness_policy"] = "none"  # up's default policy adjusts momentum adagrad lacks
     serve_args = _flags(
         kw,
         *("rule", "lr", "momentum", "weight_decay", "lr_decay", "lr_decay_epochs"),

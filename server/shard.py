@@ -81,6 +81,10 @@ class ShardConfig:
             raise ValueError(f"shard index {self.index} out of range for {self.num_shards} shards")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+        if self.staleness.policy == "async-momentum" and self.rule == "adagrad":
+            raise ValueError(
+                "the async-momentum staleness policy needs --rule momentum or nesterov"
+            )
         if self.worker_timeout_s <= 0:
             raise ValueError(f"worker timeout must be positive, got {self.worker_timeout_s}")
 

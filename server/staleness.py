@@ -130,7 +130,9 @@ class Updater:
         self.history = WeightHistory(size, cfg.history) if cfg.keeps_history else None
         self.mean_square = torch.zeros(size) if cfg.policy == "dc-asgd" else None
         self.mean_step = torch.zeros(size) if cfg.policy == "gap-aware" else None
+        # two slice-sized work buffers for the compensating policies: no allocation per push
         self.scratch = torch.empty(size) if cfg.keeps_history else None
+        self.work = torch.empty(size) if cfg.keeps_history else None
         self.previous = torch.empty(size) if cfg.policy == "gap-aware" else None
         self.last = Applied(lr=schedule.lr_at(0), momentum=self.base_momentum)
 
@@ -188,7 +190,7 @@ class Updater:
         if delta is None:
             return grad
         # correction = λ0 · g ⊙ g ⊙ (w_now − w_base) / √(MeanSquare + ε), in scratch
-        delta.mul_(grad).mul_(grad).div_(self.mean_square.add(DC_EPS).sqrt_())
+        delta.mul_(grad).mul_(grad).div_(torch.add(self.mean_square, DC_EPS, out=self.work).sqrt_())
         delta.mul_(self.cfg.dc_lambda)
         applied.correction = _relative(delta, grad)
         return delta.add_(grad)
@@ -199,9 +201,10 @@ class Updater:
         delta = self._base(staleness, base_version)
         if delta is None:
             return grad
-        gap = delta.abs_().div_(self.mean_step.add(GAP_EPS)).clamp_(min=1.0)
-        adjusted = grad / gap
-        applied.correction = _relative(adjusted - grad, grad)
+        step = torch.add(self.mean_step, GAP_EPS, out=self.work)
+        gap = delta.abs_().div_(step).clamp_(min=1.0)
+        adjusted = torch.div(grad, gap, out=self.work)
+        applied.correction = _relative(torch.sub(adjusted, grad, out=self.scratch), grad)
         return adjusted
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -137,6 +137,10 @@ def test_bad_settings_are_refused():
     rule = make_rule("adagrad", torch.zeros(8), weight_decay=0.0, momentum=0.0)
     with pytest.raises(ValueError, match="needs --rule momentum"):
         Updater(rule, Schedule(lr=0.1), StalenessConfig(policy="async-momentum"))
+    from distbelief.server.shard import ShardConfig
+
+    with pytest.raises(ValueError, match="needs --rule momentum"):  # serve: before any start
+        ShardConfig(rule="adagrad", staleness=StalenessConfig(policy="async-momentum"))
 
 
 def test_linear_warmup_reaches_the_base_rate_and_then_steps_as_before():
