@@ -153,6 +153,10 @@ class Averager(Service):
         try:
             if not self.client.info:
                 self.client.connect()
+            # the epoch is read before the pull: epochs only grow, so weights pulled
+            # after an answer of "past the start epoch" are past it too
+            if not self._past_start_epoch():
+                return False
             versions = self.client.pull(self.snapshot)
         except (ServerUnavailable, ServerRefused) as exc:
             # a pull blocks the loop for up to --timeout-s: back off, so that while the
@@ -164,7 +168,7 @@ class Averager(Service):
             return False
         self.pull_failures = 0
         self.shard_version = sum(versions)
-        if min(versions) < self.cfg.start or not self._past_start_epoch():
+        if min(versions) < self.cfg.start:
             return False
         self.average.add(self.snapshot, self.shard_version)
         self.current = self.average.value()
