@@ -8,6 +8,7 @@ import re
 import signal
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,20 @@ def test_replicas_on_several_hosts_take_their_global_index(procs, tmp_path):
     assert probe_stats(addresses, 10)[0]["version"] == 6
     bad = procs.start("work", "--first-replica", "2", "--total-replicas", "2", name="bad")
     assert bad.wait(60) == 2 and "out of range" in bad.log_path.read_text()
+
+
+@pytest.mark.parametrize("steps, epochs", [(10, None), (None, 2.0)])
+def test_a_restarted_replica_resumes_its_steps_with_steps_or_epochs(tmp_path, steps, epochs):
+    """The supervisor's restart path: under --steps and under --epochs (as `up` runs
+    replicas) a replica killed after step 4 of 10 goes on from step 4, not from 0."""
+    from distbelief.workers.supervisor import _resume
+
+    status = tmp_path / "replica-0.json"
+    cfg = ReplicaConfig(servers=("tcp://127.0.0.1:1",), steps=steps, epochs=epochs)
+    cfg = replace(cfg, status_file=str(status))
+    assert _resume(cfg) == cfg  # first start: no status file yet
+    status.write_text(json.dumps({"step": 4, "total_steps": 10, "examples": 32, "epoch": 0}))
+    resumed = _resume(cfg)
+    assert (resumed.start_step, resumed.start_examples, resumed.restarts) == (4, 32, 1)
+    status.write_text(json.dumps({"step": 10, "total_steps": 10, "examples": 80, "epoch": 1}))
+    assert _resume(cfg).start_step == 0  # finished: a new run starts from the beginning

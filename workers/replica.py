@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import socket
 import threading
 import time
 from collections import deque
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from distbelief.client import ClientConfig, ParameterClient
+from distbelief.client import ClientConfig, ParameterClient, default_worker_id
 from distbelief.data import iterate_batches, load_dataset
 from distbelief.layout import Layout, flatten_into
 from distbelief.metrics import WorkerMetrics, new_registry, serve_metrics
@@ -156,7 +155,7 @@ class Replica:
                 retries=cfg.retries,
                 wire_dtype=cfg.wire_dtype,
                 # the host name keeps replicas in separate containers (same pids) apart
-                worker=f"{socket.gethostname()}-replica{cfg.index}-{os.getpid()}",
+                worker=f"replica{cfg.index}-{default_worker_id()}",  # new at every start
                 curve=cfg.curve,
                 shared_memory=cfg.shared_memory,
             ),

@@ -81,13 +81,15 @@ def replica_process(cfg: ReplicaConfig, level: int) -> None:
 
 
 def _resume(cfg: ReplicaConfig) -> ReplicaConfig:
-    """After a restart, run only the steps this replica had not finished."""
-    if not cfg.status_file or cfg.steps is None:
+    """After a restart, run only the steps this replica had not finished (of ``--steps``,
+    or of the steps its share of ``--epochs`` came to, as its status file says)."""
+    if not cfg.status_file:
         return cfg
     before = read_status(cfg.status_file)
     done = before.get("step", 0)
-    if 0 < done < cfg.steps:
-        log.info("resuming after a restart: %d of %d steps were done", done, cfg.steps)
+    total = cfg.steps if cfg.steps is not None else before.get("total_steps", 0)
+    if 0 < done < total:
+        log.info("resuming after a restart: %d of %d steps were done", done, total)
         return replace(
             cfg,
             start_step=done,
