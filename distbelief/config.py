@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import tomllib
 
 ENV_PREFIX = "DISTBELIEF_"
 COMMAND_TABLES = ("serve", "work", "average", "up", "status", "evaluate", "train")
@@ -49,6 +48,8 @@ def read_config(path: str | Path, command: str, known: set[str], every: set[str]
     Raises click.BadParameter naming the file and key for unreadable files and
     unknown keys.
     """
+    import tomllib  # here, not at the top: `distbelief --help` does not need it
+
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError) as exc:

@@ -135,7 +135,7 @@ def code_handlers() -> dict[str, dict[str, set[str]]]:
 
 def code_default_ports() -> set[int]:
     """Default ports as the CLI, the server configs and ``up`` define them."""
-    cli = (ROOT / "distbelief" / "cli.py").read_text()
+    cli = "\n".join(p.read_text() for p in sorted((ROOT / "distbelief" / "cli").glob("*.py")))
     ports = {
         int(p)
         for p in re.findall(r'@option\(\s*"--(?:[\w-]*-)?port"[^@]*?default=(\d+)', cli, re.S)

@@ -29,6 +29,10 @@ def test_wheel_maps_server_and_workers_under_distbelief(tmp_path):
     (wheel,) = tmp_path.glob("distbelief-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "distbelief/server/shard.py" in names and "distbelief/workers/replica.py" in names
+    # every package folder of the source tree is in the wheel (a package left out of
+    # pyproject's list would install a `distbelief` command that cannot import)
+    for init in ROOT.glob("distbelief/**/__init__.py"):
+        assert init.relative_to(ROOT).as_posix() in names, init
     tops = {n.split("/")[0] for n in names}
     assert tops == {"distbelief", wheel.name.split("-py3")[0] + ".dist-info"}, tops
     entry = (
@@ -56,7 +60,9 @@ def test_wheel_maps_server_and_workers_under_distbelief(tmp_path):
     )
     probe = (
         "import importlib.util, distbelief.server.shard, distbelief.workers.replica;"
+        "import distbelief.cli.up, distbelief.cli;"
         f"assert distbelief.server.shard.__file__.startswith({str(target)!r});"
+        f"assert distbelief.cli.__file__.startswith({str(target)!r});"
         "assert importlib.util.find_spec('server') is None;"
         "assert importlib.util.find_spec('workers') is None"
     )

@@ -3,6 +3,8 @@ against a direct computation at staleness > 0."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from distbelief.server.rules import Schedule, make_rule
@@ -206,7 +208,7 @@ def test_warm_start_holds_the_other_replicas_back_until_replica_0_has_trained(pr
 
     from distbelief.client import probe_stats
 
-    dataset_size, batch, steps = 800, 8, 12  # warm start 0.1: the first 80 examples alone
+    dataset_size, batch, steps = 160, 8, 12  # warm start 0.1: the first 16 examples alone
     addresses = procs.serve(1, "--num-classes", "10", "--dataset-size", str(dataset_size))
     status_dir = tmp_path / "status"
     proc = procs.start(
@@ -236,3 +238,16 @@ def test_warm_start_steps_move_to_replica_0_and_the_total_stays():
     assert [steps(i, 0.0) for i in range(4)] == [50] * 4
     assert [steps(i, 0.2) for i in range(4)] == [65, 45, 45, 45]  # 20 warm steps, 5 each
     assert sum(steps(i, 0.2) for i in range(4)) == 200
+
+
+def test_a_run_shorter_than_an_epoch_warms_up_on_a_share_of_the_run():
+    from distbelief.workers.replica import ReplicaConfig, warm_start_examples
+
+    def warm(**run) -> float:
+        cfg = ReplicaConfig(servers=("tcp://x:1",), num_replicas=2, batch_size=16, **run)
+        return warm_start_examples(replace(cfg, warm_start=0.2), 50_000)
+
+    assert warm(epochs=2.0) == warm(epochs=1.0) == 0.2 * 50_000  # a share of the first epoch
+    assert warm(epochs=0.5) == 0.2 * 25_000
+    assert warm(steps=30) == 0.2 * 30 * 16 * 2  # `up --steps 30`: 960 examples in all
+    assert warm(steps=10_000) == 0.2 * 50_000

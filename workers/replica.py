@@ -232,7 +232,7 @@ class Replica:
         """The shards' example count at which the warm start ends; None: no warm start."""
         if self.cfg.warm_start <= 0 or not dataset_size:
             return None
-        goal = self.cfg.warm_start * dataset_size
+        goal = warm_start_examples(self.cfg, dataset_size)
         if self.cfg.index == 0 and self.cfg.warm_threads and self.status.examples < goal:
             torch.set_num_threads(self.cfg.warm_threads)  # alone: every core of the host
             log.info("warm start: training alone on %d threads", self.cfg.warm_threads)
@@ -396,9 +396,20 @@ def replica_steps(cfg: ReplicaConfig, dataset_size: int) -> int:
         return cfg.steps
     steps = (cfg.epochs or 1.0) * (dataset_size // (cfg.batch_size * cfg.num_replicas))
     if cfg.num_replicas > 1 and cfg.warm_start > 0:
-        warm = cfg.warm_start * dataset_size / cfg.batch_size
+        warm = warm_start_examples(cfg, dataset_size) / cfg.batch_size
         steps += (warm if cfg.index == 0 else 0) - warm / cfg.num_replicas
     return max(1, math.ceil(steps))
+
+
+def warm_start_examples(cfg: ReplicaConfig, dataset_size: int) -> float:
+    """Examples replica 0 trains alone: ``--warm-start`` times the first epoch, or times
+    the whole run when the run is shorter than an epoch (``--steps 30`` must not wait
+    for a share of an epoch that the run never reaches)."""
+    if cfg.steps is not None:
+        run = cfg.steps * cfg.batch_size * cfg.num_replicas
+    else:
+        run = (cfg.epochs or 1.0) * dataset_size
+    return cfg.warm_start * min(dataset_size, run)
 
 
 def replica_batches(cfg: ReplicaConfig, dataset: Any):

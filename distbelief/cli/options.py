@@ -1,0 +1,250 @@
+"""Option specs and helpers that several ``distbelief`` commands share.
+
+The update-rule, staleness and Downpour flags are lists of ``(flag, click kwargs)``
+(``RULE_SPECS``, ``STALENESS_SPECS``, ``DOWNPOUR_SPECS``) so that a command can take
+them with other defaults (``up``). ``--config FILE`` and the ``DISTBELIEF_*``
+variables come from :mod:`distbelief.config` (``config_option``, ``option``).
+"""
+
+from __future__ import annotations
+
+import click
+
+from distbelief.config import option
+
+MODEL_CHOICES = click.Choice(["googlenet"])
+RULE_CHOICES = click.Choice(["momentum", "nesterov", "adagrad"])
+
+
+def model_options(f):
+    f = option("--seed", type=int, default=0, help="Seed of the initial weights.")(f)
+    f = option(
+        "--num-classes",
+        type=click.IntRange(min=2),
+        default=1000,
+        help="Classes of the model's classifier.",
+    )(f)
+    f = option("--model", type=MODEL_CHOICES, default="googlenet", help="Model to train.")(f)
+    return f
+
+
+RULE_SPECS = [
+    ("--rule", dict(type=RULE_CHOICES, default="momentum", help="Update rule.")),
+    (
+        "--lr",
+        dict(
+            type=click.FloatRange(min=0, min_open=True),
+            default=0.01,
+            help="Initial learning rate (lr0).",
+        ),
+    ),
+    (
+        "--momentum",
+        dict(
+            type=click.FloatRange(0, 1, max_open=True),
+            default=0.9,
+            help="Momentum of momentum and nesterov.",
+        ),
+    ),
+    (
+        "--weight-decay",
+        dict(
+            type=click.FloatRange(min=0),
+            default=0.0002,
+            help="L2 penalty added to the gradient.",
+        ),
+    ),
+    (
+        "--lr-decay",
+        dict(
+            type=click.FloatRange(0, 1, min_open=True),
+            default=0.96,
+            help="Factor applied every --lr-decay-epochs.",
+        ),
+    ),
+    (
+        "--lr-decay-epochs",
+        dict(
+            type=click.FloatRange(min=0, min_open=True),
+            default=8.0,
+            help="Epochs between learning-rate cuts.",
+        ),
+    ),
+    (
+        "--lr-warmup-epochs",
+        dict(
+            type=click.FloatRange(min=0),
+            default=0.0,
+            help="Raise the learning rate linearly to --lr over these epochs (0: no warm-up).",
+        ),
+    ),
+    (
+        "--dataset-size",
+        dict(
+            type=click.IntRange(min=1),
+            default=1_281_167,
+            help="Training examples per epoch (drives the schedule; default ImageNet).",
+        ),
+    ),
+]
+
+STALENESS_SPECS = [
+    (
+        "--staleness-policy",
+        dict(
+            type=click.Choice(["none", "async-momentum", "lr-scale", "dc-asgd", "gap-aware"]),
+            default="none",
+            help="How shards adjust a stale push: none (plain Downpour), async-momentum, "
+            "lr-scale, dc-asgd or gap-aware (docs/staleness.md).",
+        ),
+    ),
+    (
+        "--dc-lambda",
+        dict(
+            type=click.FloatRange(min=0),
+            default=2.0,
+            help="DC-ASGD-a's lambda0 (dc-asgd policy).",
+        ),
+    ),
+    (
+        "--weight-history",
+        dict(
+            type=click.IntRange(min=1),
+            default=64,
+            help="Weight copies a shard keeps for dc-asgd and gap-aware (memory: this many "
+            "times the shard's range).",
+        ),
+    ),
+]
+
+
+def staleness_options(f, **defaults):
+    """The staleness-policy flags of serve and up."""
+    return _add_options(f, STALENESS_SPECS, defaults)
+
+
+def staleness_config(kw: dict):
+    """Pop the staleness flags from ``kw`` into a StalenessConfig."""
+    from distbelief.server.staleness import StalenessConfig
+
+    return StalenessConfig(
+        policy=kw.pop("staleness_policy"),
+        dc_lambda=kw.pop("dc_lambda"),
+        history=kw.pop("weight_history"),
+    )
+
+
+def rule_options(f, **defaults):
+    """The update-rule flags; ``defaults`` overrides their defaults (by flag name)."""
+    return _add_options(f, RULE_SPECS, defaults)
+
+
+def _add_options(f, specs, defaults):
+    for decl, kw in reversed(specs):
+        name = decl.split("/")[0].lstrip("-").replace("-", "_")
+        f = option(decl, **(kw | ({"default": defaults[name]} if name in defaults else {})))(f)
+    return f
+
+
+def curve_option(*, server: bool):
+    """``--curve DIR``: CURVE authentication and encryption with the keys in DIR; the
+    folder is checked up front, so a missing key is a one-line error."""
+
+    def check(ctx, param, value):
+        if value is None:
+            return None
+        from distbelief.curve import Curve, CurveError
+
+        try:
+            Curve.load(value, server=False)  # every role is a client of some server
+            if server:
+                Curve.load(value, server=True)
+        except CurveError as exc:
+            raise click.BadParameter(str(exc)) from None
+        return value
+
+    return option(
+        "--curve",
+        type=click.Path(file_okay=False),
+        default=None,
+        callback=check,
+        help="Key folder (distbelief keys generate): CURVE auth and encryption.",
+    )
+
+
+def servers_option(f):
+    return option(
+        "--servers",
+        default="tcp://127.0.0.1:5570",
+        help="Comma-separated shard addresses, in shard order.",
+    )(f)
+
+
+def split_servers(value: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in value.split(",") if a.strip())
+
+
+def data_options(f):
+    f = option("--batch-size", type=click.IntRange(min=1), default=32)(f)
+    f = option("--image-size", type=click.IntRange(min=32), default=32)(f)
+    f = option("--data", default="demo", help="demo, synthetic, or an ImageNet-style folder.")(f)
+    return f
+
+
+DOWNPOUR_SPECS = [
+    (
+        "--fetch-every",
+        dict(type=click.IntRange(min=1), default=1, help="Pull the weights every N steps."),
+    ),
+    (
+        "--push-every",
+        dict(
+            type=click.IntRange(min=1),
+            default=1,
+            help="Push the accumulated gradient every N steps.",
+        ),
+    ),
+    (
+        "--wire-dtype",
+        dict(
+            type=click.Choice(["f32", "bf16", "f16"]),
+            default="f32",
+            help="Element type on the wire (shards keep float32).",
+        ),
+    ),
+    (
+        "--overlap/--no-overlap",
+        dict(default=False, help="Push and pull in the background."),
+    ),
+    (
+        "--shared-memory/--no-shared-memory",
+        dict(
+            default=False,
+            help="Exchange payloads with shards on this host through /dev/shm (only "
+            "headers cross the socket); other shards over the wire.",
+        ),
+    ),
+    (
+        "--warm-start",
+        dict(
+            type=click.FloatRange(0, 1),
+            default=0.0,
+            help="Share of the first epoch replica 0 trains alone before the others start "
+            "(DistBelief's warm start; 0: all at once).",
+        ),
+    ),
+    ("--steps", dict(type=click.IntRange(min=1), default=None, help="Steps per replica.")),
+    (
+        "--epochs",
+        dict(
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Epochs over the data, shared by the replicas.",
+        ),
+    ),
+]
+
+
+def downpour_options(f, **defaults):
+    """The Downpour flags; ``defaults`` overrides their defaults (by flag name)."""
+    return _add_options(f, DOWNPOUR_SPECS, defaults)

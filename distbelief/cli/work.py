@@ -1,0 +1,159 @@
+"""``distbelief work``: flags to one ReplicaConfig per device, run under a supervisor."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from distbelief.cli.options import (
+    curve_option,
+    data_options,
+    downpour_options,
+    model_options,
+    servers_option,
+    split_servers,
+)
+from distbelief.config import config_option, option
+from distbelief.logs import setup_logging
+
+
+@click.command()
+@config_option("work")
+@servers_option
+@option("--gpu", type=click.IntRange(min=1), default=None, help="Replicas on cuda:0..N-1.")
+@option("--gpu-ids", default=None, help="Replicas on these GPUs, e.g. 2,3.")
+@option("--cpu", type=click.IntRange(min=1), default=None, help="K CPU replicas (default 1).")
+@data_options
+@downpour_options
+@option("--amp", type=click.Choice(["bf16", "f16"]), default=None, help="Autocast on GPU.")
+@option("--channels-last/--no-channels-last", default=False)
+@model_options
+@option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=9200,
+    help="Metrics port of replica 0 (replica i: +i); 0 turns metrics off.",
+)
+@option("--metrics-bind", default="127.0.0.1")
+@option(
+    "--supervisor-metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Metrics port of the supervisor of the replicas (0: off).",
+)
+@option(
+    "--max-restarts",
+    type=click.IntRange(min=0),
+    default=3,
+    help="Restarts per replica after a crash.",
+)
+@option(
+    "--timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    help="Seconds to wait for a shard before retrying.",
+)
+@option("--retries", type=click.IntRange(min=0), default=5)
+@curve_option(server=False)
+@option(
+    "--status-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where replicas write their status files (default: a temporary folder).",
+)
+@option(
+    "--first-replica",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Index of this host's first replica in the whole job (several hosts).",
+)
+@option(
+    "--total-replicas",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Replicas in the whole job (default: --first-replica + this host's).",
+)
+@option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO")
+@option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def work(
+    servers,
+    gpu,
+    gpu_ids,
+    cpu,
+    metrics_port,
+    supervisor_metrics_port,
+    max_restarts,
+    status_dir,
+    log_level,
+    as_json,
+    first_replica,
+    total_replicas,
+    **kw,
+) -> None:
+    """Run worker replicas (Downpour SGD) against the shards."""
+    import json
+    import tempfile
+
+    from distbelief.tuning import available_cores
+    from distbelief.workers.replica import ReplicaConfig
+    from distbelief.workers.supervisor import DeviceError, plan_devices, run_replicas
+    from distbelief.workers.supervisor import threads_per_replica as threads_for
+
+    if sum(x is not None for x in (gpu, gpu_ids, cpu)) > 1:
+        raise click.UsageError("give one of --gpu, --gpu-ids, --cpu")
+    try:
+        devices = plan_devices(gpu=gpu, gpu_ids=gpu_ids, cpu=cpu)
+    except DeviceError as exc:
+        raise click.ClickException(str(exc)) from None
+    from distbelief.data import DataError, load_dataset
+
+    if kw["data"] not in ("demo", "synthetic"):  # generated sets cannot be missing
+        try:  # a bad folder is one error here, not a crash and restarts in every replica
+            load_dataset(kw["data"], "train", image_size=kw["image_size"])
+        except DataError as exc:
+            raise click.ClickException(str(exc)) from None
+    status_dir = status_dir or tempfile.mkdtemp(prefix="distbelief-work-")
+    os.makedirs(status_dir, exist_ok=True)
+    threads = threads_for(devices)
+    try:
+        configs = [
+            ReplicaConfig(
+                servers=split_servers(servers),
+                index=first_replica + i,
+                num_replicas=total_replicas or first_replica + len(devices),
+                device=device,
+                threads=threads if device == "cpu" else 1,
+                warm_threads=available_cores() if device == "cpu" else None,
+                metrics_port=metrics_port + i if metrics_port else 0,
+                status_file=os.path.join(status_dir, f"replica-{first_replica + i}.json"),
+                **kw,
+            )
+            for i, device in enumerate(devices)
+        ]
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    level = getattr(logging, log_level)
+    setup_logging("work", level=level)
+    if kw["overlap"] and "cpu" in devices:
+        logging.getLogger("distbelief.work").warning(
+            "--overlap on CPU replicas: the background push and pull need the same cores "
+            "as the compute they would hide behind, and on 2 cores it was slower than "
+            "without (bench/RESULTS.md, overhead). It pays on GPUs or with spare cores."
+        )
+    code, summaries = run_replicas(
+        configs,
+        max_restarts=max_restarts,
+        level=level,
+        metrics_port=supervisor_metrics_port,
+        metrics_bind=kw["metrics_bind"],
+    )
+    if as_json:
+        click.echo(json.dumps(summaries))
+    else:
+        from distbelief.report import replica_table, show
+
+        show(replica_table(summaries))
+    sys.exit(code)
