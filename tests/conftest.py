@@ -172,3 +172,39 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
 # momentum 0, lr 1, no weight decay, no schedule: the shard's weights are the initial ones
 # minus the sum of the pushed gradients, which a test can compute exactly
 PLAIN_SGD = ("--lr", "1", "--momentum", "0", "--weight-decay", "0", "--lr-decay", "1")
+
+
+# -- `make test-fast`: the tests that start no process and train no network ------------
+
+# modules whose every test starts `distbelief` processes, a real Prometheus, network
+# namespaces, a wheel build or a training run of its own
+INTEGRATION_MODULES = {
+    "test_bench_smoke",
+    "test_convergence",
+    "test_load",
+    "test_multihost",
+    "test_packaging",
+    "test_prometheus",
+    "test_staleness_sim",
+    "test_train",
+}
+# single tests elsewhere that start processes without the `procs` fixture, or train
+INTEGRATION_TESTS = {
+    "test_evaluate_command_scores_an_exported_model",
+    "test_tiny_convnet_learns_demo",
+    "test_load_dataset_augmentation_defaults",
+    "test_replicas_read_disjoint_shares_of_each_epoch",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark as ``integration`` every test that uses real processes; ``make test-fast``
+    runs the rest (``-m "not integration"``), ``make test`` runs everything."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if (
+            "procs" in getattr(item, "fixturenames", ())
+            or module in INTEGRATION_MODULES
+            or item.originalname in INTEGRATION_TESTS
+        ):
+            item.add_marker(pytest.mark.integration)

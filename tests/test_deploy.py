@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -364,8 +365,16 @@ def test_sbatch_script_parses_and_its_command_lines_parse(tmp_path):
         "SLURM_PROCID": "1",  # as srun sets it in the second worker node's task
         "SLURM_NTASKS": "2",
     }
+    # TERM ignored from the start, so the script's exit trap cannot kill a background
+    # stub before it has recorded its call (on a loaded machine it can start late)
     run = subprocess.run(
-        ["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        ["bash", str(script)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN),
     )
     assert run.returncode == 0, run.stderr
     assert "shards on gpu01" in run.stdout and "workers on gpu02,gpu03" in run.stdout

@@ -99,6 +99,7 @@ def stop(proc: subprocess.Popen, sig: int) -> None:
 
 def start_up(run_dir: Path, log_dir: Path) -> subprocess.Popen:
     args = ["up", "--shards", "2", "--cpu", "2", "--steps", "100000", "--batch-size", "8"]
+    args += ["--warm-start", "0"]  # both replicas train from the start: this is about scraping
     args += ["--image-size", "32", "--run-dir", str(run_dir), "--json"]
     return subprocess.Popen(
         [sys.executable, "-m", "distbelief", *args],

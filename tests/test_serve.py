@@ -238,7 +238,8 @@ def test_wrong_types_in_config_env_and_data_are_one_line_errors(procs, tmp_path)
         assert proc.wait(60) in (1, 2)
         text = proc.log_path.read_text()
         assert message in text and "Traceback" not in text, text
-        assert len(text.strip().splitlines()[-1]) < 300
+        last = text.strip().splitlines()[-1].replace(str(tmp_path), "<tmp>")
+        assert len(last) < 300  # short, whatever the length of the test's own folder
 
 
 def test_config_file_and_environment_set_flags(procs, tmp_path):
