@@ -155,8 +155,10 @@ def test_a_shard_killed_with_kill_9_comes_back_from_its_checkpoint(procs, tmp_pa
     assert work.wait(300) == 0, work.log_path.read_text()[-3000:]
 
     final = read_json(status)
+    # it waited for the shard instead of crashing: all its steps, no restart of its own.
+    # (Not necessarily a retry: a push sent after the kill waits in ZeroMQ's queue and
+    # goes out when the restarted shard binds again, often within one --timeout-s.)
     assert final["step"] == steps and final["restarts"] == 0 and killed_at < steps
-    assert final["retries"] >= 1  # it waited for the shard instead of crashing
     assert final["loss_recent"] < final["loss_first"]  # and training went on
     log = serve.log_path.read_text()
     assert "shard[1] exited with -9; restart 1/3" in log  # the supervisor brought it back
