@@ -195,8 +195,10 @@ class Replica:
         for step in range(cfg.start_step, total):
             if comm is not None:
                 comm.install_weights()
-            elif step % cfg.fetch_every == 0 or self.client.must_pull:
-                self._pull()  # on schedule, or at once when a shard lost versions
+            elif step % cfg.fetch_every == 0 or step == cfg.start_step or self.client.must_pull:
+                # on schedule; first of all (a restarted replica may resume between two
+                # fetches); or at once when a shard lost versions
+                self._pull()
             epoch, images, labels = next(batches)
             loss = self._step(images, labels)
             pending += len(labels)
