@@ -4,7 +4,7 @@ Usage: ``python -m bench.all [--only ps_vs_zmq,overhead]``; prints every figure.
 about 25 minutes on a 2-core machine (``convergence`` alone about 11). Run it on a
 machine that is otherwise idle: every figure is a ratio measured within one script's
 run, but load from elsewhere makes both sides of a ratio noisy. ``staleness`` (the
-simulator's default grid, about 3 hours here) runs only when named in ``--only``.
+simulator's default grid, about 2.5 hours here) runs only when named in ``--only``.
 """
 
 from __future__ import annotations
