@@ -227,6 +227,11 @@ class WorkerMetrics:
             registry=r,
         )
         self.retries = Counter(p + "retries", "Requests retried after a timeout", registry=r)
+        self.non_finite = Counter(
+            p + "non_finite_pushes",
+            "Gradients holding NaN or Inf, not pushed (no shard applies a part of one)",
+            registry=r,
+        )
         self.staleness = Histogram(
             p + "staleness",
             "Mean staleness over shards of this worker's pushes",

@@ -303,3 +303,38 @@ def test_a_restarted_replica_resumes_its_steps_with_steps_or_epochs(tmp_path, st
     assert (resumed.start_step, resumed.start_examples, resumed.restarts) == (4, 32, 1)
     status.write_text(json.dumps({"step": 10, "total_steps": 10, "examples": 80, "epoch": 1}))
     assert _resume(cfg).start_step == 0  # finished: a new run starts from the beginning
+
+
+def test_a_gradient_with_nan_is_not_pushed_to_any_shard_and_is_counted(procs):
+    """A NaN in one shard's slice would be refused by that shard alone while the other
+    applied its slice: the replica drops the whole gradient before the push."""
+    from distbelief.workers.replica import Replica
+
+    addresses = procs.serve(2, "--num-classes", str(NUM_CLASSES))
+    replica = Replica(
+        ReplicaConfig(servers=tuple(addresses), num_classes=NUM_CLASSES, batch_size=8)
+    )
+    replica.client.connect()
+    try:
+        replica._pull()
+        before = replica.weights.clone()
+        replica.grads.fill_(1e-3)
+        replica.grads[-1] = float("nan")  # in the last shard's slice only
+        replica._push(8)
+        assert replica.status.non_finite_pushes == 1 and replica.status.pushes == 0
+        assert float(replica.grads.abs().sum()) == 0  # dropped, not carried into the next push
+        assert (
+            replica.metrics.registry.get_sample_value("distbelief_worker_non_finite_pushes_total")
+            == 1
+        )
+        stats = probe_stats(addresses, 10.0)
+        assert [s["pushes"] for s in stats] == [0, 0]
+        assert [s["rejected"].get("non_finite", 0) for s in stats] == [0, 0]
+        replica.grads.fill_(1e-3)
+        replica._push(8)  # a finite gradient goes through to both
+        replica._pull()
+        assert replica.status.pushes == 1
+        assert [s["pushes"] for s in probe_stats(addresses, 10.0)] == [1, 1]
+        assert not torch.equal(replica.weights, before)
+    finally:
+        replica.client.close()

@@ -111,6 +111,7 @@ class ReplicaStatus:
     loss_recent: float = math.nan  # mean training loss of the last LOSS_WINDOW steps
     images_per_s: float = 0.0
     pushes: int = 0
+    non_finite_pushes: int = 0  # gradients with NaN or Inf, dropped before the push
     pulls: int = 0
     retries: int = 0
     staleness: float = 0.0
@@ -313,6 +314,18 @@ class Replica:
             if self.host_grads is not self.grads:
                 self.host_grads.copy_(self.grads)  # blocks until the backward pass is done
             grads = self.host_grads
+        if not math.isfinite(float(grads.sum())):
+            # every shard would refuse its slice only if the NaN fell in it: the others
+            # would apply theirs, a torn update. Dropped here whole, counted, logged.
+            self.grads.zero_()
+            self.metrics.non_finite.inc()
+            self.status.non_finite_pushes += 1
+            log.warning(
+                "gradient of %d examples holds NaN or Inf: not pushed (%d so far)",
+                examples,
+                self.status.non_finite_pushes,
+            )
+            return
         results = self.client.push(grads, examples)
         if grads is self.grads or grads is self.host_grads:
             self.grads.zero_()
