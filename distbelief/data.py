@@ -35,8 +35,10 @@ shares forever.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -332,18 +334,91 @@ def demo_dataset(
     n = num_train if split == "train" else num_val
     if n < 1:
         raise DataError(f"demo {split} set needs at least one example, got {n}")
-    start = time.perf_counter()
-    rng = np.random.default_rng(np.random.SeedSequence([seed, which, image_size, num_classes]))
-    labels = rng.permutation(np.arange(n) % num_classes)
-    images = _render_demo(rng, labels, image_size)
-    logger.debug("built demo %s set: %d images in %.2f s", split, n, time.perf_counter() - start)
+    key = (seed, which, image_size, num_classes, n)
+    cached = _demo_cache_read(split, key)
+    if cached is not None:
+        images, labels = cached
+    else:
+        start = time.perf_counter()
+        rng = np.random.default_rng(np.random.SeedSequence([seed, which, image_size, num_classes]))
+        numbers = rng.permutation(np.arange(n) % num_classes)
+        images = torch.from_numpy(_render_demo(rng, numbers, image_size))
+        labels = torch.from_numpy(numbers.astype(np.int64))
+        seconds = time.perf_counter() - start
+        logger.debug("built demo %s set: %d images in %.2f s", split, n, seconds)
+        _demo_cache_write(split, key, images, labels)
     return ArrayDataset(
-        torch.from_numpy(images),
-        torch.from_numpy(labels.astype(np.int64)),
+        images,
+        labels,
         num_classes=num_classes,
         augment=augment,
         classes=DEMO_CLASSES[:num_classes],
     )
+
+
+DEMO_CACHE_ENV = "DISTBELIEF_CACHE_DIR"
+
+
+def demo_cache_dir() -> Path | None:
+    """Where built demo sets are kept: ``$DISTBELIEF_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/distbelief`` or ``~/.cache/distbelief``; None when the variable
+    is ``off`` or empty (nothing kept)."""
+    value = os.environ.get(DEMO_CACHE_ENV)
+    if value is not None:
+        return None if value.strip() in ("", "off") else Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distbelief"
+
+
+def _demo_cache_path(split: str, key: tuple[int, ...]) -> tuple[Path, str] | None:
+    """The file of one demo set and its name's stem without the digest. The digest
+    covers this module's source and numpy's version, so a change to how the set is
+    drawn never reads an old file."""
+    folder = demo_cache_dir()
+    if folder is None:
+        return None
+    seed, _, size, classes, n = key
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update(f"{np.__version__}|{key}".encode())
+    stem = f"demo-{split}-{n}x{size}px-{classes}c-seed{seed}-"
+    return folder / f"{stem}{h.hexdigest()[:16]}.safetensors", stem
+
+
+def _demo_cache_read(split: str, key: tuple[int, ...]) -> tuple[Tensor, Tensor] | None:
+    from distbelief.checkpoint import CheckpointError, load_checkpoint
+
+    found = _demo_cache_path(split, key)
+    if found is None or not found[0].is_file():
+        return None
+    try:
+        tensors = load_checkpoint(found[0]).tensors  # sha256-verified
+        images, labels = tensors["images"], tensors["labels"]
+    except (CheckpointError, KeyError) as exc:
+        logger.warning("demo cache %s unusable (%s); building the set again", found[0], exc)
+        return None
+    _, _, size, _, n = key
+    if images.dtype != torch.uint8 or tuple(images.shape) != (n, 3, size, size):
+        logger.warning("demo cache %s holds the wrong shape; building the set again", found[0])
+        return None
+    return images, labels
+
+
+def _demo_cache_write(split: str, key: tuple[int, ...], images: Tensor, labels: Tensor) -> None:
+    """Keep the set for the next process (atomically: concurrent writers are harmless);
+    drop files of the same set drawn by an older version of the code."""
+    from distbelief.checkpoint import save_checkpoint
+
+    found = _demo_cache_path(split, key)
+    if found is None:
+        return
+    path, stem = found
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, {"images": images, "labels": labels}, {"what": "demo set"})
+        for old in path.parent.glob(f"{stem}*.safetensors"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    except OSError as exc:  # a read-only or full disk costs the next process time, nothing else
+        logger.warning("demo cache not written to %s: %s", path.parent, exc)
 
 
 # --------------------------------------------------------------------------- synthetic data

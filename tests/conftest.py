@@ -208,3 +208,24 @@ def pytest_collection_modifyitems(config, items) -> None:
             or item.originalname in INTEGRATION_TESTS
         ):
             item.add_marker(pytest.mark.integration)
+
+
+def pytest_configure(config) -> None:
+    """Built demo sets are kept for the session in a folder of its own (every process the
+    tests start inherits it), not in the user's cache, and removed at the end."""
+    from distbelief.data import DEMO_CACHE_ENV
+
+    if DEMO_CACHE_ENV not in os.environ:
+        import tempfile
+
+        config.demo_cache = tempfile.mkdtemp(prefix="distbelief-test-cache-")
+        os.environ[DEMO_CACHE_ENV] = config.demo_cache
+
+
+def pytest_unconfigure(config) -> None:
+    import shutil
+
+    folder = getattr(config, "demo_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("DISTBELIEF_CACHE_DIR", None)

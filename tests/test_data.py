@@ -413,3 +413,29 @@ def test_iterate_batches_deterministic_and_continuing() -> None:
         next(iterate_batches(ds, batch_size=8, seed=0, rank=2, world=2))
     with pytest.raises(ValueError):
         next(iterate_batches(ds, batch_size=64, seed=0))
+
+
+def test_a_built_demo_set_is_kept_verified_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    import distbelief.data as data
+
+    monkeypatch.setenv(data.DEMO_CACHE_ENV, str(tmp_path))
+    built = data.demo_dataset("train", num_train=300, image_size=16, num_classes=4, seed=5)
+    (path,) = tmp_path.glob("demo-train-300x16px-4c-seed5-*.safetensors")
+    render = data._render_demo
+    monkeypatch.setattr(data, "_render_demo", None)  # a second build would fail: read back
+    again = data.demo_dataset("train", num_train=300, image_size=16, num_classes=4, seed=5)
+    assert torch.equal(again.images, built.images) and torch.equal(again.labels, built.labels)
+    blob = bytearray(path.read_bytes())
+    blob[-100] ^= 0xFF  # one flipped byte in the images: the sha256 no longer matches
+    path.write_bytes(bytes(blob))
+    monkeypatch.setattr(data, "_render_demo", render)
+    rebuilt = data.demo_dataset("train", num_train=300, image_size=16, num_classes=4, seed=5)
+    assert torch.equal(rebuilt.images, built.images)
+    from distbelief.checkpoint import load_checkpoint
+
+    assert torch.equal(load_checkpoint(path).tensors["images"], built.images)  # written anew
+    other = data.demo_dataset("train", num_train=300, image_size=16, num_classes=4, seed=6)
+    assert not torch.equal(other.images, built.images)  # the seed is in the key
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    monkeypatch.setenv(data.DEMO_CACHE_ENV, "off")
+    assert data.demo_cache_dir() is None
