@@ -12,6 +12,9 @@ but computes the gradient of update ``t`` on the weights of version ``t − τ``
 - with ``+warm`` after a policy, replica 0 trains alone (``τ = 0``) for
   ``--warm-start`` of the first epoch, and the shards warm the rate up linearly over
   ``--lr-warmup-epochs``, as ``distbelief up --warm-start … --lr-warmup-epochs …``.
+- with ``--join-over J`` as well, replica 1 joins when the warm start ends and the
+  others one by one over the next ``J`` of the first epoch (an experiment on the join
+  shock; ``work`` has no such flag: ``bench/RESULTS.md`` says why).
 
 With ``N = 1`` (τ = 0) it is the reference trainer (``distbelief train``) bit for bit
 (``tests/test_staleness_sim.py``). It reports held-out top-1 at fixed example budgets
@@ -53,11 +56,13 @@ from distbelief.tuning import available_cores
 POLICY_SPECS = (
     "none",
     "async-momentum",
+    "async-momentum-lr",
     "lr-scale",
     "dc-asgd",
     "gap-aware",
     "none+warm",
     "async-momentum+warm",
+    "async-momentum-lr+warm",
 )
 
 
@@ -79,6 +84,7 @@ class SimConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0002
     warm_start: float = 0.2  # with +warm: share of the first epoch replica 0 trains alone
+    join_over: float = 0.0  # with +warm: share of the first epoch the others join over
     lr_warmup_epochs: float = 0.0  # with +warm: linear warm-up of the rate
     staleness_histogram: tuple[tuple[int, float], ...] = ()  # (τ, probability); () = N−1
     staleness_decay: float = StalenessConfig.staleness_decay  # async-momentum's running mean
@@ -112,9 +118,10 @@ class SimResult:
 class StalenessModel:
     """τ for each update: round robin over N replicas, or draws from a histogram."""
 
-    def __init__(self, cfg: SimConfig, warm_steps: int) -> None:
+    def __init__(self, cfg: SimConfig, warm_steps: int, join_steps: int = 0) -> None:
         self.cfg = cfg
         self.warm_steps = warm_steps
+        self.join_steps = join_steps
         self.rng = random.Random(cfg.seed)  # not torch's: the dropout stream stays put
         taus, weights = (
             zip(*cfg.staleness_histogram, strict=True) if cfg.staleness_histogram else ((), ())
@@ -131,7 +138,15 @@ class StalenessModel:
         since = step - self.warm_steps  # the others join with the weights of this version
         if self.taus:
             return min(since, self.rng.choices(self.taus, self.weights)[0])
-        return min(since, self.cfg.replicas - 1)
+        return min(since, self.active(since) - 1)
+
+    def active(self, since: int) -> int:
+        """Replicas pushing ``since`` updates after the warm start: replica 1 joins at
+        once, the others one by one over ``join_steps`` (all at once when 0)."""
+        n = self.cfg.replicas
+        if self.join_steps <= 0 or n <= 2:
+            return n
+        return min(n, 2 + since * (n - 1) // self.join_steps)
 
 
 def simulate(cfg: SimConfig) -> SimResult:
@@ -154,11 +169,14 @@ def simulate(cfg: SimConfig) -> SimResult:
         warmup_epochs=cfg.lr_warmup_epochs if warm else 0.0,
     )
     policy = StalenessConfig(
-        policy=cfg.base_policy, staleness_decay=cfg.staleness_decay, dc_lambda=cfg.dc_lambda
+        policy=cfg.base_policy,
+        staleness_decay=cfg.staleness_decay,
+        dc_lambda=cfg.dc_lambda,
     )
     updater = Updater(rule, schedule, policy)
     warm_steps = math.ceil(cfg.warm_start * len(train_set) / cfg.batch_size) if warm else 0
-    staleness = StalenessModel(cfg, warm_steps)
+    join_steps = math.ceil(cfg.join_over * len(train_set) / cfg.batch_size) if warm else 0
+    staleness = StalenessModel(cfg, warm_steps, join_steps)
     history = [shard.clone() for _ in range(staleness.max_tau + 1)]  # ring: version % len
     batches = iterate_batches(train_set, batch_size=cfg.batch_size, seed=cfg.seed)
     budgets = sorted({*(b for b in cfg.budgets if b < cfg.examples), cfg.examples})
@@ -262,6 +280,7 @@ def grid(args: argparse.Namespace) -> list[SimConfig]:
             budgets=budgets,
             batch_size=args.batch_size,
             warm_start=args.warm_start,
+            join_over=args.join_over,
             lr_warmup_epochs=args.lr_warmup_epochs,
             staleness_histogram=histogram if n > 1 else (),
             staleness_decay=args.staleness_decay,
@@ -344,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--momenta", default="0.9", help="the tuning grid's momentum values")
     parser.add_argument("--warm-start", type=float, default=0.2)
+    parser.add_argument("--join-over", type=float, default=0.0)
     parser.add_argument("--lr-warmup-epochs", type=float, default=0.0)
     parser.add_argument("--staleness-decay", type=float, default=StalenessConfig.staleness_decay)
     parser.add_argument("--dc-lambda", type=float, default=StalenessConfig.dc_lambda)

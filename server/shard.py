@@ -29,7 +29,7 @@ from distbelief.tuning import keep_freed_memory
 from .checkpoints import ShardCheckpointer
 from .rules import RULES, Schedule, make_rule
 from .service import Service, ServiceLoop, SnapshotPool, expect_payload, frame_bytes
-from .staleness import StalenessConfig, Updater
+from .staleness import MOMENTUM_POLICIES, StalenessConfig, Updater
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,9 @@ class ShardConfig:
             raise ValueError(f"shard index {self.index} out of range for {self.num_shards} shards")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
-        if self.staleness.policy == "async-momentum" and self.rule == "adagrad":
+        if self.staleness.policy in MOMENTUM_POLICIES and self.rule == "adagrad":
             raise ValueError(
-                "the async-momentum staleness policy needs --rule momentum or nesterov"
+                f"the {self.staleness.policy} staleness policy needs --rule momentum or nesterov"
             )
         if self.worker_timeout_s <= 0:
             raise ValueError(f"worker timeout must be positive, got {self.worker_timeout_s}")

@@ -15,6 +15,11 @@ staleness 0, bit for bit, so one replica through the shards still reproduces
   to ``μ − τ̄/(τ̄ + 1)`` (``τ̄``: running mean staleness on this shard), so explicit
   plus implicit stays at the configured ``μ``; it goes below 0 for large N, as the
   paper suggests, down to ``MIN_MOMENTUM``.
+- ``async-momentum-lr``: the same momentum, and the rate divided by ``τ̄ + 1`` (about
+  N: each of N replicas pushing in turn moves the weights by ``lr / N``). A constant
+  delay τ shrinks the range of curvature that momentum SGD keeps stable about τ-fold
+  (``bench/RESULTS.md``, the stability table); lowering the momentum alone does not
+  win it back, the rate does. The simulator's winner, ``up``'s default.
 - ``lr-scale``: the learning rate divided by ``max(1, τ)`` (Zhang et al. 2016).
 - ``dc-asgd``: delay compensation, DC-ASGD-a (Zheng et al., ICML 2017):
   ``g + λ_t ⊙ g ⊙ g ⊙ (w_now − w_base)`` with ``λ_t = λ0 / √(MeanSquare_t + ε)`` and
@@ -38,7 +43,8 @@ import torch
 
 from .rules import Momentum, Schedule, UpdateRule
 
-POLICIES = ("none", "async-momentum", "lr-scale", "dc-asgd", "gap-aware")
+POLICIES = ("none", "async-momentum", "async-momentum-lr", "lr-scale", "dc-asgd", "gap-aware")
+MOMENTUM_POLICIES = ("async-momentum", "async-momentum-lr")  # they set the rule's momentum
 MIN_MOMENTUM = -0.5  # floor of the asynchrony-aware momentum (32 replicas ask for −0.07)
 DC_EPS = 1e-7  # ε under DC-ASGD-a's square root (the paper's reference code)
 GAP_EPS = 1e-12  # keeps an element that never moved from dividing by zero
@@ -118,8 +124,8 @@ class Updater:
     """
 
     def __init__(self, rule: UpdateRule, schedule: Schedule, cfg: StalenessConfig) -> None:
-        if cfg.policy == "async-momentum" and not isinstance(rule, Momentum):
-            raise ValueError("the async-momentum policy needs --rule momentum or nesterov")
+        if cfg.policy in MOMENTUM_POLICIES and not isinstance(rule, Momentum):
+            raise ValueError(f"the {cfg.policy} policy needs --rule momentum or nesterov")
         self.rule = rule
         self.schedule = schedule
         self.cfg = cfg
@@ -152,6 +158,10 @@ class Updater:
         if policy == "async-momentum":
             applied.momentum = self._async_momentum()
             self.rule.optimizer.param_groups[0]["momentum"] = applied.momentum
+        elif policy == "async-momentum-lr":
+            applied.momentum = self._async_momentum()
+            self.rule.optimizer.param_groups[0]["momentum"] = applied.momentum
+            applied.lr = lr / (self.mean_staleness + 1.0)
         elif policy == "lr-scale":
             applied.lr = lr / max(1, staleness)
         elif policy == "dc-asgd":

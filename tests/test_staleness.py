@@ -68,6 +68,30 @@ def test_async_momentum_subtracts_the_implicit_momentum_of_the_mean_staleness():
     assert slow.mean_staleness == pytest.approx(3.0)
 
 
+def test_async_momentum_lr_also_divides_the_rate_by_the_mean_staleness_plus_one():
+    torch.manual_seed(0)
+    w0 = torch.randn(SIZE)
+    up = updater("async-momentum-lr", w0, staleness_decay=0.5)
+    ref = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.SGD([ref], lr=0.1, momentum=MU, weight_decay=WD)
+    mean = 0.0
+    for tau, g in zip([0, 3, 3, 1, 7, 0], grads(6), strict=True):
+        mean = 0.5 * mean + 0.5 * tau
+        applied = up.apply(g, examples_before=0, staleness=tau, base_version=0)
+        assert applied.lr == pytest.approx(0.1 / (mean + 1))
+        assert applied.momentum == pytest.approx(max(MIN_MOMENTUM, MU - mean / (mean + 1)))
+        opt.param_groups[0].update(lr=applied.lr, momentum=applied.momentum)
+        ref.grad = g.clone()
+        opt.step()
+    assert torch.allclose(up.weights, ref.detach(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="async-momentum-lr policy needs --rule momentum"):
+        Updater(
+            make_rule("adagrad", torch.zeros(8), weight_decay=0.0, momentum=0.0),
+            Schedule(lr=0.1),
+            StalenessConfig(policy="async-momentum-lr"),
+        )
+
+
 def test_lr_scale_divides_the_rate_by_the_staleness():
     up = updater("lr-scale", torch.zeros(SIZE))
     assert up.apply(grads(1)[0], examples_before=0, staleness=4, base_version=0).lr == 0.025

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from bench.staleness import POLICY_SPECS as POLICIES
 from bench.staleness import SimConfig, StalenessModel, read_histogram, simulate
 from distbelief.train import TrainConfig, train_reference
 
@@ -58,11 +59,20 @@ def test_histogram_from_a_shards_metrics_text(tmp_path):
     assert set(draws) == {0, 2} and 250 < draws.count(2) < 350
 
 
+def test_replicas_join_one_by_one_over_the_join_window():
+    model = StalenessModel(SimConfig(replicas=5, join_over=0.1), warm_steps=10, join_steps=8)
+    taus = [model.tau(step) for step in range(24)]
+    # alone for 10 updates; replica 1 joins at once, 2, 3 and 4 every 2 updates after
+    assert taus == [0] * 10 + [0, 1, 2, 2, 3, 3] + [4] * 8
+    at_once = StalenessModel(SimConfig(replicas=5), warm_steps=10)
+    assert [at_once.tau(step) for step in range(10, 16)] == [0, 1, 2, 3, 4, 4]
+
+
 def test_the_command_runs_every_policy_and_prints_ratios(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "bench.staleness", "--replicas", "1,4", "--seeds", "0,1"]
         + ["--examples", "64", "--batch-size", "8", "--points", "2", "--eval-examples", "64"]
-        + ["--policies", "none,async-momentum,lr-scale,dc-asgd,gap-aware,async-momentum+warm"]
+        + ["--policies", ",".join(POLICIES)]
         + ["--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
@@ -70,9 +80,7 @@ def test_the_command_runs_every_policy_and_prints_ratios(tmp_path):
         timeout=600,
         check=True,
     ).stdout
-    assert len(re.findall(r"\| ratio \d", out)) == 7, out  # the reference and six policies at N = 4
+    assert len(re.findall(r"\| ratio \d", out)) == 1 + len(POLICIES), out  # N = 1, each at N = 4
     summary = json.loads((tmp_path / "staleness.json").read_text())["summary"]
-    assert {r["policy"] for r in summary if r["replicas"] == 4} == {
-        "none", "async-momentum", "lr-scale", "dc-asgd", "gap-aware", "async-momentum+warm"
-    }  # fmt: skip
+    assert {r["policy"] for r in summary if r["replicas"] == 4} == set(POLICIES)
     assert all(0 <= t <= 1 for r in summary for t in r["top1"])

@@ -25,7 +25,7 @@ from distbelief.logs import setup_logging
 DEMO_EPOCHS = 2.75
 DEMO_LR = 0.005
 # chosen by measurement (bench/RESULTS.md, "staleness")
-DEMO_STALENESS_POLICY = "async-momentum"
+DEMO_STALENESS_POLICY = "async-momentum-lr"
 DEMO_WARM_START = 0.2
 DEMO_LR_WARMUP_EPOCHS = 0.0
 # the same default as a policy spec of bench.staleness and bench.convergence
