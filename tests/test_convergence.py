@@ -16,10 +16,10 @@ simulator grid shows, open in the staleness issue), and held-out top-1 (2000 ima
 chance is 10% ± 0.7%) of the better of the final weights and the Polyak average is at
 least 15%, far outside chance.
 
-It runs as `distbelief up` trains: through shared memory, with up's staleness policy
-(async-momentum) and warm start. Measured in two clean-clone CI runs on 2026-12-03,
-about 150 s each on 2 cores: final weights 54.4% and 65.9%, Polyak average 60.0% and
-59.9%, each replica's recent loss 1.5 to 2.6 against 3.68 at chance. Before the
+It runs as `distbelief up` trains: through shared memory, with up's default staleness
+policy and warm start. With async-momentum (the default until 2026-12-03), in two
+clean-clone CI runs, about 150 s each on 2 cores: final weights 54.4% and 65.9%, Polyak
+average 60.0% and 59.9%, each replica's recent loss 1.5 to 2.6 against 3.68 at chance. Before the
 policy, plain Downpour over the wire gave 22-33% final and 22-41% Polyak in four
 runs, and one CI run through shared memory saw the loss rise again at the end: the
 instability of momentum 0.9 under staleness that docs/staleness.md describes, not a
