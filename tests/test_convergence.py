@@ -19,7 +19,11 @@ least 15%, far outside chance.
 It runs as `distbelief up` trains: through shared memory, with up's default staleness
 policy and warm start. With async-momentum (the default until 2026-12-03), in two
 clean-clone CI runs, about 150 s each on 2 cores: final weights 54.4% and 65.9%, Polyak
-average 60.0% and 59.9%, each replica's recent loss 1.5 to 2.6 against 3.68 at chance. Before the
+average 60.0% and 59.9%, each replica's recent loss 1.5 to 2.6 against 3.68 at chance.
+With async-momentum-lr (the default since), a clean-clone CI run and one run alone on
+2026-12-03, about 170 s each: final weights 51.3% and 60.8%, Polyak 61.5% and 63.6%,
+replica 0's loss 3.76 → 2.51 and 2.82 (below its start both times), replica 1's 1.71
+and 1.48. Before the
 policy, plain Downpour over the wire gave 22-33% final and 22-41% Polyak in four
 runs, and one CI run through shared memory saw the loss rise again at the end: the
 instability of momentum 0.9 under staleness that docs/staleness.md describes, not a
