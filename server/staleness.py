@@ -155,13 +155,11 @@ class Updater:
         lr = self.schedule.lr_at(examples_before)
         applied = Applied(lr=lr, momentum=self.base_momentum)
         policy = self.cfg.policy
-        if policy == "async-momentum":
+        if policy in MOMENTUM_POLICIES:
             applied.momentum = self._async_momentum()
             self.rule.optimizer.param_groups[0]["momentum"] = applied.momentum
-        elif policy == "async-momentum-lr":
-            applied.momentum = self._async_momentum()
-            self.rule.optimizer.param_groups[0]["momentum"] = applied.momentum
-            applied.lr = lr / (self.mean_staleness + 1.0)
+            if policy == "async-momentum-lr":
+                applied.lr = lr / (self.mean_staleness + 1.0)
         elif policy == "lr-scale":
             applied.lr = lr / max(1, staleness)
         elif policy == "dc-asgd":
