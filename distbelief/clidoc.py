@@ -20,11 +20,12 @@ SETTINGS = Path("docs") / "settings.md"
 
 
 def _default(param: click.Option, ctx: click.Context) -> str:
-    """The default as a user sees it: ``on``/``off`` for switches, blank for none."""
+    """The default as a user sees it: ``on``/``off`` for switches, blank for none (a
+    switch whose default depends on other settings, as its help says)."""
     # get_default, not param.default: for a flag without an explicit default click
     # keeps an internal sentinel there (it printed as `Sentinel.UNSET`)
     value = param.get_default(ctx, call=False)
-    if param.is_bool_flag:
+    if param.is_bool_flag and value is not None:
         return "`on`" if value else "`off`"
     if value is None or callable(value):
         return ""

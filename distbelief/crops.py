@@ -3,11 +3,15 @@
 Training (GoogLeNet paper, section 6): a crop covering 8%-100% of the image area
 with aspect ratio in [3/4, 4/3], resized to the network's input size with a
 randomly chosen interpolation, photometric distortions (brightness, contrast,
-saturation, hue) and a random horizontal flip. Two implementations:
+saturation, hue) and a random horizontal flip; ``Augmentation`` lets a user change
+the crop ranges and turn flips or the colour distortion off. Every random choice for
+one image comes from its row of ``DRAWS`` uniform numbers (seeded by the loader from
+seed, epoch and index). Two stages:
 
-- ``train_transform(image_size)``: per image, PIL or tensor in, for folder data.
-- ``augment_batch(images, generator=...)``: batched on float tensors
-  (``grid_sample`` with one affine grid per image), for in-memory data.
+- the crop, where the pixels are: ``crop_image`` per PIL image (folder data, in the
+  loader's worker processes, uint8 out), ``crop_batch`` on in-memory tensors;
+- ``finish_batch``: colour distortion, flips and normalisation on the whole batch,
+  on the device that trains on it.
 
 Evaluation (section 7): ``eval_crops`` gives 1, 10 or 144 crops of one image and
 ``predict_crops`` averages the softmax over them; ``evaluate`` measures top-1
@@ -22,19 +26,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
-from torchvision.transforms import InterpolationMode, v2
-from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms import InterpolationMode
 
 PIXEL_MEAN = 0.5  # of x in [0, 1], every channel
 PIXEL_STD = 0.25
 CROP_SCALE = (0.08, 1.0)  # fraction of the image area (paper, section 6)
 CROP_RATIO = (3 / 4, 4 / 3)  # width / height
 INTERPOLATIONS = (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC, InterpolationMode.NEAREST)
+PIL_INTERPOLATIONS = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.NEAREST)
 EVAL_RESIZE = 256 / 224  # the shorter side is resized to image_size * 256/224 before cropping
 EVAL_SCALES = (256, 288, 320, 352)  # shorter sides of the 144-crop test, for image_size 224
 CROP_COUNTS = (1, 10, 144)
@@ -57,6 +64,56 @@ def to_normalized(images: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- training crops
 
 
+@dataclass(frozen=True, kw_only=True)
+class Augmentation:
+    """The training augmentation of one data set (every field a user can set).
+
+    ``crop_scale``: area range of the random crop as a fraction of the image (None: no
+    crop, the whole image resized); ``crop_ratio``: its width/height range; ``flip``:
+    mirror half the images; ``color``: the photometric distortions. The default is the
+    paper's recipe (section 6).
+    """
+
+    crop_scale: tuple[float, float] | None = CROP_SCALE
+    crop_ratio: tuple[float, float] = CROP_RATIO
+    flip: bool = True
+    color: bool = True
+
+    def __post_init__(self) -> None:
+        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop scale must satisfy 0 < min ≤ max ≤ 1, got {self.crop_scale}")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop ratio must satisfy 0 < min ≤ max, got {self.crop_ratio}")
+
+    @property
+    def random(self) -> bool:
+        """Whether it draws anything (an augmentation that does nothing needs no draws)."""
+        return self.crop_scale is not None or self.flip or self.color
+
+    def describe(self) -> str:
+        parts = []
+        if self.crop_scale is not None:
+            (a, b), (r, s) = self.crop_scale, self.crop_ratio
+            parts.append(f"crops of {a:g}-{b:g} of the area, ratio {r:.3g}-{s:.3g}")
+        parts += ["flips"] * self.flip + ["colour distortion"] * self.color
+        return ", ".join(parts) or "none"
+
+
+PAPER_AUGMENTATION = Augmentation()
+NO_AUGMENTATION = Augmentation(crop_scale=None, flip=False, color=False)
+
+# Every random choice the augmentation makes for one image is a column of its row of
+# draws (uniform in [0, 1), float64), fixed by (seed, epoch, index): which process
+# decodes the image, and when, cannot change it.
+CROP_ATTEMPTS = 10  # rounds of drawing a crop box before the fallback (as torchvision)
+_FALLBACK = 2 * CROP_ATTEMPTS  # columns 0..19: area and log-ratio of each attempt
+_TOP, _LEFT = _FALLBACK + 2, _FALLBACK + 3
+DRAW_FLIP = _FALLBACK + 4
+DRAW_INTERPOLATION = _FALLBACK + 5
+DRAW_COLOR = _FALLBACK + 6  # brightness, contrast, saturation, hue
+DRAWS = DRAW_COLOR + 4
+
+
 def sample_crop_boxes(
     n: int,
     height: int,
@@ -64,194 +121,136 @@ def sample_crop_boxes(
     *,
     scale: tuple[float, float] = CROP_SCALE,
     ratio: tuple[float, float] = CROP_RATIO,
+    draws: Tensor | None = None,
     generator: torch.Generator | None = None,
-    attempts: int = 10,
 ) -> Tensor:
     """Sample ``n`` crop boxes ``(top, left, h, w)`` (float, pixels) inside a height×width image.
 
     The area fraction ``h·w / (height·width)`` is drawn uniformly from ``scale`` and
     the aspect ratio ``w / h`` log-uniformly from ``ratio``; a box that does not fit is
-    drawn again (``attempts`` rounds, as torchvision does). A box still left after that
-    draws a ratio, then an area uniformly among those that fit with it. Every box lies
-    in the image with its area and ratio inside the bounds (only an image whose own
-    aspect is far outside ``ratio`` can force an area below ``scale[0]``).
+    drawn again (``CROP_ATTEMPTS`` rounds, as torchvision does). A box still left after
+    that draws a ratio, then an area uniformly among those that fit with it. Every box
+    lies in the image with its area and ratio inside the bounds (only an image whose own
+    aspect is far outside ``ratio`` can force an area below ``scale[0]``). The random
+    numbers are ``draws`` (n×DRAWS, one row per box) or drawn from ``generator``.
     """
     if n < 0 or height < 1 or width < 1:
         raise ValueError(f"bad crop request: n={n}, image {height}x{width}")
     if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
         raise ValueError(f"bad crop bounds: scale={scale}, ratio={ratio}")
+    u = _draws(n, draws, generator).double()
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
     area = float(height * width)
-
-    def uniform(k: int, low: float, high: float) -> Tensor:
-        return low + (high - low) * torch.rand(k, generator=generator, dtype=torch.float64)
-
-    s = torch.empty(n, dtype=torch.float64)
-    r = torch.empty(n, dtype=torch.float64)
+    s = torch.zeros(n, dtype=torch.float64)
+    r = torch.ones(n, dtype=torch.float64)
     todo = torch.ones(n, dtype=torch.bool)
-    for _ in range(attempts):
-        k = int(todo.sum())
-        if k == 0:
-            break
-        s_try, r_try = uniform(k, *scale), torch.exp(uniform(k, *log_r))
+    for a in range(CROP_ATTEMPTS):
+        s_try = _lerp(scale, u[:, 2 * a])
+        r_try = torch.exp(_lerp(log_r, u[:, 2 * a + 1]))
         w, h = torch.sqrt(s_try * area * r_try), torch.sqrt(s_try * area / r_try)
-        fits = (w <= width) & (h <= height)
-        where = todo.nonzero().squeeze(1)[fits]
-        s[where], r[where] = s_try[fits], r_try[fits]
-        todo[where] = False
-    k = int(todo.sum())
-    if k:
-        r_left = torch.exp(uniform(k, *log_r))
+        take = todo & (w <= width) & (h <= height)
+        s, r = torch.where(take, s_try, s), torch.where(take, r_try, r)
+        todo &= ~take
+    if bool(todo.any()):
+        r_left = torch.exp(_lerp(log_r, u[:, _FALLBACK]))
         s_max = torch.minimum(width / (height * r_left), height * r_left / width)
         s_max = s_max.clamp(max=scale[1])
         s_min = s_max.clamp(max=scale[0])
-        s[todo] = s_min + (s_max - s_min) * uniform(k, 0.0, 1.0)
-        r[todo] = r_left
+        s = torch.where(todo, s_min + (s_max - s_min) * u[:, _FALLBACK + 1], s)
+        r = torch.where(todo, r_left, r)
     w = torch.sqrt(s * area * r).clamp(max=width)
     h = torch.sqrt(s * area / r).clamp(max=height)
-    top, left = (height - h) * uniform(n, 0.0, 1.0), (width - w) * uniform(n, 0.0, 1.0)
+    top, left = (height - h) * u[:, _TOP], (width - w) * u[:, _LEFT]
     return torch.stack([top, left, h, w], dim=1).float()
 
 
-class RandomInterpolationResizedCrop:
-    """RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) with a random interpolation.
+def _lerp(bounds: tuple[float, float], u: Tensor) -> Tensor:
+    return bounds[0] + (bounds[1] - bounds[0]) * u
 
-    Takes a PIL image or a tensor (…×H×W); returns the same kind, size×size. Uses
-    torch's global random generator, like torchvision's transforms.
+
+def _draws(n: int, draws: Tensor | None, generator: torch.Generator | None) -> Tensor:
+    if draws is None:
+        return torch.rand(n, DRAWS, generator=generator, dtype=torch.float64)
+    if draws.shape != (n, DRAWS):
+        raise ValueError(f"need {n}×{DRAWS} draws, got {tuple(draws.shape)}")
+    return draws
+
+
+def crop_image(image: Image.Image, row: Tensor, *, size: int, augmentation: Augmentation) -> Tensor:
+    """One image's training crop: uint8 3×size×size from a PIL image and its row of draws.
+
+    The crop box (``sample_crop_boxes``) is cut and resized in one pass with a random
+    interpolation (bilinear, bicubic or nearest). A JPEG is decoded at the smallest DCT
+    scale (1/2, 1/4, 1/8: Pillow's ``draft``) that leaves the box at least ``size``
+    pixels wide and high, so large crops of large photos decode at a fraction of the
+    cost without losing a pixel of the output's resolution.
     """
-
-    def __init__(
-        self,
-        size: int,
-        *,
-        scale: tuple[float, float] = CROP_SCALE,
-        ratio: tuple[float, float] = CROP_RATIO,
-        interpolations: Sequence[InterpolationMode] = INTERPOLATIONS,
-    ) -> None:
-        if size < 1 or not interpolations:
-            raise ValueError(f"bad crop size {size} or empty interpolations")
-        self.size, self.scale, self.ratio = size, scale, ratio
-        self.interpolations = tuple(interpolations)
-
-    def __call__(self, image: Any) -> Any:
-        height, width = TF.get_size(image)
-        box = sample_crop_boxes(1, height, width, scale=self.scale, ratio=self.ratio)
+    width, height = image.size
+    if augmentation.crop_scale is None:
+        top, left, h, w = 0.0, 0.0, float(height), float(width)
+    else:
+        box = sample_crop_boxes(
+            1,
+            height,
+            width,
+            scale=augmentation.crop_scale,
+            ratio=augmentation.crop_ratio,
+            draws=row.view(1, -1),
+        )
         top, left, h, w = box[0].tolist()
-        h_px, w_px = max(1, min(height, round(h))), max(1, min(width, round(w)))
-        top_px, left_px = min(round(top), height - h_px), min(round(left), width - w_px)
-        mode = self.interpolations[int(torch.randint(len(self.interpolations), ()))]
-        return TF.resized_crop(
-            image,
-            top_px,
-            left_px,
-            h_px,
-            w_px,
-            [self.size, self.size],
-            interpolation=mode,
-            antialias=True,
-        )
-
-    def __repr__(self) -> str:
-        modes = ", ".join(m.value for m in self.interpolations)
-        return (
-            f"{type(self).__name__}(size={self.size}, scale={self.scale}, interpolations=[{modes}])"
-        )
-
-
-def train_transform(image_size: int) -> Callable[[Any], Tensor]:
-    """Per-image training pipeline (paper, section 6): PIL image in, normalised 3×S×S out."""
-    return v2.Compose(
-        [
-            RandomInterpolationResizedCrop(image_size),
-            v2.ColorJitter(
-                brightness=BRIGHTNESS, contrast=CONTRAST, saturation=SATURATION, hue=HUE
-            ),
-            v2.RandomHorizontalFlip(),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize([PIXEL_MEAN] * 3, [PIXEL_STD] * 3),
-        ]
+    if image.format == "JPEG":
+        image.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
+    image = image.convert("RGB")
+    sx, sy = image.size[0] / width, image.size[1] / height
+    mode = PIL_INTERPOLATIONS[_interpolation(row)]
+    out = image.resize(
+        (size, size), resample=mode, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)
     )
+    return _to_chw(out)
 
 
-def eval_transform(image_size: int) -> Callable[[Any], Tensor]:
-    """Per-image evaluation view: shorter side to image_size·256/224, centre crop, normalise."""
-    return v2.Compose(
-        [
-            v2.Resize(round(image_size * EVAL_RESIZE), antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize([PIXEL_MEAN] * 3, [PIXEL_STD] * 3),
-        ]
-    )
+def eval_image(image: Image.Image, *, size: int) -> Tensor:
+    """The evaluation view of one PIL image: shorter side to size·256/224, centre crop, uint8."""
+    image = image.convert("RGB")
+    width, height = image.size
+    shorter = round(size * EVAL_RESIZE)
+    k = shorter / min(width, height)
+    resized = (max(shorter, round(width * k)), max(shorter, round(height * k)))
+    image = image.resize(resized, resample=Image.Resampling.BILINEAR)
+    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+    return _to_chw(image.crop((left, top, left + size, top + size)))
 
 
-def flip_batch(images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-    """Mirror each image of a B×C×H×W batch left-right with probability 1/2."""
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
-    out = images.clone()
-    out[flip] = images[flip].flip(-1)
-    return out
+def _to_chw(image: Image.Image) -> Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
-def _rgb_to_gray(x: Tensor) -> Tensor:
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+def _interpolation(row: Tensor) -> int:
+    return min(len(INTERPOLATIONS) - 1, int(float(row[DRAW_INTERPOLATION]) * len(INTERPOLATIONS)))
 
 
-def _jitter(n: int, strength: float, generator: torch.Generator | None) -> Tensor:
-    return (1 + strength * (2 * torch.rand(n, generator=generator) - 1)).view(n, 1, 1, 1)
-
-
-def _rotate_hue(x: Tensor, turns: Tensor) -> Tensor:
-    """Rotate the hue of each image by ``turns`` of a full circle, in YIQ space."""
-    to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    from_yiq = torch.linalg.inv(to_yiq)
-    cos, sin = torch.cos(2 * math.pi * turns), torch.sin(2 * math.pi * turns)
-    rot = torch.zeros(x.shape[0], 3, 3, dtype=x.dtype)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    mix = from_yiq @ rot @ to_yiq  # B×3×3
-    return torch.einsum("bij,bjhw->bihw", mix, x)
-
-
-def photometric_batch(images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-    """Brightness, contrast, saturation and hue distortions of B×3×H×W CPU pixels in [0, 1].
-
-    Same strengths as ``train_transform``'s ColorJitter, applied in that fixed order
-    with factors drawn per image; the hue turns in YIQ space (a linear map per image).
-    """
-    n = images.shape[0]
-    x = (images * _jitter(n, BRIGHTNESS, generator)).clamp(0, 1)
-    mean = _rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = (mean + _jitter(n, CONTRAST, generator) * (x - mean)).clamp(0, 1)
-    gray = _rgb_to_gray(x)
-    x = (gray + _jitter(n, SATURATION, generator) * (x - gray)).clamp(0, 1)
-    turns = HUE * (2 * torch.rand(n, generator=generator) - 1)
-    return _rotate_hue(x, turns).clamp(0, 1)
-
-
-def augment_batch(
-    images: Tensor, *, image_size: int | None = None, generator: torch.Generator | None = None
+def crop_batch(
+    images: Tensor, draws: Tensor, *, size: int | None = None, augmentation: Augmentation
 ) -> Tensor:
-    """The paper's training augmentation, batched: B×3×H×W CPU floats in [0, 1] → B×3×S×S.
+    """Training crops of a batch held in memory: B×3×H×W floats in [0, 1] → B×3×S×S.
 
-    Each image gets its own crop box (``sample_crop_boxes``), interpolation (bilinear,
-    bicubic or nearest, via ``grid_sample``), photometric distortion and mirror flip.
+    The same boxes and interpolations as ``crop_image`` (one affine ``grid_sample``
+    per interpolation mode), for data sets whose images are tensors already.
     """
     n, _, height, width = images.shape
-    size = image_size or min(height, width)
-    boxes = sample_crop_boxes(n, height, width, generator=generator)
+    size = size or min(height, width)
+    boxes = sample_crop_boxes(
+        n, height, width, scale=augmentation.crop_scale, ratio=augmentation.crop_ratio, draws=draws
+    )
     top, left, h, w = boxes.unbind(1)
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
     # Affine map from output coordinates in [-1, 1] to input coordinates in [-1, 1].
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = flip * w / width
+    theta[:, 0, 0] = w / width
     theta[:, 0, 2] = (2 * left + w) / width - 1
     theta[:, 1, 1] = h / height
     theta[:, 1, 2] = (2 * top + h) / height - 1
     grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
-    modes = torch.randint(len(INTERPOLATIONS), (n,), generator=generator)
+    modes = (draws[:, DRAW_INTERPOLATION] * len(INTERPOLATIONS)).long().clamp(max=2)
     out = images.new_empty(n, 3, size, size)
     for k, mode in enumerate(INTERPOLATIONS):
         sel = (modes == k).nonzero().squeeze(1)
@@ -263,7 +262,64 @@ def augment_batch(
                 padding_mode="border",
                 align_corners=False,
             )
-    return photometric_batch(out.clamp(0, 1), generator=generator)
+    return out.clamp_(0, 1)
+
+
+def _rgb_to_gray(x: Tensor) -> Tensor:
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _jitter(strength: float, u: Tensor) -> Tensor:
+    return (1 + strength * (2 * u - 1)).view(-1, 1, 1, 1)
+
+
+def _rotate_hue(x: Tensor, turns: Tensor) -> Tensor:
+    """Rotate the hue of each image by ``turns`` of a full circle, in YIQ space."""
+    to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    from_yiq = torch.linalg.inv(to_yiq)
+    cos, sin = torch.cos(2 * math.pi * turns), torch.sin(2 * math.pi * turns)
+    rot = x.new_zeros(x.shape[0], 3, 3)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    mix = from_yiq @ rot @ to_yiq  # B×3×3
+    return torch.einsum("bij,bjhw->bihw", mix, x)
+
+
+def photometric_batch(images: Tensor, draws: Tensor) -> Tensor:
+    """Brightness, contrast, saturation and hue distortions of B×3×H×W pixels in [0, 1].
+
+    The strengths of torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1), applied in that
+    fixed order with factors from each image's draws; the hue turns in YIQ space (a
+    linear map per image). Runs on the images' device, batched.
+    """
+    u = draws[:, DRAW_COLOR : DRAW_COLOR + 4].to(images.device, images.dtype)
+    x = (images * _jitter(BRIGHTNESS, u[:, 0])).clamp(0, 1)
+    mean = _rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = (mean + _jitter(CONTRAST, u[:, 1]) * (x - mean)).clamp(0, 1)
+    gray = _rgb_to_gray(x)
+    x = (gray + _jitter(SATURATION, u[:, 2]) * (x - gray)).clamp(0, 1)
+    return _rotate_hue(x, HUE * (2 * u[:, 3] - 1)).clamp(0, 1)
+
+
+def finish_batch(
+    images: Tensor,
+    draws: Tensor | None,
+    augmentation: Augmentation,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """A batch as the model takes it, on ``device``: uint8 (0..255) or float ([0, 1])
+    images there, then (with ``draws``) the colour distortion and the flips, batched on
+    the device, then normalised. Without ``draws``, the images as they are."""
+    x = images.to(device, non_blocking=True)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    if draws is not None:
+        d = draws.to(device, non_blocking=True)
+        if augmentation.color:
+            x = photometric_batch(x, d)
+        if augmentation.flip:
+            mirror = (d[:, DRAW_FLIP] < 0.5).view(-1, 1, 1, 1)
+            x = torch.where(mirror, x.flip(-1), x)
+    return normalize(x)
 
 
 # --------------------------------------------------------------------------- test crops
@@ -400,7 +456,7 @@ class EvalSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batch(self, indices: Tensor, *, augment: bool | None = None) -> tuple[Tensor, Tensor]: ...
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]: ...
 
     def eval_images(self, indices: Tensor) -> tuple[Sequence[Tensor], Tensor]: ...
 
@@ -418,7 +474,7 @@ def evaluate(
 ) -> dict[str, float | int]:
     """Top-1 and top-5 accuracy of ``model`` on ``dataset`` (first ``max_examples`` examples).
 
-    ``crops=1`` uses the data set's own evaluation view (``batch(..., augment=False)``:
+    ``crops=1`` uses the data set's own evaluation view (``batch(indices)``:
     the whole image for in-memory data, the centre crop for folders); 10 and 144 use
     ``eval_crops`` on the full images. The model is moved to ``device`` and run in eval
     mode; its previous training mode is restored afterwards. Top-5 means top-min(5, C).
@@ -439,7 +495,7 @@ def evaluate(
         for start in range(0, n, step):
             idx = torch.arange(start, min(n, start + step))
             if crops == 1:
-                x, y = dataset.batch(idx, augment=False)
+                x, y = dataset.batch(idx)
                 scores = logits_of(model(x.to(device))).float()
             else:
                 images, y = dataset.eval_images(idx)

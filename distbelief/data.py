@@ -16,21 +16,23 @@ Three sources (``load_dataset``):
 - a path: an ImageNet-style folder, ``PATH/train/<class>/*.jpg`` and
   ``PATH/val/<class>/*.jpg``, read with torchvision's ``ImageFolder``.
 
-Every data set answers ``len(ds)``, ``ds.num_classes``, ``ds.image_size`` and
-``ds.batch(indices) -> (images, labels)``: float32 images N×3×S×S in normalised
-form, ``(x - 0.5) / 0.25`` for pixels ``x`` in [0, 1], and int64 labels.
+Every data set answers ``len(ds)``, ``ds.num_classes``, ``ds.image_size``,
+``ds.augmentation``, ``ds.fetch(indices, draws)`` (uint8 images, or float crops in
+[0, 1], and labels: the per-image work a loader worker does) and
+``ds.batch(indices, draws=None) -> (images, labels)``: float32 images N×3×S×S in
+normalised form, ``(x - 0.5) / 0.25`` for pixels ``x`` in [0, 1], and int64 labels.
 
-Augmentation. Folder training data goes through the paper's per-image pipeline
-(``crops.train_transform``: 8%-100% area crops with aspect ratio in [3/4, 4/3],
-random interpolation, photometric distortions, mirror flips). The demo generator
-already randomises position, size and colour, and an 8%-area crop of a 32×32
-image would often cut the shape out of the picture, so demo training by default
-only mirrors images (batched on tensors, cheap); ``augment=True`` applies the
-paper's crop and photometric pipeline to demo batches too (``crops.augment_batch``).
+Augmentation (``crops.Augmentation``, settable with ``--crop-scale``,
+``--crop-ratio``, ``--no-flip``, ``--no-color-jitter``): folder training data gets
+the paper's recipe by default (8%-100% area crops with aspect ratio in [3/4, 4/3],
+random interpolation, photometric distortions, mirror flips); the demo set mirror
+flips only (``default_augmentation``). Every random choice for a sample comes from
+its row of ``sample_draws(seed, epoch, index)``.
 
 Data order: ``partition_indices`` gives each replica (rank of world) a disjoint
-strided share of a seeded permutation per epoch; ``iterate_batches`` walks those
-shares forever.
+strided share of a seeded permutation per epoch; ``BatchStream`` numbers a rank's
+batches across epochs; ``iterate_batches`` walks them in this process,
+``distbelief.loader.Loader`` with worker processes.
 """
 
 from __future__ import annotations
@@ -40,59 +42,65 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torchvision.datasets import ImageFolder
 
 from distbelief.crops import (
     CROP_COUNTS,
+    DRAWS,
+    NO_AUGMENTATION,
+    PAPER_AUGMENTATION,
     PIXEL_MEAN,
     PIXEL_STD,
-    RandomInterpolationResizedCrop,
-    augment_batch,
+    Augmentation,
+    crop_batch,
+    crop_image,
     eval_crops,
-    eval_transform,
+    eval_image,
     evaluate,
-    flip_batch,
+    finish_batch,
     normalize,
     predict_crops,
     sample_crop_boxes,
-    train_transform,
 )
 
 __all__ = [
     "CROP_COUNTS",
     "DEMO_CLASSES",
+    "NO_AUGMENTATION",
+    "PAPER_AUGMENTATION",
     "PIXEL_MEAN",
     "PIXEL_STD",
     "ArrayDataset",
+    "Augmentation",
+    "BatchStream",
     "DataError",
     "FolderDataset",
-    "RandomInterpolationResizedCrop",
     "SyntheticDataset",
-    "augment_batch",
+    "default_augmentation",
     "demo_dataset",
     "eval_crops",
-    "eval_transform",
     "evaluate",
     "iterate_batches",
     "load_dataset",
     "partition_indices",
     "predict_crops",
     "sample_crop_boxes",
+    "sample_draws",
     "synthetic_dataset",
-    "train_transform",
+    "training_augmentation",
 ]
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-Augment = Literal["none", "flip", "paper"]
 SYNTHETIC_SIZES = {"train": 100_000, "val": 1_000}
 SYNTHETIC_POOL = 16  # distinct random images a synthetic set cycles through
 
@@ -117,11 +125,23 @@ def _check_split(split: str) -> int:
 # --------------------------------------------------------------------------- in-memory data
 
 
-class ArrayDataset:
+class _Batches:
+    """``batch``: ``fetch`` then ``finish_batch``, in this process (tests, evaluation)."""
+
+    augmentation: Augmentation
+
+    def batch(self, indices: Tensor, draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Normalised float32 images and labels of ``indices``; augmented with ``draws``
+        (``sample_draws``), the evaluation view without."""
+        images, labels = self.fetch(indices, draws)
+        return finish_batch(images, draws, self.augmentation), labels
+
+
+class ArrayDataset(_Batches):
     """Images held in memory: ``images`` uint8 N×3×S×S, ``labels`` int64 N.
 
-    ``augment``: "none", "flip" (random mirror) or "paper" (``crops.augment_batch``),
-    applied by ``batch`` unless its ``augment`` argument says otherwise.
+    ``augmentation`` is what training batches get (``fetch`` with draws crops them
+    when it asks for crops; ``crops.finish_batch`` does the rest).
     """
 
     def __init__(
@@ -130,17 +150,15 @@ class ArrayDataset:
         labels: Tensor,
         *,
         num_classes: int,
-        augment: Augment = "none",
+        augmentation: Augmentation = NO_AUGMENTATION,
         classes: Sequence[str] | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 N×3×S×S, got {images.dtype} {images.shape}")
         if images.shape[2] != images.shape[3] or labels.shape != images.shape[:1]:
             raise ValueError(f"need square images and one label each: {images.shape}")
-        if augment not in ("none", "flip", "paper"):
-            raise ValueError(f"augment must be none, flip or paper, got {augment!r}")
         self.images, self.labels = images, labels.long()
-        self.num_classes, self.augment = num_classes, augment
+        self.num_classes, self.augmentation = num_classes, augmentation
         self.classes = tuple(classes) if classes else tuple(str(i) for i in range(num_classes))
 
     @property
@@ -150,32 +168,17 @@ class ArrayDataset:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def batch(
-        self,
-        indices: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        augment: bool | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Normalised float32 images and labels of ``indices``, augmented as configured.
-
-        ``augment``: None applies the configured augmentation, False none (evaluation),
-        True the configured one or, when that is "none", mirror flips. ``generator``
-        drives the augmentation (torch's global generator when None).
-        """
-        x = self.images[indices].float() / 255.0
-        mode = self.augment if augment is not False else "none"
-        if augment and mode == "none":
-            mode = "flip"
-        if mode == "flip":
-            x = flip_batch(x, generator=generator)
-        elif mode == "paper":
-            x = augment_batch(x, generator=generator)
-        return normalize(x), self.labels[indices]
+    def fetch(self, indices: Tensor, draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """uint8 images of ``indices`` (float crops in [0, 1] when the augmentation crops
+        and ``draws`` are given) and their labels."""
+        images = self.images[indices]
+        if draws is not None and self.augmentation.crop_scale is not None:
+            images = crop_batch(images.float().div_(255.0), draws, augmentation=self.augmentation)
+        return images, self.labels[indices]
 
     def eval_images(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Full normalised images and labels of ``indices`` (input of ``crops.eval_crops``)."""
-        return self.batch(indices, augment=False)
+        return self.batch(indices)
 
 
 DEMO_CLASSES = (
@@ -319,7 +322,7 @@ def demo_dataset(
     num_train: int = 10000,
     num_val: int = 2000,
     seed: int = 0,
-    augment: Augment = "none",
+    augmentation: Augmentation = NO_AUGMENTATION,
 ) -> ArrayDataset:
     """The demo set's ``split`` ("train" or "val"): deterministic for (seed, split, sizes).
 
@@ -351,7 +354,7 @@ def demo_dataset(
         images,
         labels,
         num_classes=num_classes,
-        augment=augment,
+        augmentation=augmentation,
         classes=DEMO_CLASSES[:num_classes],
     )
 
@@ -424,12 +427,12 @@ def _demo_cache_write(split: str, key: tuple[int, ...], images: Tensor, labels: 
 # --------------------------------------------------------------------------- synthetic data
 
 
-class SyntheticDataset:
+class SyntheticDataset(_Batches):
     """Random data for benchmarks: ``num_examples`` examples, none of them stored.
 
-    Images are standard normal (already "normalised") from a pool of a few random
-    images, so a batch costs one gather; labels are uniform random per example. Same
-    interface as ``ArrayDataset``; nothing to learn from it.
+    Images are uniform random pixels from a pool of a few random images, so a batch
+    costs one gather; labels are uniform random per example. Same interface as
+    ``ArrayDataset``; never augmented, nothing to learn from it.
     """
 
     def __init__(self, *, num_examples: int, image_size: int, num_classes: int, seed: int = 0):
@@ -439,10 +442,11 @@ class SyntheticDataset:
                 f"{num_examples}, {image_size}, {num_classes}"
             )
         gen = torch.Generator().manual_seed(_seed_int(seed, 2))
-        self.num_classes, self.augment, self._size = num_classes, "none", image_size
+        self.num_classes, self.augmentation, self._size = num_classes, NO_AUGMENTATION, image_size
         self.classes = tuple(str(i) for i in range(num_classes))
         self.labels = torch.randint(num_classes, (num_examples,), generator=gen)
-        self._pool = torch.randn(SYNTHETIC_POOL, 3, image_size, image_size, generator=gen)
+        shape = (SYNTHETIC_POOL, 3, image_size, image_size)
+        self._pool = torch.randint(256, shape, generator=gen, dtype=torch.uint8)
 
     @property
     def image_size(self) -> int:
@@ -451,14 +455,8 @@ class SyntheticDataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def batch(
-        self,
-        indices: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        augment: bool | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Images and labels of ``indices`` (the same every time; no augmentation)."""
+    def fetch(self, indices: Tensor, draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """uint8 images and labels of ``indices`` (the same every time)."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         return self._pool[indices % SYNTHETIC_POOL], self.labels[indices]
 
@@ -499,16 +497,20 @@ def _check_folder(path: Path, what: str) -> None:
         raise DataError(f"data folder {path} does not exist (expected {what})")
 
 
-class FolderDataset:
+class FolderDataset(_Batches):
     """An ImageNet-style split folder (``ROOT/<split>/<class>/*.jpg``) read with ImageFolder.
 
-    ``batch`` decodes the images and applies ``crops.train_transform`` (``augment``)
-    or ``crops.eval_transform``. Classes are the sub-folders of ``ROOT/train`` when it
-    exists (else of the split), in sorted order. Raises DataError for a missing folder
-    or one without images.
+    ``fetch`` decodes the images: with draws, the training crop of each
+    (``crops.crop_image``, under ``augmentation``); without, the evaluation view
+    (``crops.eval_image``); uint8 either way. Classes are the sub-folders of
+    ``ROOT/train`` when it exists (else of the split), in sorted order. Raises
+    DataError for a missing folder or one without images, and for an image that
+    cannot be decoded (naming the file).
     """
 
-    def __init__(self, root: str | Path, split: str, *, image_size: int, augment: bool) -> None:
+    def __init__(
+        self, root: str | Path, split: str, *, image_size: int, augmentation: Augmentation
+    ) -> None:
         _check_split(split)
         root = Path(root)
         layout = f"{root}/{split}/<class>/*.jpg"
@@ -526,41 +528,31 @@ class FolderDataset:
         if len(self.folder) == 0:
             raise DataError(f"data folder {folder} holds no images (expected {layout})")
         self.classes = tuple(classes)
-        self.num_classes, self.image_size, self.augment = len(classes), image_size, augment
+        self.num_classes, self.image_size = len(classes), image_size
+        self.augmentation = augmentation
         self.labels = torch.tensor(self.folder.targets, dtype=torch.long)
-        self._train = train_transform(image_size)
-        self._eval = eval_transform(image_size)
 
     def __len__(self) -> int:
         return len(self.folder)
 
-    def _decode(self, indices: Tensor, transform: Callable) -> tuple[Tensor, Tensor]:
+    def fetch(self, indices: Tensor, draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Decoded uint8 N×3×S×S images of ``indices`` and their labels."""
         idx = torch.as_tensor(indices, dtype=torch.long).view(-1)
-        images = [transform(self.folder.loader(self.folder.samples[i][0])) for i in idx.tolist()]
-        if not images:
-            return torch.empty(0, 3, self.image_size, self.image_size), self.labels[idx]
-        return torch.stack(images), self.labels[idx]
-
-    def batch(
-        self,
-        indices: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        augment: bool | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Decoded, transformed, normalised N×3×S×S images of ``indices`` and their labels.
-
-        The random transforms use torch's global generator, or, when ``generator`` is
-        given, a private one seeded from it (the global state is left untouched).
-        """
-        if not (self.augment if augment is None else augment):
-            return self._decode(indices, self._eval)
-        if generator is None:
-            return self._decode(indices, self._train)
-        seed = int(torch.randint(2**62, (), generator=generator))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self._decode(indices, self._train)
+        size = self.image_size
+        images = torch.empty(len(idx), 3, size, size, dtype=torch.uint8)
+        for k, i in enumerate(idx.tolist()):
+            path = self.folder.samples[i][0]
+            try:
+                with Image.open(path) as image:
+                    if draws is None:
+                        images[k] = eval_image(image, size=size)
+                    else:
+                        images[k] = crop_image(
+                            image, draws[k], size=size, augmentation=self.augmentation
+                        )
+            except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises on bad files
+                raise DataError(f"cannot decode image {path}: {exc}") from exc
+        return images, self.labels[idx]
 
     def eval_images(self, indices: Tensor) -> tuple[list[Tensor], Tensor]:
         """Whole decoded images (normalised 3×H×W, sizes vary) and labels, for ``eval_crops``."""
@@ -583,37 +575,72 @@ Dataset = ArrayDataset | SyntheticDataset | FolderDataset
 DEMO_TRAIN_SIZE = 50_000
 
 
+def default_augmentation(source: str) -> Augmentation:
+    """A source's training augmentation unless the user says otherwise: the paper's
+    recipe for folders, mirror flips only for the demo set (its generator already
+    varies position, size and colour, and an 8%-area crop of a 32-pixel image often
+    cuts the shape out), none for synthetic data."""
+    if source == "demo":
+        return Augmentation(crop_scale=None, color=False)
+    if source == "synthetic":
+        return NO_AUGMENTATION
+    return PAPER_AUGMENTATION
+
+
+def training_augmentation(
+    source: str,
+    *,
+    crop_scale: tuple[float, float] | None | str = "default",
+    crop_ratio: tuple[float, float] | None = None,
+    flip: bool | None = None,
+    color: bool | None = None,
+) -> Augmentation:
+    """``default_augmentation(source)`` with what the user set (None, "default": keep).
+
+    ``crop_scale`` None turns the crop off. Synthetic data is random: it takes none.
+    """
+    base = default_augmentation(source)
+    if source == "synthetic":
+        return base
+    changes: dict = {}
+    if crop_scale != "default":
+        changes["crop_scale"] = crop_scale
+    for name, value in (("crop_ratio", crop_ratio), ("flip", flip), ("color", color)):
+        if value is not None:
+            changes[name] = value
+    return replace(base, **changes)
+
+
 def load_dataset(
     source: str,
     split: str,
     *,
     image_size: int,
     num_classes: int | None = None,
-    augment: bool | None = None,
+    augmentation: Augmentation | None = None,
     seed: int = 0,
 ) -> Dataset:
     """The ``split`` ("train" or "val") of ``source``: "demo", "synthetic" or a folder path.
 
     ``num_classes`` defaults to 10 (demo), 1000 (synthetic) or the folder's class
-    count (and must match it when given). ``augment`` defaults to on for train and
-    off for val; on means mirror flips for the demo set (``True`` asks for the paper's
-    full pipeline there too) and the paper's pipeline for folders. Synthetic data is
-    never augmented; its train split has 100000 examples, val 1000. ``seed`` seeds the
-    demo and synthetic generators. Raises DataError for a bad source or split.
+    count (and must match it when given). ``augmentation`` is what training batches
+    get: by default ``default_augmentation(source)`` for train, none for val.
+    Synthetic data is never augmented; its train split has 100000 examples, val
+    1000. ``seed`` seeds the demo and synthetic generators. Raises DataError for a
+    bad source or split.
     """
     _check_split(split)
     if image_size < 1:
         raise DataError(f"image_size must be positive, got {image_size}")
-    on = split == "train" if augment is None else augment
+    if augmentation is None:
+        augmentation = default_augmentation(source) if split == "train" else NO_AUGMENTATION
     if source == "demo":
-        mode: Augment = "none" if not on else ("paper" if augment else "flip")
-        classes = 10 if num_classes is None else num_classes
         return demo_dataset(
             split,
             image_size=image_size,
-            num_classes=classes,
+            num_classes=10 if num_classes is None else num_classes,
             seed=seed,
-            augment=mode,
+            augmentation=augmentation,
             num_train=DEMO_TRAIN_SIZE,
         )
     if source == "synthetic":
@@ -625,7 +652,9 @@ def load_dataset(
         )
     if not source:
         raise DataError("data source is empty (expected demo, synthetic or a folder path)")
-    dataset = FolderDataset(Path(source).expanduser(), split, image_size=image_size, augment=on)
+    dataset = FolderDataset(
+        Path(source).expanduser(), split, image_size=image_size, augmentation=augmentation
+    )
     if num_classes is not None and num_classes != dataset.num_classes:
         raise DataError(
             f"data folder {dataset.folder.root} has {dataset.num_classes} classes, "
@@ -652,6 +681,101 @@ def partition_indices(n: int, *, rank: int, world: int, epoch: int, seed: int) -
     return torch.randperm(n, generator=gen)[rank::world]
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(*words: int) -> int:
+    """A 63-bit seed from non-negative integers (splitmix64's finaliser over each word):
+    cheap enough to seed every sample of every batch."""
+    h = 0x9E3779B97F4A7C15
+    for w in words:
+        h = ((h ^ w) + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+def sample_draws(seed: int, epoch: int, indices: Tensor) -> Tensor:
+    """The augmentation's random numbers for each sample (len(indices)×DRAWS float64).
+
+    Row k depends only on (seed, epoch, indices[k]): not on the batch, the replica,
+    or the loader process that decodes it, so the same batches come out bit for bit
+    whatever the number of loader workers, and a resumed replica repeats nothing.
+    """
+    rows = torch.empty(len(indices), DRAWS, dtype=torch.float64)
+    gen = torch.Generator()
+    for k, i in enumerate(torch.as_tensor(indices).tolist()):
+        gen.manual_seed(_mix64(seed, epoch, i, 5))
+        torch.rand(DRAWS, generator=gen, dtype=torch.float64, out=rows[k])
+    return rows
+
+
+class BatchStream:
+    """One rank's stream of batches: batch ``b`` is its ``b``-th batch since epoch 0.
+
+    Epoch ``e`` walks ``partition_indices(len(dataset), ...)`` in batches of
+    ``batch_size`` (the last, short one dropped when ``drop_last``), so batch ``b`` is
+    batch ``b % per_epoch`` of epoch ``b // per_epoch``. ``stream[b]`` is what a
+    loader worker makes: ``(epoch, images, labels, draws)`` with the images fetched
+    (decoded and cropped), ``draws`` None when the data set is not augmented;
+    ``finish`` turns it into the model's input on a device. Map-style, so
+    ``torch.utils.data.DataLoader`` can hand batches to worker processes.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        drop_last: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+        n = len(dataset)
+        share = n // world + (rank < n % world)
+        if share == 0 or (drop_last and share < batch_size):
+            raise ValueError(
+                f"rank {rank} of {world} gets {share} of {n} examples per epoch, "
+                f"fewer than one batch of {batch_size}"
+            )
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world = rank, world
+        self.per_epoch = share // batch_size if drop_last else -(-share // batch_size)
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, b: int) -> tuple[int, Tensor]:
+        """The epoch of batch ``b`` and its example indices."""
+        epoch, k = divmod(b, self.per_epoch)
+        if epoch != self._epoch:  # one permutation per epoch, kept
+            n = len(self.dataset)
+            self._order = partition_indices(
+                n, rank=self.rank, world=self.world, epoch=epoch, seed=self.seed
+            )
+            self._epoch = epoch
+        return epoch, self._order[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def __getitem__(self, b: int) -> tuple[int, Tensor, Tensor, Tensor | None]:
+        epoch, idx = self.indices(b)
+        random = self.dataset.augmentation.random
+        draws = sample_draws(self.seed, epoch, idx) if random else None
+        images, labels = self.dataset.fetch(idx, draws)
+        return epoch, images, labels, draws
+
+    def finish(
+        self, item: tuple[int, Tensor, Tensor, Tensor | None], device: torch.device | str = "cpu"
+    ) -> tuple[int, Tensor, Tensor]:
+        """``(epoch, images, labels)``: normalised float32 images and labels on ``device``."""
+        epoch, images, labels, draws = item
+        x = finish_batch(images, draws, self.dataset.augmentation, device)
+        return epoch, x, labels.to(device, non_blocking=True)
+
+
 def iterate_batches(
     dataset: Dataset,
     *,
@@ -660,29 +784,16 @@ def iterate_batches(
     rank: int = 0,
     world: int = 1,
     start_epoch: int = 0,
+    start_batch: int = 0,
     drop_last: bool = True,
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """Yield ``(epoch, images, labels)`` forever, epoch after epoch from ``start_epoch``.
-
-    Each epoch walks ``partition_indices(len(dataset), ...)`` in batches of
-    ``batch_size`` (the last, short one dropped when ``drop_last``). Augmentation
-    draws from a generator seeded by (seed, rank, epoch), so the stream is the same
-    for the same arguments, and resuming at ``start_epoch`` repeats that epoch.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    share = len(partition_indices(len(dataset), rank=rank, world=world, epoch=0, seed=seed))
-    if share == 0 or (drop_last and share < batch_size):
-        raise ValueError(
-            f"rank {rank} of {world} gets {share} of {len(dataset)} examples per epoch, "
-            f"fewer than one batch of {batch_size}"
-        )
-    epoch = start_epoch
+    """Yield ``(epoch, images, labels)`` forever, in this process: ``BatchStream``'s
+    batches from the start of ``start_epoch`` plus ``start_batch`` batches (the stream
+    ``distbelief.loader.Loader`` gives with worker processes, bit for bit)."""
+    stream = BatchStream(
+        dataset, batch_size=batch_size, seed=seed, rank=rank, world=world, drop_last=drop_last
+    )
+    b = start_epoch * stream.per_epoch + start_batch
     while True:
-        order = partition_indices(len(dataset), rank=rank, world=world, epoch=epoch, seed=seed)
-        gen = torch.Generator().manual_seed(_seed_int(seed, rank, epoch, 4))
-        stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        for start in range(0, stop, batch_size):
-            images, labels = dataset.batch(order[start : start + batch_size], generator=gen)
-            yield epoch, images, labels
-        epoch += 1
+        yield stream.finish(stream[b])
+        b += 1

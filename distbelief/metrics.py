@@ -214,6 +214,12 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.data_wait = Histogram(
+            p + "data_wait_seconds",
+            "Time the training loop waited for its next batch (loader not keeping up)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.pull_seconds = Histogram(
             p + "pull_seconds",
             "Time to pull the weights from every shard",

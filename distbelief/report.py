@@ -15,8 +15,15 @@ def _num(value: Any, fmt: str = "{:,.0f}") -> str:
     return fmt.format(value)
 
 
+def _share(part: Any, whole: Any) -> str:
+    if part is None or not whole:
+        return "-"
+    return f"{part / whole:.1%}"
+
+
 def replica_table(statuses: list[dict[str, Any]], *, title: str = "replicas") -> Table:
-    """One row per replica: steps, images, images/s, loss, staleness, retries."""
+    """One row per replica: steps, images, images/s, loss, staleness, the share of its
+    time spent waiting for data, retries, restarts."""
     table = Table(title=title, title_justify="left")
     for col in (
         "replica",
@@ -26,13 +33,14 @@ def replica_table(statuses: list[dict[str, Any]], *, title: str = "replicas") ->
         "images/s",
         "loss",
         "staleness",
+        "data wait",
         "retries",
         "restarts",
     ):
         table.add_column(col, justify="left" if col in ("replica", "device") else "right")
     for i, s in enumerate(statuses):
         if not s:
-            table.add_row(str(i), "-", "no status", *["-"] * 6)
+            table.add_row(str(i), "-", "no status", *["-"] * 7)
             continue
         step = f"{s.get('step', 0)}/{s.get('total_steps', 0)}"
         table.add_row(
@@ -43,6 +51,7 @@ def replica_table(statuses: list[dict[str, Any]], *, title: str = "replicas") ->
             _num(s.get("images_per_s"), "{:.1f}"),
             _num(s.get("loss"), "{:.4f}"),
             _num(s.get("staleness"), "{:.1f}"),
+            _share(s.get("data_wait_s"), s.get("seconds")),
             _num(s.get("retries")),
             _num(s.get("restarts")),
         )

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from distbelief.data import evaluate, iterate_batches, load_dataset
+from distbelief.crops import Augmentation
+from distbelief.data import evaluate, load_dataset
 from distbelief.layout import Layout, flatten_into
+from distbelief.loader import Loader
 from distbelief.models import build_model, training_loss
 from distbelief.progress import StepProgress
 from distbelief.server.rules import Schedule
@@ -64,6 +66,8 @@ class TrainConfig:
     data: str = "demo"
     image_size: int = 32
     batch_size: int = 64
+    augmentation: Augmentation | None = None  # None: the data source's default
+    loader_workers: int = 0  # processes decoding batches ahead of the loop
     steps: int | None = None
     epochs: float | None = None  # used when steps is None; default 1 epoch
     lr: float = 0.01
@@ -89,6 +93,7 @@ class TrainResult:
     last_loss: float
     top1: float
     top5: float
+    data_wait_s: float = 0.0  # seconds the loop waited for its next batch
     curve: list[tuple[int, float]] = field(default_factory=list)
     weights: torch.Tensor | None = field(default=None, repr=False)  # the final flat weights
 
@@ -104,7 +109,8 @@ class TrainResult:
     def describe(self) -> str:
         return (
             f"trained {self.steps} steps ({self.examples} images) in {self.seconds:.1f} s, "
-            f"{self.images_per_s:.1f} images/s, last loss {self.last_loss:.4f}\n"
+            f"{self.images_per_s:.1f} images/s, last loss {self.last_loss:.4f}, "
+            f"{self.data_wait_s / self.seconds if self.seconds else 0:.1%} of it waiting for data\n"
             f"held-out top-1 {self.top1:.2%}  top-5 {self.top5:.2%}"
         )
 
@@ -113,8 +119,13 @@ def train_reference(cfg: TrainConfig, *, show_progress: bool = True) -> TrainRes
     """Train ``cfg.model`` with torch.optim.SGD and evaluate it on the held-out split."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    train_set = load_dataset(cfg.data, "train", image_size=cfg.image_size, seed=cfg.seed)
+    train_set = load_dataset(
+        cfg.data, "train", image_size=cfg.image_size, seed=cfg.seed, augmentation=cfg.augmentation
+    )
     val_set = load_dataset(cfg.data, "val", image_size=cfg.image_size, seed=cfg.seed)
+    batches = Loader(
+        train_set, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.loader_workers
+    )
     num_classes = cfg.num_classes or train_set.num_classes
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes)
@@ -129,7 +140,6 @@ def train_reference(cfg: TrainConfig, *, show_progress: bool = True) -> TrainRes
         warmup_epochs=cfg.lr_warmup_epochs,
     )
     total = cfg.steps or math.ceil((cfg.epochs or 1.0) * len(train_set) / cfg.batch_size)
-    batches = iterate_batches(train_set, batch_size=cfg.batch_size, seed=cfg.seed)
     model.train()
     examples, loss, curve = 0, float("nan"), []
     began = time.perf_counter()
@@ -145,6 +155,7 @@ def train_reference(cfg: TrainConfig, *, show_progress: bool = True) -> TrainRes
             curve.append((step, loss))
             progress.update(step, loss=loss, examples=examples)
     seconds = time.perf_counter() - began
+    batches.close()
     scores = evaluate(model, val_set, crops=1)
     return TrainResult(
         steps=total,
@@ -153,6 +164,7 @@ def train_reference(cfg: TrainConfig, *, show_progress: bool = True) -> TrainRes
         last_loss=loss,
         top1=scores["top1"],
         top5=scores["top5"],
+        data_wait_s=batches.data_wait_s,
         curve=curve,
         weights=optimizer.param_groups[0]["params"][0].detach().clone(),
     )

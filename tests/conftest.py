@@ -192,7 +192,7 @@ INTEGRATION_MODULES = {
 INTEGRATION_TESTS = {
     "test_evaluate_command_scores_an_exported_model",
     "test_tiny_convnet_learns_demo",
-    "test_load_dataset_augmentation_defaults",
+    "test_load_dataset_augmentation_defaults_and_settings",
     "test_replicas_read_disjoint_shares_of_each_epoch",
 }
 

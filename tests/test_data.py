@@ -12,13 +12,23 @@ import torch
 from PIL import Image
 from torch import nn
 
-from distbelief.crops import augment_batch, photometric_batch
+from distbelief.crops import (
+    DRAW_INTERPOLATION,
+    DRAWS,
+    crop_batch,
+    crop_image,
+    eval_image,
+    finish_batch,
+    photometric_batch,
+)
 from distbelief.data import (
     DEMO_CLASSES,
+    NO_AUGMENTATION,
+    PAPER_AUGMENTATION,
     ArrayDataset,
+    Augmentation,
     DataError,
     FolderDataset,
-    RandomInterpolationResizedCrop,
     demo_dataset,
     eval_crops,
     evaluate,
@@ -27,9 +37,12 @@ from distbelief.data import (
     partition_indices,
     predict_crops,
     sample_crop_boxes,
+    sample_draws,
     synthetic_dataset,
-    train_transform,
+    training_augmentation,
 )
+
+FLIPS = Augmentation(crop_scale=None, color=False)  # the demo set's default
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +91,17 @@ def test_demo_class_is_not_in_the_colours(demo_train: ArrayDataset) -> None:
 
 def test_demo_batch_normalised_and_flipped(demo_train: ArrayDataset) -> None:
     idx = torch.arange(256)
-    plain, labels = demo_train.batch(idx, augment=False)
+    plain, labels = demo_train.batch(idx)
     assert plain.dtype == torch.float32 and plain.shape == (256, 3, 32, 32)
     assert torch.equal(labels, demo_train.labels[:256])
     assert torch.allclose(plain * 0.25 + 0.5, demo_train.images[:256].float() / 255)
     assert abs(float(plain.mean())) < 0.1 and float(plain.abs().max()) <= 2.0
-    flipping = ArrayDataset(demo_train.images, demo_train.labels, num_classes=10, augment="flip")
-    a, _ = flipping.batch(idx, generator=torch.Generator().manual_seed(5))
-    b, _ = flipping.batch(idx, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(a, b)
+    flipping = ArrayDataset(
+        demo_train.images, demo_train.labels, num_classes=10, augmentation=FLIPS
+    )
+    a, _ = flipping.batch(idx, sample_draws(5, 0, idx))
+    b, _ = flipping.batch(idx, sample_draws(5, 0, idx))
+    assert torch.equal(a, b) and torch.equal(flipping.batch(idx)[0], plain)
     same = (a == plain).flatten(1).all(1)
     mirrored = (a == plain.flip(-1)).flatten(1).all(1)
     assert bool((same | mirrored).all()) and 0 < int(mirrored.sum()) < 256
@@ -99,8 +114,8 @@ def test_linear_classifier_on_pixels_stays_far_below_convnet() -> None:
     # chance is 0.10. Here a smaller run to stay fast (4000 train, 60 iterations): 0.24.
     torch.manual_seed(0)
     train, val = demo_dataset("train", num_train=4000), demo_dataset("val", num_val=1000)
-    x, y = train.batch(torch.arange(len(train)), augment=False)
-    xv, yv = val.batch(torch.arange(len(val)), augment=False)
+    x, y = train.batch(torch.arange(len(train)))
+    xv, yv = val.batch(torch.arange(len(val)))
     x, xv = x.flatten(1), xv.flatten(1)
     linear = nn.Linear(x.shape[1], train.num_classes)
     opt = torch.optim.LBFGS(
@@ -136,7 +151,7 @@ def _tiny_cnn(num_classes: int, width: int = 16) -> nn.Module:
 def test_tiny_convnet_learns_demo(demo_train: ArrayDataset, demo_val: ArrayDataset) -> None:
     # By hand: 4 epochs → 0.997 val. Here 2 epochs (about 10 s on 2 idle cores) → 0.96.
     torch.manual_seed(0)
-    train = ArrayDataset(demo_train.images, demo_train.labels, num_classes=10, augment="flip")
+    train = ArrayDataset(demo_train.images, demo_train.labels, num_classes=10, augmentation=FLIPS)
     net, batch_size, epochs = _tiny_cnn(train.num_classes), 128, 2
     steps = epochs * (len(train) // batch_size)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
@@ -191,15 +206,17 @@ def image_tree(tmp_path: Path) -> Path:
 
 def test_folder_dataset_loads(image_tree: Path) -> None:
     train = load_dataset(str(image_tree), "train", image_size=24, num_classes=3)
-    assert isinstance(train, FolderDataset) and train.augment
+    assert isinstance(train, FolderDataset) and train.augmentation == PAPER_AUGMENTATION
     assert len(train) == 9 and train.num_classes == 3 and train.classes == ("cat", "dog", "eel")
-    x, y = train.batch(torch.arange(9), generator=torch.Generator().manual_seed(0))
+    draws = sample_draws(0, 0, torch.arange(9))
+    x, y = train.batch(torch.arange(9), draws)
     assert x.shape == (9, 3, 24, 24) and x.dtype == torch.float32
     assert y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    again, _ = train.batch(torch.arange(9), generator=torch.Generator().manual_seed(0))
+    again, _ = train.batch(torch.arange(9), draws)
     assert torch.equal(x, again)
+    assert not torch.equal(x, train.batch(torch.arange(9), sample_draws(0, 1, torch.arange(9)))[0])
     val = load_dataset(str(image_tree), "val", image_size=24)
-    assert not val.augment and len(val) == 2 and val.num_classes == 3
+    assert val.augmentation == NO_AUGMENTATION and len(val) == 2 and val.num_classes == 3
     xv, yv = val.batch(torch.arange(2))
     assert xv.shape == (2, 3, 24, 24) and yv.tolist() == [0, 2]
     images, labels = val.eval_images(torch.arange(2))
@@ -231,14 +248,23 @@ def test_folder_errors_name_the_path(tmp_path: Path, image_tree: Path) -> None:
         load_dataset("", "train", image_size=32)
 
 
-def test_load_dataset_augmentation_defaults() -> None:
-    assert load_dataset("demo", "train", image_size=32).augment == "flip"
-    assert load_dataset("demo", "val", image_size=32).augment == "none"
-    paper = load_dataset("demo", "train", image_size=32, augment=True)
-    assert paper.augment == "paper"
-    x, _ = paper.batch(torch.arange(16), generator=torch.Generator().manual_seed(0))
+def test_load_dataset_augmentation_defaults_and_settings() -> None:
+    assert load_dataset("demo", "train", image_size=32).augmentation == FLIPS
+    assert load_dataset("demo", "val", image_size=32).augmentation == NO_AUGMENTATION
+    assert training_augmentation("imagenet") == PAPER_AUGMENTATION
+    assert training_augmentation("synthetic", flip=True) == NO_AUGMENTATION  # random data
+    lighter = training_augmentation("imagenet", crop_scale=(0.35, 1), flip=False)
+    assert lighter.crop_scale == (0.35, 1) and not lighter.flip and lighter.color
+    assert training_augmentation("imagenet", crop_scale=None).crop_scale is None
+    assert training_augmentation("demo", color=True).color
+    assert "crops of 0.35-1" in lighter.describe() and NO_AUGMENTATION.describe() == "none"
+    with pytest.raises(ValueError, match="crop scale"):
+        Augmentation(crop_scale=(0.5, 0.2))
+    paper = load_dataset("demo", "train", image_size=32, augmentation=PAPER_AUGMENTATION)
+    idx = torch.arange(16)
+    x, _ = paper.batch(idx, sample_draws(0, 0, idx))
     assert x.shape == (16, 3, 32, 32) and float(x.abs().max()) <= 2.0
-    assert load_dataset("demo", "train", image_size=32, augment=False).augment == "none"
+    assert not torch.equal(x, paper.batch(idx)[0])
 
 
 # --------------------------------------------------------------------------- training crops
@@ -260,25 +286,58 @@ def test_crop_boxes_area_and_ratio(shape: tuple[int, int]) -> None:
         assert float(area.max()) > 0.95 and 0.4 < float(area.mean()) < 0.6
 
 
-def test_train_transform_and_interpolations() -> None:
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), np.uint8))
-    out = train_transform(32)(image)
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    assert float(out.min()) >= -2.0 and float(out.max()) <= 2.0
-    crop = RandomInterpolationResizedCrop(16)
-    assert crop(torch.rand(3, 40, 50)).shape == (3, 16, 16)
-    assert len(crop.interpolations) == 3
+def test_crop_image_follows_its_draws_and_decodes_large_crops_smaller(tmp_path: Path) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=90)
+    rows = sample_draws(1, 0, torch.arange(40))
+    with Image.open(tmp_path / "a.jpg") as image:
+        first = crop_image(image, rows[0], size=32, augmentation=PAPER_AUGMENTATION)
+    with Image.open(tmp_path / "a.jpg") as image:
+        again = crop_image(image, rows[0], size=32, augmentation=PAPER_AUGMENTATION)
+    assert first.shape == (3, 32, 32) and first.dtype == torch.uint8 and torch.equal(first, again)
+    with Image.open(tmp_path / "a.jpg") as image:
+        other = crop_image(image, rows[1], size=32, augmentation=PAPER_AUGMENTATION)
+    assert not torch.equal(first, other)
+    # a whole-image "crop" to 32 px lets the JPEG decode at 1/8 scale (50×38 ≥ 32×32)
+    whole = Augmentation(crop_scale=None, flip=False, color=False)
+    with Image.open(tmp_path / "a.jpg") as image:
+        out = crop_image(image, rows[0], size=32, augmentation=whole)
+        assert image.size == (50, 38) and out.shape == (3, 32, 32)
+    small = Augmentation(crop_scale=(0.1, 0.1))  # about 126×95 px: 1/2 keeps it ≥ 32 px
+    for row in rows[:10]:
+        with Image.open(tmp_path / "a.jpg") as image:
+            crop_image(image, row, size=32, augmentation=small)
+            _, _, h, w = sample_crop_boxes(1, 300, 400, scale=(0.1, 0.1), draws=row[None])[0]
+            scale = image.size[0] / 400
+            assert scale in (0.5, 0.25) and w * scale >= 32 and h * scale >= 32
+    with Image.open(tmp_path / "a.jpg") as image:
+        assert eval_image(image, size=24).shape == (3, 24, 24)
+    modes = {int(float(r[DRAW_INTERPOLATION]) * 3) for r in rows}
+    assert modes == {0, 1, 2}  # bilinear, bicubic and nearest all drawn
 
 
-def test_augment_batch_is_seeded_and_in_range() -> None:
+def test_crop_batch_and_finish_batch_are_set_by_the_draws() -> None:
     x = torch.rand(16, 3, 32, 32)
-    a = augment_batch(x, generator=torch.Generator().manual_seed(1))
-    b = augment_batch(x, generator=torch.Generator().manual_seed(1))
+    draws = sample_draws(1, 0, torch.arange(16))
+    a = crop_batch(x, draws, augmentation=PAPER_AUGMENTATION)
+    b = crop_batch(x, draws, augmentation=PAPER_AUGMENTATION)
     assert a.shape == (16, 3, 32, 32) and torch.equal(a, b)
     assert float(a.min()) >= 0 and float(a.max()) <= 1
-    assert augment_batch(x, image_size=20).shape == (16, 3, 20, 20)
+    assert crop_batch(x, draws, size=20, augmentation=PAPER_AUGMENTATION).shape == (16, 3, 20, 20)
     grey = torch.full((4, 3, 8, 8), 0.5)
-    assert torch.allclose(photometric_batch(grey).std(dim=1), torch.zeros(4, 8, 8), atol=1e-5)
+    assert torch.allclose(
+        photometric_batch(grey, draws[:4]).std(dim=1), torch.zeros(4, 8, 8), atol=1e-5
+    )
+    images = (x * 255).to(torch.uint8)
+    plain = finish_batch(images, None, PAPER_AUGMENTATION)
+    assert torch.allclose(plain, (images.float() / 255 - 0.5) / 0.25)
+    flips_only = finish_batch(images, draws, FLIPS)
+    mirrored = (flips_only == plain.flip(-1)).flatten(1).all(1)
+    assert bool((mirrored | (flips_only == plain).flatten(1).all(1)).all())
+    assert 0 < int(mirrored.sum()) < 16
+    assert not torch.equal(finish_batch(images, draws, PAPER_AUGMENTATION), flips_only)
+    with pytest.raises(ValueError, match=f"{DRAWS}"):
+        sample_crop_boxes(3, 10, 10, draws=torch.rand(3, 5))
 
 
 # --------------------------------------------------------------------------- test crops
@@ -394,7 +453,7 @@ def test_partition_indices_cover_disjointly() -> None:
 
 def test_iterate_batches_deterministic_and_continuing() -> None:
     ds = _labelled_constant_images(num_classes=10, n=50)
-    ds.augment = "flip"
+    ds.augmentation = FLIPS
 
     def take(k: int, **kw: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         it = iterate_batches(ds, batch_size=8, seed=3, **kw)
@@ -407,6 +466,9 @@ def test_iterate_batches_deterministic_and_continuing() -> None:
     resumed = take(3, rank=1, world=2, start_epoch=1)
     for (ea, xa, ya), (eb, xb, yb) in zip(resumed, first[3:6], strict=True):
         assert ea == eb == 1 and torch.equal(xa, xb) and torch.equal(ya, yb)
+    mid_epoch = take(3, rank=1, world=2, start_epoch=1, start_batch=2)
+    for (ea, xa, ya), (eb, xb, yb) in zip(mid_epoch, first[5:8], strict=True):
+        assert ea == eb and torch.equal(xa, xb) and torch.equal(ya, yb)
     other = take(3, rank=0, world=2)
     assert not all(torch.equal(a[2], b[2]) for a, b in zip(other, first[:3], strict=True))
     with pytest.raises(ValueError):

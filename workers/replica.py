@@ -12,7 +12,10 @@ installed at the next step boundary (one step more staleness, no idle compute).
 
 Data: each replica reads a disjoint share of every epoch (a seeded permutation of
 the training set cut into ``num_replicas`` strided shares; see
-:func:`distbelief.data.partition_indices`).
+:func:`distbelief.data.partition_indices`) through a :class:`distbelief.loader.Loader`
+(``loader_workers`` processes decode ahead of the loop); a restarted replica resumes
+at the batch after its last recorded step, mid-epoch included. The seconds it waits for
+data are the ``data_wait`` metric and status field.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from typing import Any
 import torch
 
 from distbelief.client import ClientConfig, ParameterClient, default_worker_id
-from distbelief.data import iterate_batches, load_dataset
+from distbelief.crops import Augmentation
+from distbelief.data import load_dataset
 from distbelief.layout import Layout, flatten_into
+from distbelief.loader import Loader
 from distbelief.metrics import WorkerMetrics, new_registry, serve_metrics
 from distbelief.models import build_model
 from distbelief.train import forward_backward
@@ -59,6 +64,8 @@ class ReplicaConfig:
     data: str = "demo"
     image_size: int = 32
     batch_size: int = 32
+    augmentation: Augmentation | None = None  # None: the data source's default
+    loader_workers: int = 0  # processes decoding ahead of the training loop
     fetch_every: int = 1
     push_every: int = 1
     wire_dtype: str = "f32"
@@ -94,6 +101,8 @@ class ReplicaConfig:
             raise ValueError(f"--warm-start must lie in [0, 1], got {self.warm_start}")
         if not 0 <= self.index < self.num_replicas:
             raise ValueError(f"replica index {self.index} out of range for {self.num_replicas}")
+        if self.loader_workers < 0:
+            raise ValueError(f"--loader-workers must be ≥ 0, got {self.loader_workers}")
 
 
 @dataclass
@@ -115,6 +124,7 @@ class ReplicaStatus:
     pulls: int = 0
     retries: int = 0
     staleness: float = 0.0
+    data_wait_s: float = 0.0  # seconds the loop waited for its next batch (this process)
     epoch: int = 0
     restarts: int = 0
     warm_start_examples: int = 0  # the shards' examples when this replica began training
@@ -137,7 +147,17 @@ class Replica:
         self.device = torch.device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.train_set = load_dataset(cfg.data, "train", image_size=cfg.image_size, seed=cfg.seed)
+        self.train_set = load_dataset(
+            cfg.data,
+            "train",
+            image_size=cfg.image_size,
+            # random labels are drawn for the classifier; real sets have their own classes
+            num_classes=cfg.num_classes if cfg.data == "synthetic" else None,
+            seed=cfg.seed,
+            augmentation=cfg.augmentation,
+        )
+        # the loader's processes start before any socket or thread of this one exists
+        self.batches = replica_batches(cfg, self.train_set, self.device)
         torch.manual_seed(cfg.seed + 1000 * (cfg.index + 1))  # dropout differs per replica
         self.model = build_model(cfg.model, cfg.num_classes).to(self.device)
         if cfg.channels_last:
@@ -188,7 +208,7 @@ class Replica:
         self._wait_for_warm_start(warm_goal)
         total = self.total_steps()
         self.status.total_steps = total
-        batches = replica_batches(cfg, self.train_set)
+        batches = self.batches
         comm = _Overlap(self) if cfg.overlap else None
         began = last_status = time.perf_counter()
         pending = 0  # examples accumulated in the gradient buffer since the last push
@@ -200,7 +220,10 @@ class Replica:
                 # on schedule; first of all (a restarted replica may resume between two
                 # fetches); or at once when a shard lost versions
                 self._pull()
+            waited = batches.data_wait_s
             epoch, images, labels = next(batches)
+            self.metrics.data_wait.observe(batches.data_wait_s - waited)
+            self.status.data_wait_s = batches.data_wait_s
             loss = self._step(images, labels)
             pending += len(labels)
             if (step + 1) % cfg.push_every == 0 or step + 1 == total:
@@ -226,6 +249,7 @@ class Replica:
                 )
         if comm is not None:
             comm.wait()
+        batches.close()
         self.status.done = True
         self.status.write(cfg.status_file)
         self.client.close()
@@ -427,15 +451,18 @@ def warm_start_examples(cfg: ReplicaConfig, dataset_size: int) -> float:
     return cfg.warm_start * min(dataset_size, run)
 
 
-def replica_batches(cfg: ReplicaConfig, dataset: Any):
-    """This replica's batches: its own disjoint share of every epoch, epoch after epoch."""
-    return iterate_batches(
+def replica_batches(cfg: ReplicaConfig, dataset: Any, device: torch.device | str = "cpu") -> Loader:
+    """This replica's batches: its own disjoint share of every epoch, epoch after epoch,
+    from the batch of its step ``cfg.start_step`` on (one batch a step)."""
+    return Loader(
         dataset,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         rank=cfg.index,
         world=cfg.num_replicas,
-        start_epoch=cfg.start_epoch,
+        start=cfg.start_step,
+        workers=cfg.loader_workers,
+        device=device,
     )
 
 

@@ -186,11 +186,114 @@ def split_servers(value: str) -> tuple[str, ...]:
     return tuple(a.strip() for a in value.split(",") if a.strip())
 
 
-def data_options(f):
-    f = option("--batch-size", type=click.IntRange(min=1), default=32)(f)
+def data_options(f, *, batch_size: int = 32):
+    f = input_options(f)
+    f = option("--batch-size", type=click.IntRange(min=1), default=batch_size)(f)
     f = option("--image-size", type=click.IntRange(min=32), default=32)(f)
     f = option("--data", default="demo", help="demo, synthetic, or an ImageNet-style folder.")(f)
     return f
+
+
+def _range_text(ctx, param, value):
+    """Check a ``MIN,MAX`` flag (``off`` too for --crop-scale); keep the text as given."""
+    if value is not None:
+        try:
+            parse_range(value, allow_off=param.name == "crop_scale")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def parse_range(text: str, *, allow_off: bool = False) -> tuple[float, float] | None:
+    """``"0.08,1"`` → (0.08, 1.0); ``"off"`` → None where allowed."""
+    if allow_off and text.strip().lower() == "off":
+        return None
+    parts = text.split(",")
+    try:
+        low, high = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"expected MIN,MAX (two numbers), got {text!r}") from None
+    if not 0 < low <= high:
+        raise ValueError(f"need 0 < MIN ≤ MAX, got {text!r}")
+    return low, high
+
+
+# The input-pipeline flags, as `up` passes them on to `work` (name, flag when True, when False)
+INPUT_FLAGS = (
+    ("crop_scale", "--crop-scale", None),
+    ("crop_ratio", "--crop-ratio", None),
+    ("flip", "--flip", "--no-flip"),
+    ("color_jitter", "--color-jitter", "--no-color-jitter"),
+    ("loader_workers", "--loader-workers", None),
+)
+
+
+def input_options(f):
+    """How training batches are made: the augmentation and the loader processes."""
+    f = option(
+        "--loader-workers",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Processes decoding batches ahead of each replica (default: 0 for demo and "
+        "synthetic data; for a folder 1 per CPU replica, the host's cores shared among GPU "
+        "replicas).",
+    )(f)
+    f = option(
+        "--color-jitter/--no-color-jitter",
+        default=None,
+        help="Photometric distortions of training images (default: on for folders, off "
+        "for the demo set).",
+    )(f)
+    f = option(
+        "--flip/--no-flip",
+        default=None,
+        help="Mirror half the training images (default: on; synthetic data is never augmented).",
+    )(f)
+    f = option(
+        "--crop-ratio",
+        default=None,
+        callback=_range_text,
+        help="Width/height range of the training crop, MIN,MAX (default 0.75,1.333).",
+    )(f)
+    f = option(
+        "--crop-scale",
+        default=None,
+        callback=_range_text,
+        help="Area range of the training crop as a fraction of the image, MIN,MAX, or off "
+        "(default: 0.08,1 for folders, as the paper; off for the demo set).",
+    )(f)
+    return f
+
+
+def augmentation_config(kw: dict):
+    """Pop the augmentation flags from ``kw`` into the data source's Augmentation."""
+    from distbelief.data import training_augmentation
+
+    scale, ratio = kw.pop("crop_scale"), kw.pop("crop_ratio")
+    try:
+        return training_augmentation(
+            kw["data"],
+            crop_scale="default" if scale is None else parse_range(scale, allow_off=True),
+            crop_ratio=None if ratio is None else parse_range(ratio),
+            flip=kw.pop("flip"),
+            color=kw.pop("color_jitter"),
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def input_flags(kw: dict) -> list[str]:
+    """The input-pipeline flags the user set, as `distbelief work` takes them."""
+    out: list[str] = []
+    for name, flag, negative in INPUT_FLAGS:
+        value = kw.get(name)
+        if value is None:
+            continue
+        if negative is None:
+            out += [flag, str(value)]
+        else:
+            out.append(flag if value else negative)
+    return out
 
 
 DOWNPOUR_SPECS = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from distbelief.cli.options import model_options, rule_options
+from distbelief.cli.options import augmentation_config, input_options, model_options, rule_options
 from distbelief.config import config_option, option
 from distbelief.logs import setup_logging
 
@@ -14,6 +14,7 @@ from distbelief.logs import setup_logging
 @option("--data", default="demo", help="demo, synthetic, or an ImageNet-style folder.")
 @option("--image-size", type=click.IntRange(min=32), default=32)
 @option("--batch-size", type=click.IntRange(min=1), default=64)
+@input_options
 @option("--steps", type=click.IntRange(min=1), default=None)
 @option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None)
 @model_options
@@ -25,10 +26,14 @@ def train(as_json, threads, **kw) -> None:
     import json
 
     from distbelief.data import DataError
+    from distbelief.loader import default_loader_workers
     from distbelief.train import TrainConfig, train_reference
 
     setup_logging("train")
     kw = {k: v for k, v in kw.items() if k != "rule"}
+    kw["augmentation"] = augmentation_config(kw)
+    if kw["loader_workers"] is None:  # the same default as one CPU replica's
+        kw["loader_workers"] = default_loader_workers(kw["data"], device="cpu", replicas=1, cores=1)
     try:
         cfg = TrainConfig(threads=threads, **kw)
         result = train_reference(cfg, show_progress=not as_json)

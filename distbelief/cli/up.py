@@ -15,6 +15,7 @@ from distbelief.cli.options import (
     curve_option,
     data_options,
     downpour_options,
+    input_flags,
     rule_options,
     staleness_options,
 )
@@ -151,6 +152,7 @@ def up(
     )
     work_args += ["--batch-size", str(batch_size), "--overlap" if kw["overlap"] else "--no-overlap"]
     work_args += ["--shared-memory" if kw["shared_memory"] else "--no-shared-memory"]
+    work_args += input_flags(kw)
     cfg = UpConfig(
         shards=shards,
         cpu=cpu,

@@ -9,6 +9,7 @@ import sys
 import click
 
 from distbelief.cli.options import (
+    augmentation_config,
     curve_option,
     data_options,
     downpour_options,
@@ -109,12 +110,20 @@ def work(
     except DeviceError as exc:
         raise click.ClickException(str(exc)) from None
     from distbelief.data import DataError, load_dataset
+    from distbelief.loader import default_loader_workers
 
-    if kw["data"] not in ("demo", "synthetic"):  # generated sets cannot be missing
+    augmentation = augmentation_config(kw)
+    loader_workers = kw.pop("loader_workers")
+    if kw["data"] != "synthetic":  # its labels are drawn for the classifier
         try:  # a bad folder is one error here, not a crash and restarts in every replica
-            load_dataset(kw["data"], "train", image_size=kw["image_size"])
+            classes = load_dataset(kw["data"], "train", image_size=kw["image_size"]).num_classes
         except DataError as exc:
             raise click.ClickException(str(exc)) from None
+        if classes > kw["num_classes"]:
+            raise click.ClickException(
+                f"the data set {kw['data']} has {classes} classes but the model's classifier "
+                f"{kw['num_classes']} (--num-classes)"
+            )
     status_dir = status_dir or tempfile.mkdtemp(prefix="distbelief-work-")
     os.makedirs(status_dir, exist_ok=True)
     threads = threads_for(devices)
@@ -127,6 +136,14 @@ def work(
                 device=device,
                 threads=threads if device == "cpu" else 1,
                 warm_threads=available_cores() if device == "cpu" else None,
+                augmentation=augmentation,
+                loader_workers=(
+                    default_loader_workers(
+                        kw["data"], device=device, replicas=len(devices), cores=available_cores()
+                    )
+                    if loader_workers is None
+                    else loader_workers
+                ),
                 metrics_port=metrics_port + i if metrics_port else 0,
                 status_file=os.path.join(status_dir, f"replica-{first_replica + i}.json"),
                 **kw,
