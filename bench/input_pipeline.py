@@ -3,6 +3,10 @@
 In one run, on a generated ImageNet-like JPEG folder (``bench/jpegs.py``: photo-sized
 images, about 500×375, built once and kept):
 
+0. **Decoders**, one process, per image: Pillow decoding the whole JPEG, Pillow with
+   ``draft`` at the scale our training crop allows (``crops.crop_image``), and
+   torchvision.io's ``decode_jpeg`` (libjpeg-turbo) of the file's bytes; at
+   ``--image-size`` and at a quarter of it, where ``draft`` has room to act.
 1. **Loader alone**, ``--image-size`` (224) training batches ready for the model in
    this process, ``--reps`` times each, interleaved, for each worker count:
    - the baseline, pytorch/examples' ``imagenet/main.py``: ``ImageFolder`` with
@@ -22,7 +26,8 @@ images, about 500×375, built once and kept):
    of the replica's time spent waiting for data. Targets: ≥ 0.95× synthetic; data
    wait < 5%.
 
-Usage: ``python -m bench.input_pipeline [--folder DIR] [--workers 1,2] [--reps 3]``.
+Usage: ``python -m bench.input_pipeline [--folder DIR] [--workers 1,2] [--reps 3]
+[--parts decode,loader,replica]``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,15 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from bench.common import distbelief_cmd, machine, run_json, shards, throughput_line, work_flags
+from bench.common import (
+    distbelief_cmd,
+    machine,
+    median_time,
+    run_json,
+    shards,
+    throughput_line,
+    work_flags,
+)
 from bench.jpegs import folder_bytes, make_jpeg_folder
 from distbelief.crops import BRIGHTNESS, CONTRAST, HUE, PIXEL_MEAN, PIXEL_STD, SATURATION
 from distbelief.data import load_dataset, training_augmentation
@@ -75,6 +88,51 @@ def images_per_s(batches, count: int) -> float:
         item = next(it)
         images += len(item[-1] if isinstance(item, list) else item[2])
     return images / (time.perf_counter() - began)
+
+
+def decoders(args: argparse.Namespace, folder: Path) -> None:
+    """ms per image of each way to decode (the crop and resize after it left out)."""
+    from PIL import Image
+    from torchvision.io import decode_jpeg, read_file
+
+    from distbelief.crops import crop_box
+    from distbelief.data import sample_draws
+
+    files = sorted((folder / "train").rglob("*.jpg"))[: args.decode_images]
+    rows = sample_draws(0, 0, torch.arange(len(files)))
+
+    def pil() -> None:
+        for path in files:
+            with Image.open(path) as image:
+                image.convert("RGB")
+
+    def draft(size: int):
+        def run() -> None:
+            for path, row in zip(files, rows, strict=True):
+                with Image.open(path) as image:
+                    width, height = image.size
+                    _, _, h, w = crop_box(height, width, row.tolist())
+                    image.draft("RGB", (int(width * size / w) + 1, int(height * size / h) + 1))
+                    image.convert("RGB")
+
+        return run
+
+    def turbo() -> None:
+        for path in files:
+            decode_jpeg(read_file(str(path)))
+
+    def ms(run) -> float:
+        return median_time(run, args.reps) * 1e3 / len(files)
+
+    base = ms(pil)
+    print(f"decode, Pillow, whole image: {base:.2f} ms/image")
+    for name, run in (
+        ("torchvision.io decode_jpeg, whole image", turbo),
+        (f"Pillow draft for crops to {args.image_size} px", draft(args.image_size)),
+        (f"Pillow draft for crops to {args.image_size // 4} px", draft(args.image_size // 4)),
+    ):
+        value = ms(run)
+        print(f"decode, {name}: {value:.2f} ms/image, {base / value:.2f}× Pillow's speed")
 
 
 def loader_alone(args: argparse.Namespace, folder: Path) -> None:
@@ -160,11 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12, help="replica steps per run")
     parser.add_argument("--replica-batch-size", type=int, default=16)
-    parser.add_argument("--parts", default="loader,replica", help="loader, replica")
+    parser.add_argument("--decode-images", type=int, default=200, help="images per decode run")
+    parser.add_argument("--parts", default="decode,loader,replica", help="decode, loader, replica")
     args = parser.parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not parts <= {"loader", "replica"}:
-        parser.error(f"--parts: choose from loader, replica; got {args.parts!r}")
+    if not parts <= {"decode", "loader", "replica"}:
+        parser.error(f"--parts: choose from decode, loader, replica; got {args.parts!r}")
     torch.set_num_threads(available_cores())
     print(machine())
     with tempfile.TemporaryDirectory(prefix="db-jpegs-") as scratch:
@@ -182,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             f"ready in {time.perf_counter() - began:.1f} s; batches of {args.batch_size} at "
             f"{args.image_size} px, median of {args.reps}"
         )
+        if "decode" in parts:
+            decoders(args, folder)
         if "loader" in parts:
             loader_alone(args, folder)
         if "replica" in parts:

@@ -24,6 +24,7 @@ scale so that no statistics of the data set are needed).
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,6 @@ PIXEL_STD = 0.25
 CROP_SCALE = (0.08, 1.0)  # fraction of the image area (paper, section 6)
 CROP_RATIO = (3 / 4, 4 / 3)  # width / height
 INTERPOLATIONS = (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC, InterpolationMode.NEAREST)
-PIL_INTERPOLATIONS = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.NEAREST)
 EVAL_RESIZE = 256 / 224  # the shorter side is resized to image_size * 256/224 before cropping
 EVAL_SCALES = (256, 288, 320, 352)  # shorter sides of the 144-crop test, for image_size 224
 CROP_COUNTS = (1, 10, 144)
@@ -114,6 +114,43 @@ DRAW_COLOR = _FALLBACK + 6  # brightness, contrast, saturation, hue
 DRAWS = DRAW_COLOR + 4
 
 
+def crop_box(
+    height: int,
+    width: int,
+    row: Sequence[float],
+    *,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> tuple[float, float, float, float]:
+    """One crop box ``(top, left, h, w)`` (pixels) inside a height×width image from its
+    row of draws.
+
+    The area fraction ``h·w / (height·width)`` is drawn uniformly from ``scale`` and
+    the aspect ratio ``w / h`` log-uniformly from ``ratio``; a box that does not fit is
+    drawn again (``CROP_ATTEMPTS`` rounds, as torchvision does). A box still left after
+    that draws a ratio, then an area uniformly among those that fit with it. The box
+    lies in the image with its area and ratio inside the bounds (only an image whose own
+    aspect is far outside ``ratio`` can force an area below ``scale[0]``). Plain Python
+    arithmetic: a few microseconds, where tensor operations on single numbers cost a
+    decoder's time.
+    """
+    area = float(height * width)
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for a in range(CROP_ATTEMPTS):
+        s = scale[0] + (scale[1] - scale[0]) * row[2 * a]
+        r = math.exp(log_r[0] + (log_r[1] - log_r[0]) * row[2 * a + 1])
+        w, h = math.sqrt(s * area * r), math.sqrt(s * area / r)
+        if w <= width and h <= height:
+            break
+    else:
+        r = math.exp(log_r[0] + (log_r[1] - log_r[0]) * row[_FALLBACK])
+        s_max = min(width / (height * r), height * r / width, scale[1])
+        s_min = min(s_max, scale[0])
+        s = s_min + (s_max - s_min) * row[_FALLBACK + 1]
+        w, h = min(math.sqrt(s * area * r), width), min(math.sqrt(s * area / r), height)
+    return (height - h) * row[_TOP], (width - w) * row[_LEFT], h, w
+
+
 def sample_crop_boxes(
     n: int,
     height: int,
@@ -124,48 +161,15 @@ def sample_crop_boxes(
     draws: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Sample ``n`` crop boxes ``(top, left, h, w)`` (float, pixels) inside a height×width image.
-
-    The area fraction ``h·w / (height·width)`` is drawn uniformly from ``scale`` and
-    the aspect ratio ``w / h`` log-uniformly from ``ratio``; a box that does not fit is
-    drawn again (``CROP_ATTEMPTS`` rounds, as torchvision does). A box still left after
-    that draws a ratio, then an area uniformly among those that fit with it. Every box
-    lies in the image with its area and ratio inside the bounds (only an image whose own
-    aspect is far outside ``ratio`` can force an area below ``scale[0]``). The random
-    numbers are ``draws`` (n×DRAWS, one row per box) or drawn from ``generator``.
-    """
+    """``n`` crop boxes ``(top, left, h, w)`` (n×4 float32) by ``crop_box``, one per row
+    of ``draws`` (n×DRAWS) or of numbers drawn from ``generator``."""
     if n < 0 or height < 1 or width < 1:
         raise ValueError(f"bad crop request: n={n}, image {height}x{width}")
     if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
         raise ValueError(f"bad crop bounds: scale={scale}, ratio={ratio}")
-    u = _draws(n, draws, generator).double()
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    area = float(height * width)
-    s = torch.zeros(n, dtype=torch.float64)
-    r = torch.ones(n, dtype=torch.float64)
-    todo = torch.ones(n, dtype=torch.bool)
-    for a in range(CROP_ATTEMPTS):
-        s_try = _lerp(scale, u[:, 2 * a])
-        r_try = torch.exp(_lerp(log_r, u[:, 2 * a + 1]))
-        w, h = torch.sqrt(s_try * area * r_try), torch.sqrt(s_try * area / r_try)
-        take = todo & (w <= width) & (h <= height)
-        s, r = torch.where(take, s_try, s), torch.where(take, r_try, r)
-        todo &= ~take
-    if bool(todo.any()):
-        r_left = torch.exp(_lerp(log_r, u[:, _FALLBACK]))
-        s_max = torch.minimum(width / (height * r_left), height * r_left / width)
-        s_max = s_max.clamp(max=scale[1])
-        s_min = s_max.clamp(max=scale[0])
-        s = torch.where(todo, s_min + (s_max - s_min) * u[:, _FALLBACK + 1], s)
-        r = torch.where(todo, r_left, r)
-    w = torch.sqrt(s * area * r).clamp(max=width)
-    h = torch.sqrt(s * area / r).clamp(max=height)
-    top, left = (height - h) * u[:, _TOP], (width - w) * u[:, _LEFT]
-    return torch.stack([top, left, h, w], dim=1).float()
-
-
-def _lerp(bounds: tuple[float, float], u: Tensor) -> Tensor:
-    return bounds[0] + (bounds[1] - bounds[0]) * u
+    rows = _draws(n, draws, generator).tolist()
+    boxes = [crop_box(height, width, row, scale=scale, ratio=ratio) for row in rows]
+    return torch.tensor(boxes, dtype=torch.float32).view(n, 4)
 
 
 def _draws(n: int, draws: Tensor | None, generator: torch.Generator | None) -> Tensor:
@@ -176,37 +180,42 @@ def _draws(n: int, draws: Tensor | None, generator: torch.Generator | None) -> T
     return draws
 
 
-def crop_image(image: Image.Image, row: Tensor, *, size: int, augmentation: Augmentation) -> Tensor:
-    """One image's training crop: uint8 3×size×size from a PIL image and its row of draws.
+def crop_image(data: bytes, row: Tensor, *, size: int, augmentation: Augmentation) -> Tensor:
+    """One image's training crop: uint8 3×size×size from its encoded bytes and its draws.
 
-    The crop box (``sample_crop_boxes``) is cut and resized in one pass with a random
-    interpolation (bilinear, bicubic or nearest). A JPEG is decoded at the smallest DCT
-    scale (1/2, 1/4, 1/8: Pillow's ``draft``) that leaves the box at least ``size``
-    pixels wide and high, so large crops of large photos decode at a fraction of the
-    cost without losing a pixel of the output's resolution.
+    Pillow decodes; a JPEG at the smallest DCT scale (1/2, 1/4, 1/8: ``draft``) that
+    leaves the crop box (``crop_box``) at least ``size`` pixels wide and high, so large
+    crops of large photos decode at a fraction of the cost without losing output
+    resolution. The box is cut from the pixels in place and resized by torch's uint8
+    kernels (channels last, as Pillow lays pixels out) with a random interpolation:
+    bilinear, bicubic (antialiased when shrinking) or nearest. Pillow's own resize took
+    about 1.2 ms of a 224-pixel crop here, torch's 0.2 ms (``bench/RESULTS.md``).
     """
-    width, height = image.size
-    if augmentation.crop_scale is None:
-        top, left, h, w = 0.0, 0.0, float(height), float(width)
-    else:
-        box = sample_crop_boxes(
-            1,
-            height,
-            width,
-            scale=augmentation.crop_scale,
-            ratio=augmentation.crop_ratio,
-            draws=row.view(1, -1),
-        )
-        top, left, h, w = box[0].tolist()
-    if image.format == "JPEG":
-        image.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
-    image = image.convert("RGB")
-    sx, sy = image.size[0] / width, image.size[1] / height
-    mode = PIL_INTERPOLATIONS[_interpolation(row)]
-    out = image.resize(
-        (size, size), resample=mode, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    values = row.tolist()
+    with Image.open(io.BytesIO(data)) as image:  # reads the header only
+        width, height = image.size
+        if augmentation.crop_scale is None:
+            top, left, h, w = 0.0, 0.0, float(height), float(width)
+        else:
+            top, left, h, w = crop_box(
+                height, width, values, scale=augmentation.crop_scale, ratio=augmentation.crop_ratio
+            )
+        if image.format == "JPEG":
+            image.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
+        pixels = np.array(image.convert("RGB"))  # writable: torch takes it as it is
+    sy, sx = pixels.shape[0] / height, pixels.shape[1] / width  # 1, or the DCT scale
+    y0, x0 = min(round(top * sy), pixels.shape[0] - 1), min(round(left * sx), pixels.shape[1] - 1)
+    h_px = max(1, min(round(h * sy), pixels.shape[0] - y0))
+    w_px = max(1, min(round(w * sx), pixels.shape[1] - x0))
+    crop = torch.from_numpy(pixels[y0 : y0 + h_px, x0 : x0 + w_px]).permute(2, 0, 1).unsqueeze(0)
+    name = INTERPOLATIONS[_interpolation(values)].value
+    out = F.interpolate(
+        crop.contiguous(memory_format=torch.channels_last),
+        size=(size, size),
+        mode=name,
+        antialias=name != "nearest",
     )
-    return _to_chw(out)
+    return out[0].contiguous()
 
 
 def eval_image(image: Image.Image, *, size: int) -> Tensor:
@@ -225,14 +234,14 @@ def _to_chw(image: Image.Image) -> Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
-def _interpolation(row: Tensor) -> int:
-    return min(len(INTERPOLATIONS) - 1, int(float(row[DRAW_INTERPOLATION]) * len(INTERPOLATIONS)))
+def _interpolation(row: Sequence[float]) -> int:
+    return min(len(INTERPOLATIONS) - 1, int(row[DRAW_INTERPOLATION] * len(INTERPOLATIONS)))
 
 
 def crop_batch(
     images: Tensor, draws: Tensor, *, size: int | None = None, augmentation: Augmentation
 ) -> Tensor:
-    """Training crops of a batch held in memory: B×3×H×W floats in [0, 1] → B×3×S×S.
+    """Training crops of a batch held in memory: B×3×H×W floats in [0, 1] → uint8 B×3×S×S.
 
     The same boxes and interpolations as ``crop_image`` (one affine ``grid_sample``
     per interpolation mode), for data sets whose images are tensors already.
@@ -262,43 +271,66 @@ def crop_batch(
                 padding_mode="border",
                 align_corners=False,
             )
-    return out.clamp_(0, 1)
+    return out.clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)  # pixels, as decoded ones
 
 
-def _rgb_to_gray(x: Tensor) -> Tensor:
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+GRAY = (0.299, 0.587, 0.114)  # luma weights: gray = GRAY · rgb
+_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 
 
-def _jitter(strength: float, u: Tensor) -> Tensor:
-    return (1 + strength * (2 * u - 1)).view(-1, 1, 1, 1)
+def _factor(strength: float, u: Tensor) -> Tensor:
+    return 1 + strength * (2 * u - 1)
 
 
-def _rotate_hue(x: Tensor, turns: Tensor) -> Tensor:
-    """Rotate the hue of each image by ``turns`` of a full circle, in YIQ space."""
-    to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    from_yiq = torch.linalg.inv(to_yiq)
+def colour_twist(draws: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Each image's photometric distortion as one affine colour map ``x ↦ A·x + t·g``.
+
+    Brightness b, contrast c, saturation s and a hue turn h (the strengths of
+    torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1), in that order) compose, without
+    clamping between them, to ``A = c·b·R_h·S_s`` (``S_s = s·I + (1 − s)·1·grayᵀ``,
+    ``R_h`` the hue rotation in YIQ space) and an offset ``(1 − c)·b·g`` along grey,
+    ``g`` the image's mean grey level: what contrast pulls the pixels towards. Returns
+    ``A`` (B×3×3) and ``t = (1 − c)·b`` (B), on the draws' device.
+    """
+    u = draws[:, DRAW_COLOR : DRAW_COLOR + 4].to(dtype)
+    b, c = _factor(BRIGHTNESS, u[:, 0]), _factor(CONTRAST, u[:, 1])
+    sat, turns = _factor(SATURATION, u[:, 2]), HUE * (2 * u[:, 3] - 1)
+    n, device = len(u), u.device
+    gray = torch.tensor(GRAY, dtype=dtype, device=device)
+    eye = torch.eye(3, dtype=dtype, device=device)
+    saturate = sat.view(n, 1, 1) * eye + (1 - sat).view(n, 1, 1) * gray.expand(3, 3)
+    to_yiq = torch.tensor(_TO_YIQ, dtype=dtype, device=device)
     cos, sin = torch.cos(2 * math.pi * turns), torch.sin(2 * math.pi * turns)
-    rot = x.new_zeros(x.shape[0], 3, 3)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    mix = from_yiq @ rot @ to_yiq  # B×3×3
-    return torch.einsum("bij,bjhw->bihw", mix, x)
+    rotate = torch.zeros(n, 3, 3, dtype=dtype, device=device)
+    rotate[:, 0, 0] = 1
+    rotate[:, 1, 1], rotate[:, 1, 2], rotate[:, 2, 1], rotate[:, 2, 2] = cos, -sin, sin, cos
+    hue = torch.linalg.inv(to_yiq) @ rotate @ to_yiq
+    return (c * b).view(n, 1, 1) * hue @ saturate, (1 - c) * b
 
 
-def photometric_batch(images: Tensor, draws: Tensor) -> Tensor:
+def photometric_batch(images: Tensor, draws: Tensor, mean_gray: Tensor | None = None) -> Tensor:
     """Brightness, contrast, saturation and hue distortions of B×3×H×W pixels in [0, 1].
 
-    The strengths of torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1), applied in that
-    fixed order with factors from each image's draws; the hue turns in YIQ space (a
-    linear map per image). Runs on the images' device, batched.
+    One colour map per image (``colour_twist``; as DALI's ColorTwist), applied in one
+    batched pass and clamped to [0, 1] once. torchvision's ColorJitter clamps after
+    each of its four steps as well; the two agree wherever no step leaves [0, 1]
+    (``tests/test_data.py``). Runs on the images' device. ``mean_gray``: each image's
+    mean grey level, when the caller has it (``finish_batch``, exactly, from the pixels).
     """
-    u = draws[:, DRAW_COLOR : DRAW_COLOR + 4].to(images.device, images.dtype)
-    x = (images * _jitter(BRIGHTNESS, u[:, 0])).clamp(0, 1)
-    mean = _rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = (mean + _jitter(CONTRAST, u[:, 1]) * (x - mean)).clamp(0, 1)
-    gray = _rgb_to_gray(x)
-    x = (gray + _jitter(SATURATION, u[:, 2]) * (x - gray)).clamp(0, 1)
-    return _rotate_hue(x, HUE * (2 * u[:, 3] - 1)).clamp(0, 1)
+    twist, toward = colour_twist(draws.to(images.device), images.dtype)
+    if mean_gray is None:
+        gray = torch.tensor(GRAY, dtype=images.dtype, device=images.device)
+        mean_gray = torch.einsum("c,bc->b", gray, images.mean(dim=(2, 3)))
+    out = torch.einsum("bij,bjhw->bihw", twist, images)
+    return out.add_((toward * mean_gray).view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def _mean_gray(pixels: Tensor) -> Tensor:
+    """Each uint8 image's mean grey level in [0, 1], from exact integer sums: the same
+    bits whatever the number of threads that add them up."""
+    sums = pixels.sum(dim=(2, 3), dtype=torch.int64).double()
+    gray = torch.tensor(GRAY, dtype=torch.float64, device=pixels.device)
+    return (sums @ gray / (255.0 * pixels.shape[2] * pixels.shape[3])).float()
 
 
 def finish_batch(
@@ -307,19 +339,19 @@ def finish_batch(
     augmentation: Augmentation,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """A batch as the model takes it, on ``device``: uint8 (0..255) or float ([0, 1])
-    images there, then (with ``draws``) the colour distortion and the flips, batched on
-    the device, then normalised. Without ``draws``, the images as they are."""
-    x = images.to(device, non_blocking=True)
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    """A batch as the model takes it, on ``device``: uint8 images (0..255) there, then
+    (with ``draws``) the colour distortion and the flips, batched on the device, then
+    normalised. Without ``draws``, the images as they are."""
+    pixels = images.to(device, non_blocking=True)
+    x = pixels.float().div_(255.0)
     if draws is not None:
         d = draws.to(device, non_blocking=True)
         if augmentation.color:
-            x = photometric_batch(x, d)
+            x = photometric_batch(x, d, _mean_gray(pixels))
         if augmentation.flip:
-            mirror = (d[:, DRAW_FLIP] < 0.5).view(-1, 1, 1, 1)
-            x = torch.where(mirror, x.flip(-1), x)
-    return normalize(x)
+            mirror = (d[:, DRAW_FLIP] < 0.5).nonzero().squeeze(1)
+            x[mirror] = x[mirror].flip(-1)
+    return x.sub_(PIXEL_MEAN).div_(PIXEL_STD)
 
 
 # --------------------------------------------------------------------------- test crops

@@ -17,8 +17,8 @@ Three sources (``load_dataset``):
   ``PATH/val/<class>/*.jpg``, read with torchvision's ``ImageFolder``.
 
 Every data set answers ``len(ds)``, ``ds.num_classes``, ``ds.image_size``,
-``ds.augmentation``, ``ds.fetch(indices, draws)`` (uint8 images, or float crops in
-[0, 1], and labels: the per-image work a loader worker does) and
+``ds.augmentation``, ``ds.fetch(indices, draws)`` (uint8 images, cropped when the
+augmentation crops, and labels: the per-image work a loader worker does) and
 ``ds.batch(indices, draws=None) -> (images, labels)``: float32 images N×3×S×S in
 normalised form, ``(x - 0.5) / 0.25`` for pixels ``x`` in [0, 1], and int64 labels.
 
@@ -38,6 +38,7 @@ batches across epochs; ``iterate_batches`` walks them in this process,
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
@@ -169,8 +170,8 @@ class ArrayDataset(_Batches):
         return int(self.images.shape[0])
 
     def fetch(self, indices: Tensor, draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """uint8 images of ``indices`` (float crops in [0, 1] when the augmentation crops
-        and ``draws`` are given) and their labels."""
+        """uint8 images of ``indices`` (their crops when the augmentation crops and
+        ``draws`` are given) and their labels."""
         images = self.images[indices]
         if draws is not None and self.augmentation.crop_scale is not None:
             images = crop_batch(images.float().div_(255.0), draws, augmentation=self.augmentation)
@@ -543,14 +544,15 @@ class FolderDataset(_Batches):
         for k, i in enumerate(idx.tolist()):
             path = self.folder.samples[i][0]
             try:
-                with Image.open(path) as image:
-                    if draws is None:
+                data = Path(path).read_bytes()
+                if draws is None:
+                    with Image.open(io.BytesIO(data)) as image:
                         images[k] = eval_image(image, size=size)
-                    else:
-                        images[k] = crop_image(
-                            image, draws[k], size=size, augmentation=self.augmentation
-                        )
-            except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises on bad files
+                else:
+                    images[k] = crop_image(
+                        data, draws[k], size=size, augmentation=self.augmentation
+                    )
+            except (OSError, SyntaxError, ValueError, RuntimeError) as exc:  # bad files
                 raise DataError(f"cannot decode image {path}: {exc}") from exc
         return images, self.labels[idx]
 

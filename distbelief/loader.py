@@ -7,10 +7,12 @@ batch number on, as ``(epoch, images, labels)`` on the replica's device:
   in-memory demo and synthetic sets cost a gather; nothing to hide).
 - ``workers`` = K ≥ 1: K persistent worker processes of
   ``torch.utils.data.DataLoader`` each make whole batches (read, decode, crop: the
-  per-image work) ``prefetch`` batches ahead of the training loop, and hand them over
-  as uint8 (a quarter of float32's bytes through shared memory), pinned when the
-  device is a GPU. The colour distortion, the flips and the normalisation run on the
-  whole batch on the device (``crops.finish_batch``), after a non-blocking copy.
+  per-image work) ``prefetch`` batches ahead of the training loop. For a GPU they
+  hand them over as uint8 (a quarter of float32's bytes), pinned, and the colour
+  distortion, the flips and the normalisation run on the whole batch on the device
+  (``crops.finish_batch``) after a non-blocking copy. For a CPU replica the workers
+  finish the batch too: the training process then only receives it (on 2 cores,
+  finishing there cost the loop what it saved the workers; ``bench/RESULTS.md``).
 
 The batches are the same bit for bit whatever K is: which batch comes next is fixed by
 the stream, and every random choice for a sample by (seed, epoch, index)
@@ -62,6 +64,16 @@ class _From(Sampler[int]):
         return itertools.count(self.start)
 
 
+class _Finished:
+    """The stream's batches finished where they are made: in a loader process, on CPU."""
+
+    def __init__(self, stream: BatchStream) -> None:
+        self.stream = stream
+
+    def __getitem__(self, b: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        return self.stream.finish(self.stream[b])
+
+
 class Loader:
     """``(epoch, images, labels)`` batches of a rank's stream, from batch ``start`` on.
 
@@ -92,9 +104,11 @@ class Loader:
         self._next_batch = start
         self._loader: DataLoader | None = None
         self._it: Iterator[Any] | None = None
+        # on a GPU the device finishes the batches; on CPU the loader processes do
+        self._finish_here = workers == 0 or self.device.type != "cpu"
         if workers:
             self._loader = DataLoader(
-                self.stream,  # type: ignore[arg-type]  (map-style: __getitem__ only)
+                self.stream if self._finish_here else _Finished(self.stream),  # type: ignore[arg-type]
                 batch_size=None,  # the stream's items are whole batches already
                 sampler=_From(start),
                 num_workers=workers,
@@ -112,7 +126,7 @@ class Loader:
         began = time.perf_counter()
         item = next(self._it) if self._it is not None else self.stream[self._next_batch]
         self._next_batch += 1
-        batch = self.stream.finish(item, self.device)
+        batch = self.stream.finish(item, self.device) if self._finish_here else item
         self.data_wait_s += time.perf_counter() - began
         return batch
 
