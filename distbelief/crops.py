@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -202,12 +203,17 @@ def crop_image(data: bytes, row: Tensor, *, size: int, augmentation: Augmentatio
             )
         if image.format == "JPEG":
             image.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
-        pixels = np.array(image.convert("RGB"))  # writable: torch takes it as it is
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        pixels = np.asarray(image)  # no copy: only the crop below is copied
+    with warnings.catch_warnings():  # read only, and torch only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        decoded = torch.from_numpy(pixels)
     sy, sx = pixels.shape[0] / height, pixels.shape[1] / width  # 1, or the DCT scale
     y0, x0 = min(round(top * sy), pixels.shape[0] - 1), min(round(left * sx), pixels.shape[1] - 1)
     h_px = max(1, min(round(h * sy), pixels.shape[0] - y0))
     w_px = max(1, min(round(w * sx), pixels.shape[1] - x0))
-    crop = torch.from_numpy(pixels[y0 : y0 + h_px, x0 : x0 + w_px]).permute(2, 0, 1).unsqueeze(0)
+    crop = decoded[y0 : y0 + h_px, x0 : x0 + w_px].permute(2, 0, 1).unsqueeze(0)
     name = INTERPOLATIONS[_interpolation(values)].value
     out = F.interpolate(
         crop.contiguous(memory_format=torch.channels_last),

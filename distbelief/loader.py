@@ -7,12 +7,13 @@ batch number on, as ``(epoch, images, labels)`` on the replica's device:
   in-memory demo and synthetic sets cost a gather; nothing to hide).
 - ``workers`` = K ≥ 1: K persistent worker processes of
   ``torch.utils.data.DataLoader`` each make whole batches (read, decode, crop: the
-  per-image work) ``prefetch`` batches ahead of the training loop. For a GPU they
-  hand them over as uint8 (a quarter of float32's bytes), pinned, and the colour
-  distortion, the flips and the normalisation run on the whole batch on the device
-  (``crops.finish_batch``) after a non-blocking copy. For a CPU replica the workers
-  finish the batch too: the training process then only receives it (on 2 cores,
-  finishing there cost the loop what it saved the workers; ``bench/RESULTS.md``).
+  per-image work) ``prefetch`` batches ahead of the training loop, and hand them over
+  as uint8 (a quarter of float32's bytes through shared memory), pinned when the
+  device is a GPU. The colour distortion, the flips and the normalisation run on the
+  whole batch on the device (``crops.finish_batch``), after a non-blocking copy. On a
+  CPU that is about 0.35 ms an image at 224 px (0.9 with the colour distortion), 1%
+  of a CPU replica's step; finishing in the loader processes instead would send
+  float32 through shared memory, four times the bytes (``bench/RESULTS.md``).
 
 The batches are the same bit for bit whatever K is: which batch comes next is fixed by
 the stream, and every random choice for a sample by (seed, epoch, index)
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +41,7 @@ from distbelief.data import BatchStream, Dataset
 log = logging.getLogger(__name__)
 
 IN_MEMORY = ("demo", "synthetic")
+FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 MAX_GPU_LOADER_WORKERS = 16  # past this a GPU replica gains little; the host's cores run out
 
 
@@ -62,16 +65,6 @@ class _From(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return itertools.count(self.start)
-
-
-class _Finished:
-    """The stream's batches finished where they are made: in a loader process, on CPU."""
-
-    def __init__(self, stream: BatchStream) -> None:
-        self.stream = stream
-
-    def __getitem__(self, b: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        return self.stream.finish(self.stream[b])
 
 
 class Loader:
@@ -104,16 +97,19 @@ class Loader:
         self._next_batch = start
         self._loader: DataLoader | None = None
         self._it: Iterator[Any] | None = None
-        # on a GPU the device finishes the batches; on CPU the loader processes do
-        self._finish_here = workers == 0 or self.device.type != "cpu"
         if workers:
             self._loader = DataLoader(
-                self.stream if self._finish_here else _Finished(self.stream),  # type: ignore[arg-type]
+                self.stream,  # type: ignore[arg-type]  (map-style: __getitem__ only)
                 batch_size=None,  # the stream's items are whole batches already
                 sampler=_From(start),
                 num_workers=workers,
                 persistent_workers=True,
                 prefetch_factor=prefetch,
+                # fork where there is fork: the workers share the data set and the
+                # imports. A replica runs under its supervisor's `spawn` method, whose
+                # children would otherwise spawn too: a fresh interpreter importing
+                # torch before the first batch (about 2 s of waiting in a 20 s run).
+                multiprocessing_context=FORK,
                 pin_memory=self.device.type == "cuda",
             )
             self._it = iter(self._loader)  # the workers start now, before any sockets
@@ -126,7 +122,7 @@ class Loader:
         began = time.perf_counter()
         item = next(self._it) if self._it is not None else self.stream[self._next_batch]
         self._next_batch += 1
-        batch = self.stream.finish(item, self.device) if self._finish_here else item
+        batch = self.stream.finish(item, self.device)
         self.data_wait_s += time.perf_counter() - began
         return batch
 
