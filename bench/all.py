@@ -4,7 +4,8 @@ Usage: ``python -m bench.all [--only ps_vs_zmq,overhead]``; prints every figure.
 about 25 minutes on a 2-core machine (``convergence`` alone about 11). Run it on a
 machine that is otherwise idle: every figure is a ratio measured within one script's
 run, but load from elsewhere makes both sides of a ratio noisy. ``staleness`` (the
-simulator's default grid, about 2.5 hours here) runs only when named in ``--only``.
+simulator's default grid, about 2.5 hours here) and ``gpu`` (the GPU figures, for a
+machine with one) run only when named in ``--only``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ BENCHES = (
     "overhead",
     "scaling",
     "convergence",
+    "input_pipeline",
 )
-ON_REQUEST = ("staleness",)  # too long for the default run
+ON_REQUEST = ("staleness", "gpu")  # too long for the default run; for a GPU machine
 TIMEOUT_S = 4 * 3600.0
 
 

@@ -6,7 +6,10 @@ images, about 500×375, built once and kept):
 0. **Decoders**, one process, per image: Pillow decoding the whole JPEG, Pillow with
    ``draft`` at the scale our training crop allows (``crops.crop_image``), and
    torchvision.io's ``decode_jpeg`` (libjpeg-turbo) of the file's bytes; at
-   ``--image-size`` and at a quarter of it, where ``draft`` has room to act.
+   ``--image-size`` and at a quarter of it, where ``draft`` has room to act. Then
+   decode and crop together: Pillow's ``resize`` with a box (bilinear, as
+   ``RandomResizedCrop`` on a PIL image) against ours (``crops.crop_image``: the crop
+   resized by torch's uint8 kernels, random interpolation).
 1. **Loader alone**, ``--image-size`` (224) training batches ready for the model in
    this process, ``--reps`` times each, interleaved, for each worker count:
    - the baseline, pytorch/examples' ``imagenet/main.py``: ``ImageFolder`` with
@@ -95,7 +98,7 @@ def decoders(args: argparse.Namespace, folder: Path) -> None:
     from PIL import Image
     from torchvision.io import decode_jpeg, read_file
 
-    from distbelief.crops import crop_box
+    from distbelief.crops import PAPER_AUGMENTATION, crop_box, crop_image
     from distbelief.data import sample_draws
 
     files = sorted((folder / "train").rglob("*.jpg"))[: args.decode_images]
@@ -121,8 +124,31 @@ def decoders(args: argparse.Namespace, folder: Path) -> None:
         for path in files:
             decode_jpeg(read_file(str(path)))
 
+    def pil_crop() -> None:  # what pytorch/examples' RandomResizedCrop does to a photo
+        for path, row in zip(files, rows, strict=True):
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                width, height = image.size
+                top, left, h, w = crop_box(height, width, row.tolist())
+                image.resize(
+                    (size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)
+                )
+
+    def our_crop() -> None:
+        for path, row in zip(files, rows, strict=True):
+            crop_image(path.read_bytes(), row, size=size, augmentation=PAPER_AUGMENTATION)
+
     def ms(run) -> float:
         return median_time(run, args.reps) * 1e3 / len(files)
+
+    size = args.image_size
+    pillow = ms(pil_crop)
+    print(f"decode + crop to {size} px, Pillow (decode, resize with a box): {pillow:.2f} ms/image")
+    ours = ms(our_crop)
+    print(
+        f"decode + crop to {size} px, ours (Pillow decode, torch uint8 resize): "
+        f"{ours:.2f} ms/image, {pillow / ours:.2f}× Pillow's speed"
+    )
 
     base = ms(pil)
     print(f"decode, Pillow, whole image: {base:.2f} ms/image")

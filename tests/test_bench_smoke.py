@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench import (
     convergence,
+    input_pipeline,
     overhead,
     profile_exchange,
     ps_vs_ddp,
@@ -78,6 +79,18 @@ def test_overhead(capsys):
     assert overhead.main([*flags, "--settings", "every 4 steps"]) == 0
     out = capsys.readouterr().out
     assert len(ratios(out)) == 1 and "reference trainer" in out and "images/s" in out, out
+
+
+def test_input_pipeline(capsys, tmp_path):
+    flags = ["--folder", str(tmp_path / "jpegs"), "--images", "24", "--classes", "3"]
+    flags += ["--image-size", "32", "--batch-size", "4", "--batches", "2", "--reps", "1"]
+    flags += ["--workers", "1", "--decode-images", "8", "--steps", "2"]
+    flags += ["--replica-batch-size", "2"]
+    assert input_pipeline.main(flags) == 0
+    out = capsys.readouterr().out
+    assert len(ratios(out)) == 3 and "pytorch/examples" in out and "synthetic data" in out, out
+    assert re.search(r"decode, Pillow draft for crops to 8 px: \d+\.\d+ ms/image", out), out
+    assert re.search(r"data wait \d+\.\d%", out), out
 
 
 def test_scaling(capsys):
