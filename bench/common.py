@@ -196,6 +196,27 @@ def run_json(args: list[str], timeout_s: float) -> Any:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def one_cpu_replica(servers: list[str], transport: str, *flags: str, timeout_s: float) -> dict:
+    """``distbelief work --cpu 1`` against ``servers`` (metrics off, quiet, ``--json``
+    and the flags ``transport`` needs, then ``flags``); its summary."""
+    cmd = distbelief_cmd(
+        "work",
+        "--servers",
+        ",".join(servers),
+        "--cpu",
+        "1",
+        "--metrics-port",
+        "0",
+        "--log-level",
+        "WARNING",
+        "--json",
+        *work_flags(transport),
+        *flags,
+    )
+    (summary,) = run_json(cmd, timeout_s)
+    return summary
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and its live children (Linux /proc; else 0)."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

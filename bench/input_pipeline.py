@@ -46,13 +46,11 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from bench.common import (
-    distbelief_cmd,
     machine,
     median_time,
-    run_json,
+    one_cpu_replica,
     shards,
     throughput_line,
-    work_flags,
 )
 from bench.jpegs import folder_bytes, make_jpeg_folder
 from distbelief.crops import BRIGHTNESS, CONTRAST, HUE, PIXEL_MEAN, PIXEL_STD, SATURATION
@@ -94,7 +92,16 @@ def images_per_s(batches, count: int) -> float:
 
 
 def decoders(args: argparse.Namespace, folder: Path) -> None:
-    """ms per image of each way to decode (the crop and resize after it left out)."""
+    """ms per image of each way to decode, one thread, as in a loader process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _decoders(args, folder)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _decoders(args: argparse.Namespace, folder: Path) -> None:
     from PIL import Image
     from torchvision.io import decode_jpeg, read_file
 
@@ -185,31 +192,14 @@ def loader_alone(args: argparse.Namespace, folder: Path) -> None:
 def replica(args: argparse.Namespace, data: str, num_classes: int) -> dict:
     serve_flags = ("--num-classes", str(num_classes), "--lr", "0.005")
     with shards(1, *serve_flags, transport="shm") as servers:
-        cmd = distbelief_cmd(
-            "work",
-            "--servers",
-            ",".join(servers),
-            "--cpu",
-            "1",
-            "--data",
-            data,
-            "--image-size",
-            str(args.image_size),
-            "--batch-size",
-            str(args.replica_batch_size),
-            "--steps",
-            str(args.steps),
-            "--num-classes",
-            str(num_classes),
-            "--metrics-port",
-            "0",
-            "--log-level",
-            "WARNING",
-            "--json",
-            *work_flags("shm"),
+        return one_cpu_replica(
+            servers,
+            "shm",
+            *("--data", data, "--image-size", str(args.image_size)),
+            *("--batch-size", str(args.replica_batch_size), "--steps", str(args.steps)),
+            *("--num-classes", str(num_classes)),
+            timeout_s=RUN_TIMEOUT_S,
         )
-        (summary,) = run_json(cmd, RUN_TIMEOUT_S)
-    return summary
 
 
 def replica_from_jpegs(args: argparse.Namespace, folder: Path, num_classes: int) -> None:

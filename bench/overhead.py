@@ -28,10 +28,10 @@ from bench.common import (
     TRANSPORTS,
     distbelief_cmd,
     machine,
+    one_cpu_replica,
     run_json,
     shards,
     throughput_line,
-    work_flags,
 )
 from distbelief.tuning import available_cores
 
@@ -59,34 +59,22 @@ def common_flags(args: argparse.Namespace) -> list[str]:
         str(args.steps),
         "--num-classes",
         str(args.num_classes),
-        "--json",
     ]
 
 
 def reference_images_per_s(args: argparse.Namespace) -> float:
     cores = str(available_cores())
-    cmd = distbelief_cmd("train", *common_flags(args), "--lr", str(args.lr), "--threads", cores)
+    flags = (*common_flags(args), "--lr", str(args.lr), "--threads", cores, "--json")
+    cmd = distbelief_cmd("train", *flags)
     return float(run_json(cmd, RUN_TIMEOUT_S)["images_per_s"])
 
 
 def replica_images_per_s(args: argparse.Namespace, flags: list[str]) -> float:
     serve_flags = ("--num-classes", str(args.num_classes), "--lr", str(args.lr))
     with shards(args.shards, *serve_flags, transport=args.transport) as servers:
-        cmd = distbelief_cmd(
-            "work",
-            "--servers",
-            ",".join(servers),
-            "--cpu",
-            "1",
-            "--metrics-port",
-            "0",
-            "--log-level",
-            "WARNING",
-            *common_flags(args),
-            *work_flags(args.transport),
-            *flags,
+        summary = one_cpu_replica(
+            servers, args.transport, *common_flags(args), *flags, timeout_s=RUN_TIMEOUT_S
         )
-        (summary,) = run_json(cmd, RUN_TIMEOUT_S)
     return float(summary["images_per_s"])
 
 
