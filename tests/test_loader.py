@@ -12,6 +12,7 @@ import torch
 from distbelief.workers.replica import ReplicaConfig, replica_batches
 from PIL import Image
 
+from distbelief.cli.options import input_flags
 from distbelief.data import (
     PAPER_AUGMENTATION,
     Augmentation,
@@ -131,7 +132,21 @@ def test_default_loader_workers() -> None:
     assert default_loader_workers("/data", device="cuda:0", replicas=8, cores=8) == 1
 
 
-def test_bad_augmentation_flags_are_one_line_errors() -> None:
+def test_up_passes_the_input_flags_it_was_given_on_to_work() -> None:
+    given = {"crop_scale": "0.35,1", "crop_ratio": None, "flip": False, "color_jitter": True}
+    flags = input_flags(given | {"loader_workers": 2})
+    assert flags == [
+        "--crop-scale",
+        "0.35,1",
+        "--no-flip",
+        "--color-jitter",
+        "--loader-workers",
+        "2",
+    ]
+    assert input_flags(dict.fromkeys(given)) == []  # nothing set: work's own defaults
+
+
+def test_bad_augmentation_flags_are_one_line_errors(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "distbelief", "work", "--servers", "tcp://127.0.0.1:1"]
     for flags, message in (
         (["--crop-scale", "0.5,0.1"], "need 0 < MIN ≤ MAX"),
@@ -141,6 +156,13 @@ def test_bad_augmentation_flags_are_one_line_errors() -> None:
         proc = subprocess.run(cmd + flags, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+    # a config file's setting meets the same check (`up` passes these flags on to `work`)
+    config = tmp_path / "cluster.toml"
+    config.write_text('[work]\ncrop-scale = "0.5,0.1"\n')
+    proc = subprocess.run(
+        cmd + ["--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2 and "need 0 < MIN ≤ MAX" in proc.stderr, proc.stderr
     # labels the classifier has no output for: refused before any replica starts
     proc = subprocess.run(
         cmd + ["--data", "demo", "--num-classes", "5"], capture_output=True, text=True, timeout=60
