@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not parts <= {"decode", "loader", "replica"}:
         parser.error(f"--parts: choose from decode, loader, replica; got {args.parts!r}")
-    torch.set_num_threads(available_cores())
+    torch.set_num_threads(1)  # the consumer as in a GPU replica (`work` gives those 1 thread)
     print(machine())
     with tempfile.TemporaryDirectory(prefix="db-jpegs-") as scratch:
         folder = Path(args.folder or scratch)

@@ -349,15 +349,18 @@ def finish_batch(
     (with ``draws``) the colour distortion and the flips, batched on the device, then
     normalised. Without ``draws``, the images as they are."""
     pixels = images.to(device, non_blocking=True)
-    x = pixels.float().div_(255.0)
+    colour = draws is not None and augmentation.color
+    # one pass to float: to [0, 1] for the colour distortion, else straight to the
+    # normalised form ((x / 255 − mean) / std, the subtraction below)
+    x = torch.mul(pixels, 1.0 / 255.0 if colour else 1.0 / (255.0 * PIXEL_STD))
     if draws is not None:
         d = draws.to(device, non_blocking=True)
-        if augmentation.color:
-            x = photometric_batch(x, d, _mean_gray(pixels))
+        if colour:
+            x = photometric_batch(x, d, _mean_gray(pixels)).div_(PIXEL_STD)
         if augmentation.flip:
             mirror = (d[:, DRAW_FLIP] < 0.5).nonzero().squeeze(1)
             x[mirror] = x[mirror].flip(-1)
-    return x.sub_(PIXEL_MEAN).div_(PIXEL_STD)
+    return x.sub_(PIXEL_MEAN / PIXEL_STD)
 
 
 # --------------------------------------------------------------------------- test crops
