@@ -22,7 +22,10 @@ images, about 500×375, built once and kept):
      with the distortion batched in this process (where a GPU replica runs it on the
      device).
    Images/s over ``--batches`` batches after the first (the pool starting is left
-   out). Target: ours ≥ 1.3× the baseline at the same worker count.
+   out). This process, the consumer, runs torch on one thread, as a GPU replica's
+   process does (``work`` gives those 1 thread); here it also finishes our batches on
+   the CPU, which a GPU replica does on the device. Target: ours ≥ 1.3× the baseline
+   at the same worker count.
 2. **A CPU replica at 224 px**: ``distbelief serve`` + ``distbelief work --cpu 1``
    reading the JPEG folder (default loader processes) against the same replica on
    ``--data synthetic`` (already decoded); images/s from ``work --json`` and the share
