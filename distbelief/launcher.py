@@ -346,9 +346,11 @@ def _one_line(statuses: list[dict[str, Any]]) -> str:
     parts = []
     for s in statuses:
         if s:
+            waited = s.get("data_wait_s", 0.0) / s["seconds"] if s.get("seconds") else 0.0
             parts.append(
                 f"replica[{s['index']}] step {s['step']}/{s['total_steps']} "
-                f"loss {s['loss']:.3f} {s['images_per_s']:.0f} img/s"
+                f"loss {s['loss']:.3f} {s['images_per_s']:.0f} img/s "
+                f"staleness {s.get('staleness', 0.0):.1f} data wait {waited:.1%}"
             )
     return "; ".join(parts) or "replicas starting"
 

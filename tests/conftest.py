@@ -194,6 +194,7 @@ INTEGRATION_TESTS = {
     "test_tiny_convnet_learns_demo",
     "test_load_dataset_augmentation_defaults_and_settings",
     "test_replicas_read_disjoint_shares_of_each_epoch",
+    "test_bad_augmentation_flags_are_one_line_errors",
 }
 
 
