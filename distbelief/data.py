@@ -74,6 +74,7 @@ from distbelief.crops import (
 
 __all__ = [
     "CROP_COUNTS",
+    "DEMO_AUGMENTATION",
     "DEMO_CLASSES",
     "NO_AUGMENTATION",
     "PAPER_AUGMENTATION",
@@ -577,13 +578,16 @@ Dataset = ArrayDataset | SyntheticDataset | FolderDataset
 DEMO_TRAIN_SIZE = 50_000
 
 
+DEMO_AUGMENTATION = Augmentation(crop_scale=None, color=False)  # mirror flips only
+
+
 def default_augmentation(source: str) -> Augmentation:
     """A source's training augmentation unless the user says otherwise: the paper's
     recipe for folders, mirror flips only for the demo set (its generator already
     varies position, size and colour, and an 8%-area crop of a 32-pixel image often
     cuts the shape out), none for synthetic data."""
     if source == "demo":
-        return Augmentation(crop_scale=None, color=False)
+        return DEMO_AUGMENTATION
     if source == "synthetic":
         return NO_AUGMENTATION
     return PAPER_AUGMENTATION

@@ -92,7 +92,6 @@ class Loader:
             raise ValueError(f"need workers ≥ 0, prefetch ≥ 1, start ≥ 0: {workers}, {prefetch}")
         self.stream = BatchStream(dataset, batch_size=batch_size, seed=seed, rank=rank, world=world)
         self.device = torch.device(device)
-        self.workers = workers
         self.data_wait_s = 0.0
         self._next_batch = start
         self._loader: DataLoader | None = None

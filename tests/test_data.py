@@ -22,6 +22,7 @@ from distbelief.crops import (
     photometric_batch,
 )
 from distbelief.data import (
+    DEMO_AUGMENTATION,
     DEMO_CLASSES,
     NO_AUGMENTATION,
     PAPER_AUGMENTATION,
@@ -41,8 +42,6 @@ from distbelief.data import (
     synthetic_dataset,
     training_augmentation,
 )
-
-FLIPS = Augmentation(crop_scale=None, color=False)  # the demo set's default
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +96,7 @@ def test_demo_batch_normalised_and_flipped(demo_train: ArrayDataset) -> None:
     assert torch.allclose(plain * 0.25 + 0.5, demo_train.images[:256].float() / 255)
     assert abs(float(plain.mean())) < 0.1 and float(plain.abs().max()) <= 2.0
     flipping = ArrayDataset(
-        demo_train.images, demo_train.labels, num_classes=10, augmentation=FLIPS
+        demo_train.images, demo_train.labels, num_classes=10, augmentation=DEMO_AUGMENTATION
     )
     a, _ = flipping.batch(idx, sample_draws(5, 0, idx))
     b, _ = flipping.batch(idx, sample_draws(5, 0, idx))
@@ -151,7 +150,9 @@ def _tiny_cnn(num_classes: int, width: int = 16) -> nn.Module:
 def test_tiny_convnet_learns_demo(demo_train: ArrayDataset, demo_val: ArrayDataset) -> None:
     # By hand: 4 epochs → 0.997 val. Here 2 epochs (about 10 s on 2 idle cores) → 0.96.
     torch.manual_seed(0)
-    train = ArrayDataset(demo_train.images, demo_train.labels, num_classes=10, augmentation=FLIPS)
+    train = ArrayDataset(
+        demo_train.images, demo_train.labels, num_classes=10, augmentation=DEMO_AUGMENTATION
+    )
     net, batch_size, epochs = _tiny_cnn(train.num_classes), 128, 2
     steps = epochs * (len(train) // batch_size)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
@@ -249,7 +250,7 @@ def test_folder_errors_name_the_path(tmp_path: Path, image_tree: Path) -> None:
 
 
 def test_load_dataset_augmentation_defaults_and_settings() -> None:
-    assert load_dataset("demo", "train", image_size=32).augmentation == FLIPS
+    assert load_dataset("demo", "train", image_size=32).augmentation == DEMO_AUGMENTATION
     assert load_dataset("demo", "val", image_size=32).augmentation == NO_AUGMENTATION
     assert training_augmentation("imagenet") == PAPER_AUGMENTATION
     assert training_augmentation("synthetic", flip=True) == NO_AUGMENTATION  # random data
@@ -354,7 +355,7 @@ def test_crop_batch_and_finish_batch_are_set_by_the_draws() -> None:
     images = (x * 255).to(torch.uint8)
     plain = finish_batch(images, None, PAPER_AUGMENTATION)
     assert torch.allclose(plain, (images.float() / 255 - 0.5) / 0.25, atol=1e-6)
-    flips_only = finish_batch(images, draws, FLIPS)
+    flips_only = finish_batch(images, draws, DEMO_AUGMENTATION)
     mirrored = (flips_only == plain.flip(-1)).flatten(1).all(1)
     assert bool((mirrored | (flips_only == plain).flatten(1).all(1)).all())
     assert 0 < int(mirrored.sum()) < 16
@@ -476,7 +477,7 @@ def test_partition_indices_cover_disjointly() -> None:
 
 def test_iterate_batches_deterministic_and_continuing() -> None:
     ds = _labelled_constant_images(num_classes=10, n=50)
-    ds.augmentation = FLIPS
+    ds.augmentation = DEMO_AUGMENTATION
 
     def take(k: int, **kw: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         it = iterate_batches(ds, batch_size=8, seed=3, **kw)

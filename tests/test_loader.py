@@ -14,6 +14,7 @@ from PIL import Image
 
 from distbelief.cli.options import input_flags
 from distbelief.data import (
+    DEMO_AUGMENTATION,
     PAPER_AUGMENTATION,
     Augmentation,
     DataError,
@@ -22,8 +23,6 @@ from distbelief.data import (
     sample_draws,
 )
 from distbelief.loader import Loader, default_loader_workers
-
-FLIPS = Augmentation(crop_scale=None, color=False)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +88,7 @@ def test_a_samples_draws_depend_on_seed_epoch_and_index_only() -> None:
 
 
 def test_a_restarted_replica_resumes_mid_epoch_where_it_stopped() -> None:
-    demo = demo_dataset("train", num_train=2000, augmentation=FLIPS)
+    demo = demo_dataset("train", num_train=2000, augmentation=DEMO_AUGMENTATION)
     cfg = ReplicaConfig(servers=("tcp://x:1",), index=1, num_replicas=2, batch_size=50)
     per_epoch = len(demo) // 2 // 50
     stop = per_epoch + 7  # the second epoch, 7 steps in
