@@ -105,9 +105,10 @@ class Loader:
                 persistent_workers=True,
                 prefetch_factor=prefetch,
                 # fork where there is fork: the workers share the data set and the
-                # imports. A replica runs under its supervisor's `spawn` method, whose
-                # children would otherwise spawn too: a fresh interpreter importing
-                # torch before the first batch (about 2 s of waiting in a 20 s run).
+                # imports. A replica runs under its supervisor's `forkserver` method,
+                # whose children would otherwise use it too; with `spawn`, a fresh
+                # interpreter imported torch before the first batch (about 2 s of
+                # waiting in a 20 s run).
                 multiprocessing_context=FORK,
                 pin_memory=self.device.type == "cuda",
             )

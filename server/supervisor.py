@@ -8,7 +8,7 @@ import sys
 from distbelief.checkpoint import CheckpointError
 from distbelief.logs import setup_logging
 from distbelief.metrics import MetricsPortError
-from distbelief.supervise import Child, Supervisor
+from distbelief.supervise import CONFIG_ERROR, Child, Supervisor
 
 from .shard import ShardConfig, run_shard
 
@@ -24,7 +24,7 @@ def shard_process(cfg: ShardConfig, level: int) -> None:
         run_shard(cfg)
     except (OSError, MetricsPortError, CheckpointError) as exc:
         log.error("%s", exc)
-        sys.exit(2)
+        sys.exit(CONFIG_ERROR)
 
 
 def run_shards(

@@ -20,7 +20,7 @@ from distbelief.client import ServerRefused, ServerUnavailable
 from distbelief.data import DataError
 from distbelief.logs import setup_logging
 from distbelief.metrics import MetricsPortError
-from distbelief.supervise import Child, Supervisor
+from distbelief.supervise import CONFIG_ERROR, Child, Supervisor
 from distbelief.tuning import available_cores
 
 from .replica import ReplicaConfig, run_replica
@@ -69,9 +69,16 @@ def replica_process(cfg: ReplicaConfig, level: int) -> None:
     cfg = _resume(cfg)
     try:
         status = run_replica(cfg)
-    except (ServerUnavailable, ServerRefused, DataError, MetricsPortError, ValueError) as exc:
+    except ServerUnavailable as exc:  # the shards may come back: a restart can help
         log.error("%s", exc)
         sys.exit(1)
+    except (ServerRefused, DataError, MetricsPortError, ValueError) as exc:
+        mine = ""
+        if getattr(exc, "code", None) == "layout_mismatch":
+            mine = f"; this replica: {cfg.model} with {cfg.num_classes} classes, "
+            mine += f"{len(cfg.servers)} server(s)"
+        log.error("%s%s", exc, mine)
+        sys.exit(CONFIG_ERROR)  # the same settings would fail again: no restart
     log.info(
         "done: %d steps, %.1f images/s, last loss %.4f",
         status["step"],
