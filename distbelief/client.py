@@ -440,6 +440,65 @@ def open_dealer(context: zmq.Context, address: str, curve: Curve | None) -> zmq.
     return sock
 
 
+@dataclass(frozen=True)
+class ClusterModel:
+    """What every server of a cluster says it holds (``hello`` without a fingerprint)."""
+
+    model: str
+    num_classes: int
+    num_shards: int
+
+
+def describe_servers(
+    servers: tuple[str, ...], *, timeout_s: float, retries: int, curve: str | None = None
+) -> ClusterModel:
+    """Ask every server which model it holds, with how many classes, cut into how many
+    shards; check that they agree with each other and with the number of ``servers``.
+
+    Raises :class:`ServerUnavailable` when one does not answer after ``retries``
+    retries, ``ValueError`` (one line) when the answers disagree.
+    """
+    cfg = ClientConfig(servers=servers, timeout_s=timeout_s, retries=retries, curve=curve)
+    with ParameterClient(cfg) as client:
+        replies = client._exchange({i: ("hello", {}, []) for i in range(len(servers))})
+    answers = []
+    for i, (header, _) in sorted(replies.items()):
+        if not {"model", "num_classes", "num_shards"} <= header.keys():
+            raise ValueError(
+                f"server {servers[i]} does not say which model it holds (an older "
+                "distbelief?): give --model and --num-classes"
+            )
+        answers.append(ClusterModel(header["model"], header["num_classes"], header["num_shards"]))
+    if len(set(answers)) > 1:
+        pairs = zip(servers, answers, strict=True)
+        held = "; ".join(f"{a}: {m.model} with {m.num_classes} classes" for a, m in pairs)
+        raise ValueError(f"the servers hold different models ({held})")
+    found = answers[0]
+    if found.num_shards != len(servers):
+        raise ValueError(
+            f"{len(servers)} server(s) given but the shards are {found.num_shards}: "
+            "list every shard, in shard order"
+        )
+    return found
+
+
+def model_held(
+    model: str | None, num_classes: int | None, held: ClusterModel, where: str
+) -> tuple[str, int]:
+    """``model`` and ``num_classes`` where given, else what ``held`` says; a given value
+    that differs from it is a ``ValueError`` naming both (``where``: who holds it)."""
+    for flag, given, found in (
+        ("--model", model, held.model),
+        ("--num-classes", num_classes, held.num_classes),
+    ):
+        if given is not None and given != found:
+            raise ValueError(
+                f"{flag} {given} contradicts {where}, which hold(s) {held.model} with "
+                f"{held.num_classes} classes"
+            )
+    return held.model, held.num_classes
+
+
 def probe_stats(
     addresses: list[str], timeout_s: float = 2.0, curve: str | None = None
 ) -> list[dict[str, Any] | None]:

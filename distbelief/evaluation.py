@@ -10,7 +10,7 @@ from rich.progress import Progress
 from torch import nn
 
 from distbelief.checkpoint import CheckpointError, load_checkpoint
-from distbelief.client import ClientConfig, ParameterClient
+from distbelief.client import ClientConfig, ParameterClient, describe_servers, model_held
 from distbelief.data import evaluate, load_dataset
 from distbelief.layout import Layout, flatten_into
 from distbelief.models import build_model
@@ -22,13 +22,20 @@ def load_weights(
     *,
     checkpoint: str | None,
     averager: str | None,
-    model: str,
+    model: str | None,
     num_classes: int | None,
     data: str,
     image_size: int,
     curve: str | None = None,
 ) -> nn.Module:
-    """A model in eval mode with weights from a state_dict checkpoint or from an averager."""
+    """A model in eval mode with weights from a state_dict checkpoint or from an averager.
+
+    Left out, the model and class count are the averager's (it says in ``hello``); for a
+    checkpoint, GoogLeNet with the data set's class count."""
+    if averager is not None and (model is None or num_classes is None):
+        held = describe_servers((averager,), timeout_s=30, retries=1, curve=curve)
+        model, num_classes = model_held(model, num_classes, held, f"the averager at {averager}")
+    model = model or "googlenet"
     if num_classes is None:
         num_classes = load_dataset(data, "val", image_size=image_size).num_classes
     net = build_model(model, num_classes)

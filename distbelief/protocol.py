@@ -19,8 +19,10 @@ servers always keep and update float32, the narrower types only save wire bytes.
 ``shm`` names a shared-memory segment of a client on the server's host
 (:mod:`distbelief.shm`); such a push or pull carries no payload frame.
 
-- ``hello``  {fingerprint, shm?} -> {fingerprint, index, start, stop, total, version,
-             hparams, shm_token? | shm_error?}
+- ``hello``  {fingerprint?, shm?} -> {fingerprint, index, start, stop, total, version,
+             hparams, model, num_classes, num_shards, shm_token? | shm_error?}
+             (without ``fingerprint``: nothing is checked; a client that does not know
+             the model yet learns it here)
 - ``pull``   {dtype?, shm?} -> {version, dtype} + weights of the server's range
              (with ``shm``: written into that shared-memory segment, no payload)
 - ``push``   {worker, seq, base_version, examples, dtype, shm?} + gradient of the range
@@ -87,7 +89,7 @@ class Field:
 
 _INT_MAX = 2**62
 REQUEST_FIELDS: dict[str, dict[str, Field]] = {
-    "hello": {"fingerprint": Field(str), "shm": Field(str, required=False)},
+    "hello": {"fingerprint": Field(str, required=False), "shm": Field(str, required=False)},
     "pull": {
         "dtype": Field(str, required=False, choices=tuple(DTYPES)),
         "shm": Field(str, required=False),

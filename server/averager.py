@@ -264,7 +264,7 @@ class Averager(Service):
 
     def _on_hello(self, header: dict, payload: list) -> list[Any]:
         expect_payload(payload, 0)
-        if header["fingerprint"] != self.fingerprint:
+        if header.get("fingerprint", self.fingerprint) != self.fingerprint:
             raise ProtocolError(
                 "layout_mismatch",
                 f"the averager holds {self.cfg.model} with {self.cfg.num_classes} classes as "
@@ -280,6 +280,9 @@ class Averager(Service):
                 total=self.total,
                 version=self.average.count,
                 hparams={"mode": self.cfg.mode},
+                model=self.cfg.model,
+                num_classes=self.cfg.num_classes,
+                num_shards=1,
             )
         ]
 

@@ -164,7 +164,7 @@ class Shard(Service):
 
     def _on_hello(self, header: dict, payload: list) -> list[Any]:
         expect_payload(payload, 0)
-        if header["fingerprint"] != self.fingerprint:
+        if header.get("fingerprint", self.fingerprint) != self.fingerprint:
             raise ProtocolError(
                 "layout_mismatch",
                 f"shard {self.cfg.index} holds {self.cfg.model} with {self.cfg.num_classes} "
@@ -173,7 +173,7 @@ class Shard(Service):
                 "--num-classes and the number of servers",
             )
         shm: dict[str, str] = {}
-        if "shm" in header:  # the client offers a segment: say whether we see it
+        if "shm" in header and "fingerprint" in header:  # a segment offered: do we see it?
             try:
                 shm["shm_token"] = self._segment(header["shm"]).token.hex()
             except ProtocolError as exc:
@@ -188,6 +188,9 @@ class Shard(Service):
                 total=self.layout.total,
                 version=self.version,
                 hparams=self.cfg.hparams(),
+                model=self.cfg.model,
+                num_classes=self.cfg.num_classes,
+                num_shards=self.cfg.num_shards,
                 **shm,
             )
         ]

@@ -27,7 +27,7 @@ def test_request_round_trip_and_validation():
         ({"v": 1, "op": "pull", "rid": -1}, "bad_field"),
         ({"v": 1, "op": "pull", "rid": True}, "bad_field"),
         ({"v": 1, "op": "pull", "rid": 1, "dtype": "f64"}, "bad_field"),
-        ({"v": 1, "op": "hello", "rid": 1}, "bad_field"),
+        ({"v": 1, "op": "hello", "rid": 1, "shm": 7}, "bad_field"),  # fingerprint optional
         ({"v": 1, "op": "hello", "rid": 1, "fingerprint": 5}, "bad_field"),
         (
             {

@@ -48,6 +48,11 @@ def test_hello_reports_range_and_refuses_other_layouts():
     reply, _ = call(shard, "hello", fingerprint=layout.fingerprint(3))
     assert reply["error"] == "layout_mismatch" and "--num-classes" in reply["message"]
     assert shard.rejected["layout_mismatch"] == 1
+    # no fingerprint: nothing checked, nothing refused; the shard says what it holds
+    reply, _ = call(shard, "hello")
+    assert reply["ok"] and reply["fingerprint"] == layout.fingerprint(2)
+    assert (reply["model"], reply["num_classes"], reply["num_shards"]) == ("googlenet", 10, 2)
+    assert shard.rejected["layout_mismatch"] == 1
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])

@@ -7,7 +7,13 @@ import sys
 
 import click
 
-from distbelief.cli.options import MODEL_CHOICES, curve_option, servers_option, split_servers
+from distbelief.cli.options import (
+    client_model_options,
+    curve_option,
+    model_from_servers,
+    servers_option,
+    split_servers,
+)
 from distbelief.config import config_option, option
 from distbelief.logs import setup_logging
 
@@ -51,8 +57,7 @@ log = logging.getLogger("distbelief.cli")
 @option("--port", type=click.IntRange(1, 65535), default=5590)
 @option("--metrics-port", type=click.IntRange(0, 65535), default=9190)
 @option("--metrics-bind", default="127.0.0.1")
-@option("--model", type=MODEL_CHOICES, default="googlenet", help="Model to train.")
-@option("--num-classes", type=click.IntRange(min=2), default=1000)
+@client_model_options
 @option("--eval-data", default=None, help="demo, synthetic or a folder: evaluate the average.")
 @option(
     "--eval-every-s",
@@ -89,6 +94,8 @@ def average(servers, log_level, **kw) -> None:
     from distbelief.server.averager import AveragerConfig, run_averager
 
     setup_logging("averager", level=getattr(logging, log_level))
+    _model_from_output(kw)
+    model_from_servers(kw, split_servers(servers))
     try:
         cfg = AveragerConfig(servers=split_servers(servers), **kw)
     except ValueError as exc:
@@ -98,3 +105,27 @@ def average(servers, log_level, **kw) -> None:
     except (OSError, MetricsPortError, CheckpointError) as exc:
         log.error("%s", exc)
         sys.exit(2)
+
+
+def _model_from_output(kw: dict) -> None:
+    """Fill ``--model``/``--num-classes`` left out with those of the average that
+    ``--output`` holds, so that an averager resumes even while the shards are down (the
+    header only: the averager checks the whole file when it resumes)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    from distbelief.server.averager import CHECKPOINT_NAME
+
+    path = Path(kw["output"]) / CHECKPOINT_NAME if kw["output"] else None
+    if path is None or not path.is_file():
+        return
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        for key in ("model", "num_classes"):
+            if kw[key] is None and key in meta:
+                kw[key] = json.loads(meta[key])
+    except (OSError, ValueError, SafetensorError) as exc:
+        log.warning("cannot read %s (%s); asking the shards for the model", path, exc)

@@ -21,12 +21,17 @@ from distbelief.logs import setup_logging
     help="Test crops per image, softmax averaged (section 7 of the paper).",
 )
 @option("--image-size", type=click.IntRange(min=32), default=32)
-@option("--model", type=MODEL_CHOICES, default="googlenet", help="Model to train.")
+@option(
+    "--model",
+    type=MODEL_CHOICES,
+    default=None,
+    help="Model to evaluate (default: the averager's, else googlenet).",
+)
 @option(
     "--num-classes",
     type=click.IntRange(min=2),
     default=None,
-    help="Default: the data set's class count.",
+    help="Default: the averager's, else the data set's class count.",
 )
 @option("--batch-size", type=click.IntRange(min=1), default=64)
 @option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

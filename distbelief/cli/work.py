@@ -10,10 +10,11 @@ import click
 
 from distbelief.cli.options import (
     augmentation_config,
+    client_model_options,
     curve_option,
     data_options,
     downpour_options,
-    model_options,
+    model_from_servers,
     servers_option,
     split_servers,
 )
@@ -31,7 +32,8 @@ from distbelief.logs import setup_logging
 @downpour_options
 @option("--amp", type=click.Choice(["bf16", "f16"]), default=None, help="Autocast on GPU.")
 @option("--channels-last/--no-channels-last", default=False)
-@model_options
+@client_model_options
+@option("--seed", type=int, default=0, help="Seed of the data order and augmentation.")
 @option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
@@ -114,6 +116,7 @@ def work(
 
     augmentation = augmentation_config(kw)
     loader_workers = kw.pop("loader_workers")
+    model_from_servers(kw, split_servers(servers))
     if kw["data"] != "synthetic":  # its labels are drawn for the classifier
         try:  # a bad folder is one error here, not a crash and restarts in every replica
             classes = load_dataset(kw["data"], "train", image_size=kw["image_size"]).num_classes
