@@ -55,12 +55,12 @@ def test_work_and_average_take_the_model_from_the_shards(procs, tmp_path):
 
     # one flag that contradicts the shards: refused before any replica starts
     began = time.monotonic()
-    proc = procs.start("work", "--servers", servers, *WORK, "--num-classes", "5", name="bad")
+    proc = procs.start("work", "--servers", servers, *WORK, "--num-classes", "20", name="bad")
     code, log = finish(proc, 60)
     lines = log.strip().splitlines()
     assert code != 0 and "Traceback" not in log, log
     assert lines[-1] == (
-        f"Error: --num-classes 5 contradicts the shards at {addresses[0]}, which hold(s) "
+        f"Error: --num-classes 20 contradicts the shards at {addresses[0]}, which hold(s) "
         "googlenet with 10 classes"
     ), log
     # a share of the shards only
@@ -70,7 +70,17 @@ def test_work_and_average_take_the_model_from_the_shards(procs, tmp_path):
     assert log.strip().splitlines()[-1] == (
         "Error: 1 server(s) given but the shards are 2: list every shard, in shard order"
     ), log
-    assert time.monotonic() - began < 60
+    # shares smaller than a batch: 50,000 demo images over 10,000 replicas
+    proc = procs.start(
+        "work", "--servers", servers, *WORK, "--total-replicas", "10000", name="empty",
+    )  # fmt: skip
+    code, log = finish(proc, 60)
+    assert code != 0 and "Traceback" not in log, log
+    assert log.strip().splitlines()[-1] == (
+        "Error: the data set demo has 50000 training examples: 10000 replicas get 5 each, "
+        "fewer than one batch of 8"
+    ), log
+    assert time.monotonic() - began < 90
 
     # both flags given: nothing asked up front; the shard refuses the fingerprint, the
     # replica names both sides and is not restarted (its settings would fail again)

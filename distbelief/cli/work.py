@@ -116,17 +116,30 @@ def work(
 
     augmentation = augmentation_config(kw)
     loader_workers = kw.pop("loader_workers")
-    model_from_servers(kw, split_servers(servers))
+    world = total_replicas or first_replica + len(devices)
+    if first_replica + len(devices) > world:
+        raise click.UsageError(
+            f"replica index {max(first_replica, world)} out of range for {world} (--first-replica "
+            f"{first_replica} + {len(devices)} replica(s) > --total-replicas {world})"
+        )
+    # The data are checked before the shards are asked for the model (a bad folder is one
+    # error here, not a crash and restarts in every replica), and against the classifier
+    # as soon as its class count is known: given, or after asking.
+    train_set = None
     if kw["data"] != "synthetic":  # its labels are drawn for the classifier
-        try:  # a bad folder is one error here, not a crash and restarts in every replica
-            classes = load_dataset(kw["data"], "train", image_size=kw["image_size"]).num_classes
+        try:
+            train_set = load_dataset(kw["data"], "train", image_size=kw["image_size"])
         except DataError as exc:
             raise click.ClickException(str(exc)) from None
-        if classes > kw["num_classes"]:
+        if len(train_set) // world < kw["batch_size"]:  # the smallest share, the last one's
             raise click.ClickException(
-                f"the data set {kw['data']} has {classes} classes but the model's classifier "
-                f"{kw['num_classes']} (--num-classes)"
+                f"the data set {kw['data']} has {len(train_set)} training examples: "
+                f"{world} replicas get {len(train_set) // world} each, fewer than one "
+                f"batch of {kw['batch_size']}"
             )
+    _check_classes(kw, train_set)
+    model_from_servers(kw, split_servers(servers))
+    _check_classes(kw, train_set)
     status_dir = status_dir or tempfile.mkdtemp(prefix="distbelief-work-")
     os.makedirs(status_dir, exist_ok=True)
     threads = threads_for(devices)
@@ -135,7 +148,7 @@ def work(
             ReplicaConfig(
                 servers=split_servers(servers),
                 index=first_replica + i,
-                num_replicas=total_replicas or first_replica + len(devices),
+                num_replicas=world,
                 device=device,
                 threads=threads if device == "cpu" else 1,
                 warm_threads=available_cores() if device == "cpu" else None,
@@ -177,3 +190,14 @@ def work(
 
         show(replica_table(summaries))
     sys.exit(code)
+
+
+def _check_classes(kw: dict, train_set) -> None:
+    """Refuse a data set with more classes than the classifier, once both are known."""
+    if train_set is None or kw["num_classes"] is None:
+        return
+    if train_set.num_classes > kw["num_classes"]:
+        raise click.ClickException(
+            f"the data set {kw['data']} has {train_set.num_classes} classes but the "
+            f"model's classifier {kw['num_classes']} (--num-classes)"
+        )
