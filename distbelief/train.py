@@ -94,6 +94,7 @@ class TrainResult:
     top1: float
     top5: float
     data_wait_s: float = 0.0  # seconds the loop waited for its next batch
+    num_classes: int = 0  # of the classifier trained
     curve: list[tuple[int, float]] = field(default_factory=list)
     weights: torch.Tensor | None = field(default=None, repr=False)  # the final flat weights
 
@@ -165,6 +166,7 @@ def train_reference(cfg: TrainConfig, *, show_progress: bool = True) -> TrainRes
         top1=scores["top1"],
         top5=scores["top5"],
         data_wait_s=batches.data_wait_s,
+        num_classes=num_classes,
         curve=curve,
         weights=optimizer.param_groups[0]["params"][0].detach().clone(),
     )

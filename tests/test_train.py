@@ -16,8 +16,7 @@ def test_reference_trainer_runs_and_reports_numbers():
             "12",
             "--batch-size",
             "16",
-            "--num-classes",
-            "10",
+            # no --num-classes: the demo set's 10 classes
             "--lr",
             "0.005",
             "--json",
@@ -29,5 +28,6 @@ def test_reference_trainer_runs_and_reports_numbers():
     )
     result = json.loads(run.stdout)
     assert result["steps"] == 12 and result["examples"] == 12 * 16
+    assert result["num_classes"] == 10
     assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
     assert result["images_per_s"] > 0 and result["last_loss"] < 10

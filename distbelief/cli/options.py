@@ -16,13 +16,15 @@ MODEL_CHOICES = click.Choice(["googlenet"])
 RULE_CHOICES = click.Choice(["momentum", "nesterov", "adagrad"])
 
 
-def model_options(f):
+def model_options(f, *, num_classes: int | None = 1000):
+    """``--model``, ``--num-classes`` (None: the data set's class count) and ``--seed``."""
     f = option("--seed", type=int, default=0, help="Seed of the initial weights.")(f)
     f = option(
         "--num-classes",
         type=click.IntRange(min=2),
-        default=1000,
-        help="Classes of the model's classifier.",
+        default=num_classes,
+        help="Classes of the model's classifier"
+        + (" (default: the data set's class count)." if num_classes is None else "."),
     )(f)
     f = option("--model", type=MODEL_CHOICES, default="googlenet", help="Model to train.")(f)
     return f

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import click
 
 from distbelief.cli.options import augmentation_config, input_options, model_options, rule_options
@@ -17,7 +19,7 @@ from distbelief.logs import setup_logging
 @input_options
 @option("--steps", type=click.IntRange(min=1), default=None)
 @option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None)
-@model_options
+@functools.partial(model_options, num_classes=None)
 @rule_options
 @option("--threads", type=click.IntRange(min=1), default=None, help="torch threads.")
 @option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
