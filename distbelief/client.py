@@ -178,6 +178,10 @@ class ParameterClient:
             self._offer_segments(fingerprint)
         return self.info
 
+    def hello_all(self) -> dict[int, tuple[dict[str, Any], list[zmq.Frame]]]:
+        """``hello`` without a fingerprint to every server: what each holds, unchecked."""
+        return self._exchange({i: ("hello", {}, []) for i in self._all})
+
     def _offer_segments(self, fingerprint: str) -> None:
         """Offer every server our segment; use it with those that prove to see it."""
         if self.segment is None:
@@ -460,7 +464,7 @@ def describe_servers(
     """
     cfg = ClientConfig(servers=servers, timeout_s=timeout_s, retries=retries, curve=curve)
     with ParameterClient(cfg) as client:
-        replies = client._exchange({i: ("hello", {}, []) for i in range(len(servers))})
+        replies = client.hello_all()
     answers = []
     for i, (header, _) in sorted(replies.items()):
         if not {"model", "num_classes", "num_shards"} <= header.keys():
@@ -482,11 +486,24 @@ def describe_servers(
     return found
 
 
-def model_held(
-    model: str | None, num_classes: int | None, held: ClusterModel, where: str
+def resolve_model(
+    servers: tuple[str, ...],
+    model: str | None,
+    num_classes: int | None,
+    *,
+    timeout_s: float,
+    retries: int,
+    curve: str | None = None,
+    where: str = "the shards",
 ) -> tuple[str, int]:
-    """``model`` and ``num_classes`` where given, else what ``held`` says; a given value
-    that differs from it is a ``ValueError`` naming both (``where``: who holds it)."""
+    """``model`` and ``num_classes`` as given; what ``servers`` hold
+    (:func:`describe_servers`) where one is left out. Both given: nothing is asked (the
+    fingerprint check at ``connect()`` refuses a contradiction then). A given value that
+    differs from the servers' is a ``ValueError`` naming both; ``where`` names them."""
+    if model is not None and num_classes is not None:
+        return model, num_classes
+    held = describe_servers(servers, timeout_s=timeout_s, retries=retries, curve=curve)
+    where = f"{where} at {servers[0]}"
     for flag, given, found in (
         ("--model", model, held.model),
         ("--num-classes", num_classes, held.num_classes),

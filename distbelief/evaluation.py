@@ -10,7 +10,7 @@ from rich.progress import Progress
 from torch import nn
 
 from distbelief.checkpoint import CheckpointError, load_checkpoint
-from distbelief.client import ClientConfig, ParameterClient, describe_servers, model_held
+from distbelief.client import ClientConfig, ParameterClient, resolve_model
 from distbelief.data import evaluate, load_dataset
 from distbelief.layout import Layout, flatten_into
 from distbelief.models import build_model
@@ -32,9 +32,11 @@ def load_weights(
 
     Left out, the model and class count are the averager's (it says in ``hello``); for a
     checkpoint, GoogLeNet with the data set's class count."""
-    if averager is not None and (model is None or num_classes is None):
-        held = describe_servers((averager,), timeout_s=30, retries=1, curve=curve)
-        model, num_classes = model_held(model, num_classes, held, f"the averager at {averager}")
+    if averager is not None:
+        model, num_classes = resolve_model(
+            (averager,), model, num_classes, timeout_s=30, retries=1, curve=curve,
+            where="the averager",
+        )  # fmt: skip
     model = model or "googlenet"
     if num_classes is None:
         num_classes = load_dataset(data, "val", image_size=image_size).num_classes

@@ -48,29 +48,26 @@ def client_model_options(f):
     return f
 
 
-def model_from_servers(kw: dict, servers: tuple[str, ...], *, what: str = "the shards") -> None:
+def model_from_servers(kw: dict, servers: tuple[str, ...]) -> None:
     """Fill ``kw["model"]`` and ``kw["num_classes"]`` left out on the command line with
     what ``servers`` hold (``hello``, waiting for them as a replica would: ``--timeout-s``
     and ``--retries``). With both given nothing is asked: the fingerprint check at
     ``connect()`` then refuses a contradiction. A flag that contradicts the answer, a
     disagreement among the servers or no answer is a one-line error."""
-    if kw["model"] is not None and kw["num_classes"] is not None:
-        return
-    from distbelief.client import ServerRefused, ServerUnavailable, describe_servers, model_held
+    from distbelief.client import ServerRefused, ServerUnavailable, resolve_model
 
     try:
-        found = describe_servers(
+        kw["model"], kw["num_classes"] = resolve_model(
             servers,
+            kw["model"],
+            kw["num_classes"],
             timeout_s=kw["timeout_s"],
             retries=kw.get("retries", 5),
             curve=kw.get("curve"),
         )
-        kw["model"], kw["num_classes"] = model_held(
-            kw["model"], kw["num_classes"], found, f"{what} at {servers[0]}"
-        )
     except ServerUnavailable as exc:
         raise click.ClickException(
-            f"{exc}: cannot ask {what} which model they hold; start them first, or give "
+            f"{exc}: cannot ask the shards which model they hold; start them first, or give "
             "--model and --num-classes"
         ) from None
     except (ServerRefused, ValueError) as exc:
