@@ -111,6 +111,7 @@ class PushResult:
     version: int
     applied: bool
     staleness: int
+    revoked: tuple[int, ...] = ()  # shard 0: data chunks named in progress no longer ours
 
 
 @dataclass
@@ -251,10 +252,14 @@ class ParameterClient:
             self._went_back(i, version)
         self.versions[i] = version
 
-    def push(self, grads: torch.Tensor, examples: int) -> list[PushResult]:
+    def push(
+        self, grads: torch.Tensor, examples: int, progress: list[list[int]] | None = None
+    ) -> list[PushResult]:
         """Send every server its slice of ``grads`` (computed at the last pulled versions).
 
-        Blocks until every server has answered; ``grads`` is the caller's again after.
+        ``progress`` (``[[chunk, from, upto], ...]``) goes to shard 0, whose data
+        dispatcher credits those positions once it has applied the push. Blocks until every server
+        has answered; ``grads`` is the caller's again after.
         """
         self._need_info()
         self.seq += 1
@@ -268,6 +273,8 @@ class ParameterClient:
                 "examples": examples,
                 "dtype": dtype,
             }
+            if progress and i == 0:
+                fields["progress"] = progress
             values = grads[info.start : info.stop]
             if not self.shared[i]:
                 requests[i] = ("push", fields, [self._encode(i, values)])
@@ -283,9 +290,19 @@ class ParameterClient:
             if h["version"] < self.versions[i] + (1 if h["applied"] else 0):
                 self._went_back(i, h["version"])
             results.append(
-                PushResult(version=h["version"], applied=h["applied"], staleness=h["staleness"])
+                PushResult(
+                    version=h["version"],
+                    applied=h["applied"],
+                    staleness=h["staleness"],
+                    revoked=tuple(h.get("revoked", ())),
+                )
             )
         return results
+
+    def chunk(self, **fields: Any) -> dict[str, Any]:
+        """Ask shard 0's data dispatcher (the ``chunk`` op) and return its reply header."""
+        ((header, _),) = self._exchange({0: ("chunk", fields, [])}).values()
+        return header
 
     def stats(self) -> list[dict[str, Any]]:
         """Each server's counters and hyper-parameters."""

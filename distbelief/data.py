@@ -777,9 +777,47 @@ class BatchStream:
         self, item: tuple[int, Tensor, Tensor, Tensor | None], device: torch.device | str = "cpu"
     ) -> tuple[int, Tensor, Tensor]:
         """``(epoch, images, labels)``: normalised float32 images and labels on ``device``."""
-        epoch, images, labels, draws = item
-        x = finish_batch(images, draws, self.dataset.augmentation, device)
-        return epoch, x, labels.to(device, non_blocking=True)
+        return _finish(self.dataset, item, device)
+
+
+class ChunkStream:
+    """Batches of dispatched chunks (``distbelief.server.dispatch``), for a ``Loader``.
+
+    A key ``(seed, epoch, chunk, lo, hi)`` names positions ``[lo, hi)`` of epoch
+    ``epoch``'s order, the permutation every replica and the reference trainer share
+    (``partition_indices`` with one rank); ``stream[key]`` is what a loader worker
+    makes, as ``BatchStream``'s items, plus ``(chunk, lo, hi)``: the positions of the
+    chunk this batch's gradient covers.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self._order_of: tuple[int, int] = (-1, -1)
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def order(self, seed: int, epoch: int) -> Tensor:
+        if self._order_of != (seed, epoch):  # one permutation per epoch, kept
+            n = len(self.dataset)
+            self._order = partition_indices(n, rank=0, world=1, epoch=epoch, seed=seed)
+            self._order_of = (seed, epoch)
+        return self._order
+
+    def __getitem__(self, key: tuple[int, int, int, int, int]):
+        seed, epoch, chunk, lo, hi = key
+        idx = self.order(seed, epoch)[lo:hi]
+        draws = sample_draws(seed, epoch, idx) if self.dataset.augmentation.random else None
+        images, labels = self.dataset.fetch(idx, draws)
+        return epoch, images, labels, draws, (chunk, lo, hi)
+
+    def finish(self, item, device: torch.device | str = "cpu") -> tuple[int, Tensor, Tensor]:
+        """``(epoch, images, labels)`` on ``device``, as ``BatchStream.finish``."""
+        return _finish(self.dataset, item[:4], device)
+
+
+def _finish(dataset: Dataset, item, device: torch.device | str) -> tuple[int, Tensor, Tensor]:
+    epoch, images, labels, draws = item
+    x = finish_batch(images, draws, dataset.augmentation, device)
+    return epoch, x, labels.to(device, non_blocking=True)
 
 
 def iterate_batches(

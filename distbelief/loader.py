@@ -30,13 +30,13 @@ import itertools
 import logging
 import multiprocessing
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from distbelief.data import BatchStream, Dataset
+from distbelief.data import BatchStream, ChunkStream, Dataset
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +57,25 @@ def default_loader_workers(source: str, *, device: str, replicas: int, cores: in
     return max(1, min(MAX_GPU_LOADER_WORKERS, cores // max(1, replicas) - 1))
 
 
-class _From(Sampler[int]):
-    """Batch numbers ``start``, ``start + 1``, ... without end."""
+class _Feed(Sampler):
+    """A sampler over the keys an iterable (the dispatcher's feed) yields, once."""
 
-    def __init__(self, start: int) -> None:
-        self.start = start
+    def __init__(self, keys: Iterable[Any]) -> None:
+        self.keys = keys
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.count(self.start)
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.keys)
 
 
 class Loader:
-    """``(epoch, images, labels)`` batches of a rank's stream, from batch ``start`` on.
+    """``(epoch, images, labels)`` batches of a rank's stream, from batch ``start`` on;
+    or, given ``feed``, the batches of the dispatched chunks it yields keys of
+    (``data.ChunkStream``), until it ends.
 
     ``data_wait_s`` adds up the seconds ``next`` blocked: the time the training loop
-    waited for data (with 0 workers, all the time spent making batches). Use as an
-    iterator; ``close`` (or ``with``) stops the worker processes.
+    waited for data (with 0 workers, all the time spent making batches). ``mark`` is the
+    last batch's ``(chunk, from, upto)`` with a feed, else None. Use as an iterator; ``close``
+    (or ``with``) stops the worker processes.
     """
 
     def __init__(
@@ -87,20 +90,28 @@ class Loader:
         workers: int = 0,
         prefetch: int = 2,
         device: torch.device | str = "cpu",
+        feed: Iterable[tuple[int, int, int, int, int]] | None = None,
     ) -> None:
         if workers < 0 or prefetch < 1 or start < 0:
             raise ValueError(f"need workers ≥ 0, prefetch ≥ 1, start ≥ 0: {workers}, {prefetch}")
-        self.stream = BatchStream(dataset, batch_size=batch_size, seed=seed, rank=rank, world=world)
+        if feed is None:
+            self.stream: BatchStream | ChunkStream = BatchStream(
+                dataset, batch_size=batch_size, seed=seed, rank=rank, world=world
+            )
+            keys: Iterable[Any] = itertools.count(start)
+        else:
+            self.stream, keys = ChunkStream(dataset), feed
         self.device = torch.device(device)
         self.data_wait_s = 0.0
-        self._next_batch = start
+        self.mark: tuple[int, int, int] | None = None
+        self._keys = iter(keys) if not workers else None
         self._loader: DataLoader | None = None
         self._it: Iterator[Any] | None = None
         if workers:
             self._loader = DataLoader(
                 self.stream,  # type: ignore[arg-type]  (map-style: __getitem__ only)
                 batch_size=None,  # the stream's items are whole batches already
-                sampler=_From(start),
+                sampler=_Feed(keys),
                 num_workers=workers,
                 persistent_workers=True,
                 prefetch_factor=prefetch,
@@ -120,8 +131,9 @@ class Loader:
 
     def __next__(self) -> tuple[int, torch.Tensor, torch.Tensor]:
         began = time.perf_counter()
-        item = next(self._it) if self._it is not None else self.stream[self._next_batch]
-        self._next_batch += 1
+        item = next(self._it) if self._it is not None else self.stream[next(self._keys)]
+        if len(item) > 4:
+            self.mark = item[4]
         batch = self.stream.finish(item, self.device)
         self.data_wait_s += time.perf_counter() - began
         return batch

@@ -25,6 +25,7 @@ from distbelief import __version__
 log = logging.getLogger(__name__)
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
+CHUNK_EVENTS = ("handed", "done", "reissued", "released")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -183,6 +184,48 @@ class ShardMetrics:
             registry=r,
         )
         self._misses_seen = 0
+        # shard 0's data dispatcher (server/dispatch.py); zero on the other shards
+        self.chunks = Counter(
+            p + "chunks",
+            "Data chunks by event: handed (out), done (every position applied), reissued "
+            "(a revoked or released chunk's rest handed out again), released (given back)",
+            ["event"],
+            registry=r,
+        )
+        for event in CHUNK_EVENTS:
+            self.chunks.labels(event=event)
+        self.retrained = Counter(
+            p + "retrained_examples",
+            "Examples whose gradient was applied twice: trained after their chunk was revoked",
+            registry=r,
+        )
+        self.dropped = Counter(
+            p + "dropped_examples",
+            "Examples skipped at an epoch's end, fewer than one batch (as drop_last)",
+            registry=r,
+        )
+        self.data_replicas = Gauge(
+            p + "data_replicas", "Replicas holding a data chunk now", registry=r
+        )
+        self.data_epoch = Gauge(p + "data_epoch", "The epoch the dispatcher hands out", registry=r)
+        self.epoch_progress = Gauge(
+            p + "epoch_progress",
+            "Share of the dispatcher's current epoch whose gradient is applied",
+            registry=r,
+        )
+        self._chunks_seen = dict.fromkeys((*CHUNK_EVENTS, "retrained", "dropped"), 0)
+
+    def observe_dispatch(self, dispatcher) -> None:
+        """Export the dispatcher's counters (as increments) and gauges."""
+        counts = dispatcher.counts
+        for event in CHUNK_EVENTS:
+            self.chunks.labels(event=event).inc(counts[event] - self._chunks_seen[event])
+        self.retrained.inc(counts["retrained"] - self._chunks_seen["retrained"])
+        self.dropped.inc(counts["dropped"] - self._chunks_seen["dropped"])
+        self._chunks_seen = {k: counts[k] for k in self._chunks_seen}
+        self.data_replicas.set(dispatcher.replicas())
+        self.data_epoch.set(dispatcher.epoch)
+        self.epoch_progress.set(dispatcher.epoch_progress())
 
     def observe_update(self, applied, updater) -> None:
         """Export what the staleness policy did with one push."""

@@ -8,7 +8,7 @@ Frame layout (ZeroMQ multipart; servers bind ROUTER, clients connect DEALER)::
 ``header`` is a msgpack map of at most ``MAX_HEADER_BYTES``:
 
     v      int   protocol version (``PROTOCOL_VERSION``)
-    op     str   hello | pull | push | stats | save
+    op     str   hello | pull | push | stats | save | chunk
     rid    int   request id, echoed in the reply so late replies can be told apart
     ...          per-op fields (``REQUEST_FIELDS``)
 
@@ -25,9 +25,15 @@ servers always keep and update float32, the narrower types only save wire bytes.
              the model yet learns it here)
 - ``pull``   {dtype?, shm?} -> {version, dtype} + weights of the server's range
              (with ``shm``: written into that shared-memory segment, no payload)
-- ``push``   {worker, seq, base_version, examples, dtype, shm?} + gradient of the range
-             (with ``shm``: read from that segment, no payload)
-             -> {version, applied, staleness}; a repeated (worker, seq) changes nothing
+- ``push``   {worker, seq, base_version, examples, dtype, shm?, progress?} + gradient of
+             the range (with ``shm``: read from that segment, no payload)
+             -> {version, applied, staleness, revoked?}; a repeated (worker, seq) changes
+             nothing. ``progress`` ([[chunk, from, upto], ...]) is read by shard 0's data
+             dispatcher once the push is applied; ``revoked`` lists the chunks named
+             there that are no longer the worker's (``distbelief.server.dispatch``)
+- ``chunk``  {worker, batch_size, until?, warm_start?, release?, want?} (shard 0 only)
+             -> {chunk, epoch, lo, hi, seed, size, warm_until} | {wait, ...} | {end}
+             | {released}: the next piece of the data to train
 - ``stats``  {} -> {stats}
 - ``save``   {} -> {path}
 
@@ -50,7 +56,7 @@ MAX_HEADER_BYTES = 64 * 1024
 _MAX_STR = 4096
 _MAX_CONTAINER = 256
 
-OPS = ("hello", "pull", "push", "stats", "save")
+OPS = ("hello", "pull", "push", "stats", "save", "chunk")
 ERRORS = (
     "bad_header",  # not msgpack, not a map, too large, wrong version
     "bad_field",  # a field is missing or has the wrong type or value
@@ -101,9 +107,18 @@ REQUEST_FIELDS: dict[str, dict[str, Field]] = {
         "examples": Field(int, minimum=0),
         "dtype": Field(str, choices=tuple(DTYPES)),
         "shm": Field(str, required=False),
+        "progress": Field(list, required=False),
     },
     "stats": {},
     "save": {},
+    "chunk": {
+        "worker": Field(str),
+        "batch_size": Field(int, minimum=1),
+        "until": Field(int, required=False, minimum=0),
+        "warm_start": Field((int, float), required=False),
+        "release": Field(list, required=False),
+        "want": Field(bool, required=False),
+    },
 }
 
 
@@ -161,7 +176,9 @@ def validate_request(header: dict[str, Any]) -> str:
         if spec.kind is int:
             _check_int(header, name, spec)
         elif not isinstance(header[name], spec.kind):
-            raise ProtocolError("bad_field", f"field '{name}' must be {spec.kind.__name__}")
+            kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ProtocolError("bad_field", f"field '{name}' must be {names}")
         if spec.choices is not None and header[name] not in spec.choices:
             raise ProtocolError(
                 "bad_field", f"field '{name}' must be one of {', '.join(spec.choices)}"

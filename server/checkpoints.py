@@ -4,9 +4,10 @@ A shard writes to ``<checkpoint-dir>/shard-<index>/v<version>.safetensors``: its
 weights, its optimizer state, and as metadata the version, examples seen, the
 layout fingerprint, its place in the cluster and the ``(worker, seq)`` table that
 makes retried pushes idempotent (so a push retried across a shard restart is still
-applied once). It keeps the newest ``keep`` files. On start it resumes from the
-newest file that verifies, skipping corrupted ones with a warning, and refuses one
-written for another layout or place in the cluster, saying what differs.
+applied once); shard 0's also hold its data dispatcher's cursor and unfinished chunks.
+It keeps the newest ``keep`` files. On start it resumes from the newest file that
+verifies, skipping corrupted ones with a warning, and refuses one written for another
+layout or place in the cluster, saying what differs.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class ShardCheckpointer:
             "stop": s.stop,
             "last_seq": dict(s.last_seq),
         }
+        if s.dispatcher is not None:  # the data cursor, consistent with these weights
+            meta["dispatch"] = s.dispatcher.state()
         path = save_checkpoint(checkpoint_path(self.directory, s.version), tensors, meta)
         prune(self.directory, self.keep)
         self.last_save = time.monotonic()
@@ -93,6 +96,10 @@ class ShardCheckpointer:
         s.examples = ckpt.meta_json("examples")
         s.last_seq.clear()
         s.last_seq.update(ckpt.meta_json("last_seq", {}))
+        dispatch = ckpt.meta_json("dispatch", None)
+        if s.dispatcher is not None and dispatch is not None:
+            s.dispatcher.load_state(dispatch)
+            s.metrics.observe_dispatch(s.dispatcher)
         s.publish()
         self.saved_version = s.version
         log.info("resumed from %s at version %d", ckpt.path, s.version)

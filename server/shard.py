@@ -27,6 +27,7 @@ from distbelief.shm import Segment
 from distbelief.tuning import keep_freed_memory
 
 from .checkpoints import ShardCheckpointer
+from .dispatch import DispatchConfig, Dispatcher, parse_progress
 from .rules import RULES, Schedule, make_rule
 from .service import Service, ServiceLoop, SnapshotPool, expect_payload, frame_bytes
 from .staleness import MOMENTUM_POLICIES, StalenessConfig, Updater
@@ -69,6 +70,8 @@ class ShardConfig:
     ipc_dir: str | None = None  # also listen on ipc://<ipc_dir>/shard-<index>.sock
     shared_memory: bool = True  # answer pushes and pulls through clients' /dev/shm segments
     worker_timeout_s: float = 60.0  # a worker silent this long is forgotten
+    chunk_batches: int = 8  # shard 0's dispatcher: batches of the asker's size per chunk
+    chunk_lease_s: float = 60.0  # a chunk without progress this long is handed out again
 
     @property
     def ipc_path(self) -> str | None:
@@ -87,6 +90,15 @@ class ShardConfig:
             )
         if self.worker_timeout_s <= 0:
             raise ValueError(f"worker timeout must be positive, got {self.worker_timeout_s}")
+        self.dispatch()  # checks the chunk settings
+
+    def dispatch(self) -> DispatchConfig:
+        return DispatchConfig(
+            dataset_size=self.dataset_size,
+            seed=self.seed,
+            chunk_batches=self.chunk_batches,
+            lease_s=self.chunk_lease_s,
+        )
 
     def schedule(self) -> Schedule:
         return Schedule(
@@ -142,6 +154,8 @@ class Shard(Service):
         self.grad = torch.empty(self.size, dtype=torch.float32)  # bf16/f16 pushes land here
         self.snapshots = SnapshotPool(self.size)
         self.checkpointer: ShardCheckpointer | None = None
+        # shard 0 hands out the data (server/dispatch.py); the others only hold weights
+        self.dispatcher = Dispatcher(cfg.dispatch()) if cfg.index == 0 else None
         self.version = 0
         self.examples = 0
         self.last_seq: OrderedDict[str, int] = OrderedDict()
@@ -246,6 +260,9 @@ class Shard(Service):
                     f"parameters = {expected} bytes as {dtype}",
                 )
         worker, seq = header["worker"], header["seq"]
+        progress = None
+        if self.dispatcher is not None and "progress" in header:
+            progress = parse_progress(header["progress"])  # refused before anything is applied
         staleness = max(0, self.version - header["base_version"])
         # before reading the segment: a retried push's segment may hold its successor
         if seq <= self.last_seq.get(worker, -1):
@@ -269,11 +286,42 @@ class Shard(Service):
         if self.padding:
             self.weights[-self.padding :] = 0  # whatever a client sent for it
         self._count_push(worker, seq, header["examples"], staleness)
+        revoked = self.dispatcher.progress(worker, progress) if progress else []
+        if progress:
+            self.metrics.observe_dispatch(self.dispatcher)
         self.metrics.apply_seconds.observe(time.perf_counter() - began)
-        return [self._push_reply(header["rid"], applied=True, staleness=staleness)]
+        return [self._push_reply(header["rid"], applied=True, staleness=staleness, revoked=revoked)]
 
-    def _push_reply(self, rid: int, *, applied: bool, staleness: int) -> bytes:
-        return protocol.reply(rid, version=self.version, applied=applied, staleness=staleness)
+    def _push_reply(
+        self, rid: int, *, applied: bool, staleness: int, revoked: list[int] | None = None
+    ) -> bytes:
+        more = {"revoked": revoked} if revoked else {}
+        return protocol.reply(
+            rid, version=self.version, applied=applied, staleness=staleness, **more
+        )
+
+    def _on_chunk(self, header: dict, payload: list) -> list[Any]:
+        expect_payload(payload, 0)
+        if self.dispatcher is None:
+            raise ProtocolError(
+                "not_available", f"shard {self.cfg.index} hands out no data: ask shard 0"
+            )
+        warm = header.get("warm_start", 0.0)
+        if not 0 <= warm <= 1:
+            raise ProtocolError("bad_field", f"warm_start must lie in [0, 1], got {warm}")
+        release = header.get("release", [])
+        if len(release) > 64 or not all(type(c) is int for c in release):
+            raise ProtocolError("bad_field", "release is a list of at most 64 chunk ids")
+        fields = self.dispatcher.next_chunk(
+            header["worker"],
+            batch_size=header["batch_size"],
+            until=header.get("until"),
+            warm_start=float(warm),
+            release=release,
+            want=header.get("want", True),
+        )
+        self.metrics.observe_dispatch(self.dispatcher)
+        return [protocol.reply(header["rid"], **fields)]
 
     def _count_push(self, worker: str, seq: int, examples: int, staleness: int) -> None:
         self.version += 1
@@ -299,6 +347,8 @@ class Shard(Service):
         now = time.monotonic()
         if now >= self.next_liveness_check:
             self.next_liveness_check = now + LIVENESS_CHECK_S
+            if self.dispatcher is not None and self.dispatcher.expire():
+                self.metrics.observe_dispatch(self.dispatcher)
             self.forget_silent_workers(now)
             self.unmap_idle_segments(now)
 
@@ -376,7 +426,7 @@ class Shard(Service):
             **self.counts,
             "rejected": dict(self.rejected),
             "hparams": self.cfg.hparams(),
-        }
+        } | ({"dispatch": self.dispatcher.stats()} if self.dispatcher is not None else {})
 
 
 def _check_finite(grad: torch.Tensor) -> None:

@@ -10,16 +10,21 @@ the next step computes, as Downpour's separate fetch and push threads did: the
 gradient of step t travels while step t+1 runs, and the weights it brings back are
 installed at the next step boundary (one step more staleness, no idle compute).
 
-Data: each replica reads a disjoint share of every epoch (a seeded permutation of
-the training set cut into ``num_replicas`` strided shares; see
-:func:`distbelief.data.partition_indices`) through a :class:`distbelief.loader.Loader`
-(``loader_workers`` processes decode ahead of the loop); a restarted replica resumes
-at the batch after its last recorded step, mid-epoch included. The seconds it waits for
-data are the ``data_wait`` metric and status field.
+Data (``data_order``): ``dispatch`` trains the chunks of each epoch that shard 0's
+dispatcher hands out (``distbelief.server.dispatch``; ``workers/feed.py``), reporting
+in each push how far it got; ``static`` reads a fixed disjoint share of every epoch (a
+seeded permutation cut into ``num_replicas`` strided shares, see
+:func:`distbelief.data.partition_indices`), and a restarted replica resumes at the batch
+after its last recorded step; ``auto`` dispatches when shard 0 orders a data set of this
+replica's size (``serve --dataset-size``), else reads the static share. Either way the
+batches come through a :class:`distbelief.loader.Loader` (``loader_workers`` processes
+decode ahead of the loop). The seconds it waits for data are the ``data_wait`` metric
+and status field.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -28,7 +33,7 @@ import threading
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +48,11 @@ from distbelief.metrics import WorkerMetrics, new_registry, serve_metrics
 from distbelief.models import build_model
 from distbelief.train import forward_backward
 
+from .feed import ChunkFeed, DataMismatch
+
 log = logging.getLogger(__name__)
 
+DATA_ORDERS = ("auto", "dispatch", "static")
 STATUS_EVERY_S = 1.0  # how often the status file that `up` and `work` read is rewritten
 WARM_START_POLL_S = 0.5  # how often a waiting replica asks shard 0 how far replica 0 got
 WARM_START_STALL_S = 120.0  # stop waiting when the shards' examples stand still this long
@@ -71,6 +79,7 @@ class ReplicaConfig:
     wire_dtype: str = "f32"
     overlap: bool = False
     shared_memory: bool = False  # payloads through /dev/shm with shards on this host
+    data_order: str = "auto"  # dispatch | static | auto (see the module's docstring)
     warm_start: float = 0.0  # share of the first epoch replica 0 trains alone
     warm_threads: int | None = None  # replica 0's torch threads while it trains alone
     amp: str | None = None  # "bf16" or "f16": autocast on CUDA
@@ -103,6 +112,8 @@ class ReplicaConfig:
             raise ValueError(f"replica index {self.index} out of range for {self.num_replicas}")
         if self.loader_workers < 0:
             raise ValueError(f"--loader-workers must be ≥ 0, got {self.loader_workers}")
+        if self.data_order not in DATA_ORDERS:
+            raise ValueError(f"--data-order must be one of {', '.join(DATA_ORDERS)}")
 
 
 @dataclass
@@ -128,6 +139,7 @@ class ReplicaStatus:
     epoch: int = 0
     restarts: int = 0
     warm_start_examples: int = 0  # the shards' examples when this replica began training
+    data_order: str = ""  # dispatch or static, once connected
     pid: int = 0
     done: bool = False
 
@@ -156,8 +168,13 @@ class Replica:
             seed=cfg.seed,
             augmentation=cfg.augmentation,
         )
-        # the loader's processes start before any socket or thread of this one exists
-        self.batches = replica_batches(cfg, self.train_set, self.device)
+        # the loader's processes start before any socket or thread of this one exists; a
+        # dispatched replica's start once shard 0 has handed it its first chunk
+        self.batches: Loader | None = None
+        if cfg.data_order == "static":
+            self.batches = replica_batches(cfg, self.train_set, self.device)
+        self.feed: ChunkFeed | None = None
+        self.alone = False  # training the warm start alone
         torch.manual_seed(cfg.seed + 1000 * (cfg.index + 1))  # dropout differs per replica
         self.model = build_model(cfg.model, cfg.num_classes).to(self.device)
         if cfg.channels_last:
@@ -198,76 +215,172 @@ class Replica:
         return replica_steps(self.cfg, len(self.train_set))
 
     def run(self) -> ReplicaStatus:
-        """Train for the configured steps; return the final status."""
+        """Train for the configured steps (or the dispatched data); return the final status."""
         cfg = self.cfg
         serve_metrics(self.metrics.registry, cfg.metrics_port, cfg.metrics_bind)
         info = self.client.connect()
         log.info("connected to %d shard(s); %d parameters", len(info), self.layout.parameters)
         self._train_in_shared_memory()
-        warm_goal = self._warm_start_goal(info[0].hparams.get("dataset_size"))
-        self._wait_for_warm_start(warm_goal)
-        total = self.total_steps()
+        dataset_size = info[0].hparams.get("dataset_size")
+        total: int | None = self.total_steps()
         self.status.total_steps = total
+        if self._dispatched(dataset_size):
+            warm_goal = self._start_dispatched(dataset_size)
+            total = cfg.steps  # else: until the dispatcher has no more data for us
+        else:
+            warm_goal = self._warm_start_goal(dataset_size)
+            self._wait_for_warm_start(warm_goal)
+            if self.batches is None:
+                self.batches = replica_batches(cfg, self.train_set, self.device)
         batches = self.batches
         comm = _Overlap(self) if cfg.overlap else None
         began = last_status = time.perf_counter()
         pending = 0  # examples accumulated in the gradient buffer since the last push
+        marks: dict[int, list[int]] = {}  # dispatched chunk -> [from, upto) of those examples
+        step = cfg.start_step
         self.model.train()
-        for step in range(cfg.start_step, total):
+        for step in itertools.count(cfg.start_step):
+            if total is not None and step >= total:
+                break
             if comm is not None:
                 comm.install_weights()
             elif step % cfg.fetch_every == 0 or step == cfg.start_step or self.client.must_pull:
                 # on schedule; first of all (a restarted replica may resume between two
                 # fetches); or at once when a shard lost versions
                 self._pull()
-            waited = batches.data_wait_s
-            epoch, images, labels = next(batches)
-            self.metrics.data_wait.observe(batches.data_wait_s - waited)
-            self.status.data_wait_s = batches.data_wait_s
+            batch = self._next_batch(batches)
+            if batch is None:
+                break  # the dispatcher has handed out the data this run asked for
+            epoch, images, labels = batch
+            if batches.mark is not None:
+                chunk, lo, hi = batches.mark
+                marks[chunk] = [marks.get(chunk, [lo])[0], hi]
             loss = self._step(images, labels)
             pending += len(labels)
-            if (step + 1) % cfg.push_every == 0 or step + 1 == total:
-                if comm is not None:
-                    comm.push_then_pull(pending)
-                else:
-                    self._push(pending)
-                pending = 0
+            if (step + 1) % cfg.push_every == 0:
+                self._send(comm, pending, marks)
+                pending, marks = 0, {}
                 warm_goal = self._end_warm_start(warm_goal)
             now = time.perf_counter()
             self._record(step + 1, epoch, loss, len(labels), now - began, step + 1 - cfg.start_step)
-            if now - last_status >= STATUS_EVERY_S or step + 1 == total:
+            if now - last_status >= STATUS_EVERY_S:
                 self.status.write(cfg.status_file)
                 last_status = now
             if (step + 1) % cfg.log_every == 0:
                 log.info(
-                    "step %d/%d loss %.4f %.1f img/s staleness %.1f",
+                    "step %d/%s loss %.4f %.1f img/s staleness %.1f",
                     step + 1,
-                    total,
+                    total if total is not None else "?",
                     loss,
                     self.status.images_per_s,
                     self.status.staleness,
                 )
+        if pending:
+            self._send(comm, pending, marks)
         if comm is not None:
             comm.wait()
         batches.close()
+        if self.feed is not None:
+            self.feed.release()  # chunks prefetched and not trained (a --steps run's end)
+            self.feed.client.close()
         self.status.done = True
         self.status.write(cfg.status_file)
         self.client.close()
         return self.status
+
+    def _next_batch(self, batches: Loader) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        """The next batch to train, skipping those of chunks shard 0 has revoked; None at
+        the end of the dispatched data."""
+        while True:
+            waited = batches.data_wait_s
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return None
+            finally:
+                self.metrics.data_wait.observe(batches.data_wait_s - waited)
+                self.status.data_wait_s = batches.data_wait_s
+            if self.feed is None or batches.mark[0] not in self.feed.revoked:
+                return batch
+
+    def _send(self, comm: _Overlap | None, examples: int, marks: dict[int, list[int]]) -> None:
+        """Push the accumulated gradient (in the background with --overlap)."""
+        progress = [[chunk, *span] for chunk, span in marks.items()] or None
+        if comm is not None:
+            comm.push_then_pull(examples, progress)
+        else:
+            self._push(examples, progress=progress)
+
+    def _dispatched(self, dataset_size: int | None) -> bool:
+        """Whether this replica trains dispatched chunks (else its static share)."""
+        cfg, n = self.cfg, len(self.train_set)
+        if cfg.data_order == "static":
+            self.status.data_order = "static"
+            return False
+        if dataset_size != n:
+            msg = (
+                f"the shards order a data set of {dataset_size} examples (serve "
+                f"--dataset-size); this replica's {cfg.data} has {n}"
+            )
+            if cfg.data_order == "dispatch":
+                raise DataMismatch(f"{msg}: start the shards with --dataset-size {n}")
+            log.warning(
+                "%s: reading the static share %d of %d (--first-replica, --total-replicas), "
+                "not chunks from shard 0",
+                msg,
+                cfg.index,
+                cfg.num_replicas,
+            )
+            self.status.data_order = "static"
+            return False
+        self.status.data_order = "dispatch"
+        return True
+
+    def _start_dispatched(self, dataset_size: int) -> float | None:
+        """Open the feed, wait for the first chunk (through another replica's warm start)
+        and start the loader on it; return the warm-start goal if this replica trains alone."""
+        cfg = self.cfg
+        client = ParameterClient(replace(self.client.cfg, servers=cfg.servers[:1]))
+        until = None if cfg.steps is not None else int((cfg.epochs or 1.0) * dataset_size)
+        self.feed = ChunkFeed(
+            client,
+            worker=self.client.cfg.worker,
+            batch_size=cfg.batch_size,
+            dataset_size=len(self.train_set),
+            until=until,
+            warm_start=cfg.warm_start,
+        )
+        self.feed.first = self.feed.ask()
+        self.status.warm_start_examples = int(self.client.stats()[0]["examples"])
+        self.batches = Loader(
+            self.train_set,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            workers=cfg.loader_workers,
+            device=self.device,
+            feed=self.feed,
+        )
+        return self._train_alone(self.feed.warm_until) if self.feed.warm_until else None
 
     def _warm_start_goal(self, dataset_size: int | None) -> float | None:
         """The shards' example count at which the warm start ends; None: no warm start."""
         if self.cfg.warm_start <= 0 or not dataset_size:
             return None
         goal = warm_start_examples(self.cfg, dataset_size)
-        if self.cfg.index == 0 and self.cfg.warm_threads and self.status.examples < goal:
-            torch.set_num_threads(self.cfg.warm_threads)  # alone: every core of the host
+        return self._train_alone(goal) if self.cfg.index == 0 else goal
+
+    def _train_alone(self, goal: float) -> float:
+        """This replica trains the warm start alone: every core of the host, until ``goal``."""
+        self.alone = True
+        if self.cfg.warm_threads and self.status.examples < goal:
+            torch.set_num_threads(self.cfg.warm_threads)
             log.info("warm start: training alone on %d threads", self.cfg.warm_threads)
         return goal
 
     def _end_warm_start(self, goal: float | None) -> float | None:
-        """Replica 0, at a push: once past the warm start, back to its share of the cores."""
-        if goal is None or self.cfg.index != 0 or self.status.examples < goal:
+        """The replica training alone, at a push: once past the warm start, back to its
+        share of the cores."""
+        if goal is None or not self.alone or self.status.examples < goal:
             return goal
         if self.cfg.warm_threads and self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
@@ -332,7 +445,12 @@ class Replica:
         self.metrics.pull_seconds.observe(time.perf_counter() - began)
         self.status.pulls += 1
 
-    def _push(self, examples: int, grads: torch.Tensor | None = None) -> None:
+    def _push(
+        self,
+        examples: int,
+        grads: torch.Tensor | None = None,
+        progress: list[list[int]] | None = None,
+    ) -> None:
         began = time.perf_counter()
         if grads is None:
             if self.host_grads is not self.grads:
@@ -350,9 +468,13 @@ class Replica:
                 self.status.non_finite_pushes,
             )
             return
-        results = self.client.push(grads, examples)
+        results = self.client.push(grads, examples, progress)
         if grads is self.grads or grads is self.host_grads:
             self.grads.zero_()
+        if self.feed is not None and progress:
+            self.feed.revoke(results[0].revoked)
+            for chunk, _, upto in progress:
+                self.feed.done(chunk, upto)
         self.metrics.push_seconds.observe(time.perf_counter() - began)
         staleness = sum(r.staleness for r in results) / len(results)
         self.metrics.staleness.observe(staleness)
@@ -391,16 +513,16 @@ class _Overlap:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
-    def push_then_pull(self, examples: int) -> None:
+    def push_then_pull(self, examples: int, progress: list[list[int]] | None = None) -> None:
         self.wait()
         self.send.copy_(self.replica.grads)  # the grads buffer is free for the next step
         self.replica.grads.zero_()
-        self.thread = threading.Thread(target=self._run, args=(examples,), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(examples, progress), daemon=True)
         self.thread.start()
 
-    def _run(self, examples: int) -> None:
+    def _run(self, examples: int, progress: list[list[int]] | None) -> None:
         try:
-            self.replica._push(examples, grads=self.send)
+            self.replica._push(examples, grads=self.send, progress=progress)
             self.replica._pull(into=self.incoming)
             self.fresh = True
         except BaseException as exc:  # re-raised in the training thread

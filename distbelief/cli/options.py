@@ -384,6 +384,16 @@ DOWNPOUR_SPECS = [
             "(DistBelief's warm start; 0: all at once).",
         ),
     ),
+    (
+        "--data-order",
+        dict(
+            type=click.Choice(["auto", "dispatch", "static"]),
+            default="auto",
+            help="dispatch: train the chunks shard 0 hands out; static: the fixed share "
+            "--first-replica of --total-replicas; auto: dispatch when the shards' "
+            "--dataset-size is this data set's.",
+        ),
+    ),
     ("--steps", dict(type=click.IntRange(min=1), default=None, help="Steps per replica.")),
     (
         "--epochs",

@@ -94,6 +94,18 @@ from distbelief.logs import setup_logging
     default=60.0,
     help="A worker that has not pushed for this long no longer counts as live.",
 )
+@option(
+    "--chunk-batches",
+    type=click.IntRange(min=1),
+    default=8,
+    help="Shard 0 hands out the data in chunks of this many batches of the asking replica.",
+)
+@option(
+    "--chunk-lease-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    help="A chunk whose replica is silent (no push, no request) this long is handed out again.",
+)
 @curve_option(server=True)
 @option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"]), default="INFO")
 def serve(

@@ -1,0 +1,129 @@
+"""A replica's side of the data dispatcher: the chunks shard 0 hands it, as batch keys.
+
+``ChunkFeed`` asks shard 0 for a chunk (the ``chunk`` op), yields the keys of its
+batches (``data.ChunkStream``) and asks again when they run out; the loader decodes
+the batches. It runs on its own connection to shard 0 (``ParameterClient`` is not
+thread-safe, and with ``--overlap`` the pushes run in another thread). Told to wait
+(the warm start, or the run's data all handed out while others still hold chunks), it
+sleeps and asks again; told ``end``, it stops.
+
+The replica reports in each push which positions of which chunks its gradient covers,
+and hands the chunks shard 0 says are no longer its own to ``revoke``: their batches
+still in the loader are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from distbelief.client import ParameterClient
+
+log = logging.getLogger(__name__)
+
+WAIT_LOG_S = 10.0  # how often a waiting replica says so
+SERIAL_MASK = 2**32 - 1  # a chunk id's low bits: its number within the dispatcher's life
+
+
+class DataMismatch(ValueError):
+    """The shards order another data set than this replica reads."""
+
+
+class ChunkFeed:
+    """Batch keys ``(seed, epoch, chunk, lo, hi)`` of the chunks the dispatcher hands out."""
+
+    def __init__(
+        self,
+        client: ParameterClient,
+        *,
+        worker: str,
+        batch_size: int,
+        dataset_size: int,
+        until: int | None = None,
+        warm_start: float = 0.0,
+    ) -> None:
+        self.client = client
+        self.worker = worker
+        self.batch_size = batch_size
+        self.dataset_size = dataset_size
+        self.until = until
+        self.warm_start = warm_start
+        self.held: dict[int, int] = {}  # chunk -> positions [lo, hi) end, handed to us
+        self.revoked: set[int] = set()
+        self.warm_until = 0  # > 0: we train the warm start alone until this many examples
+        self.waited_s = 0.0
+        self.first: dict[str, Any] | None = None
+
+    def ask(self) -> dict[str, Any] | None:
+        """The next chunk (waiting while told to), or None at the end."""
+        logged = 0.0
+        while True:
+            fields: dict[str, Any] = {"worker": self.worker, "batch_size": self.batch_size}
+            if self.until is not None:
+                fields["until"] = self.until
+            if self.warm_start > 0:
+                fields["warm_start"] = self.warm_start
+            reply = self.client.chunk(**fields)
+            if reply.get("end"):
+                return None
+            if "chunk" in reply:
+                if reply["size"] != self.dataset_size:
+                    raise DataMismatch(
+                        f"the shards hand out a data set of {reply['size']} examples "
+                        f"(serve --dataset-size); this replica's has {self.dataset_size}"
+                    )
+                self.held[reply["chunk"]] = reply["hi"]
+                self.warm_until = max(self.warm_until, reply.get("warm_until", 0))
+                return reply
+            pause = float(reply.get("wait", 0.5))
+            now = time.monotonic()
+            if now - logged >= WAIT_LOG_S:
+                if reply.get("warm"):
+                    log.info(
+                        "warm start: another replica trains alone (%d of %d examples)",
+                        reply.get("applied", 0),
+                        reply.get("goal", 0),
+                    )
+                else:
+                    log.info("the data asked for are handed out; waiting for the last chunks")
+                logged = now
+            time.sleep(pause)
+            self.waited_s += pause
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, int, int]]:
+        chunk = self.first if self.first is not None else self.ask()
+        self.first = None
+        while chunk is not None:
+            lo, hi = chunk["lo"], chunk["hi"]
+            for b in range(lo, hi, self.batch_size):
+                key = (chunk["seed"], chunk["epoch"], chunk["chunk"], b)
+                yield (*key, min(hi, b + self.batch_size))
+            chunk = self.ask()
+
+    def revoke(self, chunks: tuple[int, ...] | list[int]) -> None:
+        for c in chunks:
+            if self.held.pop(c, None) is not None:
+                log.warning(
+                    "chunk %d was handed to another replica: skipping its rest",
+                    c & SERIAL_MASK,  # the number shard 0's log gives it
+                )
+            self.revoked.add(c)
+
+    def done(self, chunk: int, upto: int) -> None:
+        """The batch ending at ``upto`` of ``chunk`` has been pushed."""
+        if self.held.get(chunk) == upto:
+            self.held.pop(chunk, None)
+
+    def release(self) -> None:
+        """Give back the chunks handed to us and not finished (a clean stop)."""
+        if self.held:
+            self.client.chunk(
+                worker=self.worker,
+                batch_size=self.batch_size,
+                release=list(self.held)[:64],
+                want=False,
+            )
+            log.info("gave back %d unfinished chunk(s)", len(self.held))
+            self.held.clear()
