@@ -188,7 +188,7 @@ class ShardMetrics:
         self.chunks = Counter(
             p + "chunks",
             "Data chunks by event: handed (out), done (every position applied), reissued "
-            "(a revoked or released chunk's rest handed out again), released (given back)",
+            "(revoked: its replica fell silent; the rest goes out again), released (given back)",
             ["event"],
             registry=r,
         )

@@ -90,7 +90,23 @@ def shard_table(stats: list[dict[str, Any] | None], addresses: list[str]) -> Tab
             _policy(s),
             _num(s["workers_recent"]),
         )
+    dispatch = stats[0].get("dispatch") if stats and stats[0] else None
+    if dispatch:
+        table.caption = dispatch_line(dispatch)
+        table.caption_justify = "left"
     return table
+
+
+def dispatch_line(d: dict[str, Any]) -> str:
+    """Shard 0's data dispatcher in one line: where the data are and what was re-issued."""
+    line = (
+        f"data: epoch {d['epoch']}, {d['epoch_progress']:.0%} applied; "
+        f"{d['replicas']} replica(s) holding chunks; chunks handed {d['handed']}, "
+        f"done {d['done']}, re-issued {d['reissued']}"
+    )
+    if d["retrained"]:
+        line += f"; {d['retrained']} examples trained twice"
+    return line
 
 
 def _policy(stats: dict[str, Any]) -> str:

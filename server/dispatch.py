@@ -187,7 +187,6 @@ class Dispatcher:
         old = self.queue.popleft()
         chunk = self._new(old.epoch, old.lo, old.hi, worker, now)
         chunk.handed = old.handed + 1
-        self.counts["reissued"] += 1
         return chunk
 
     def _cut(self, worker: str, batch_size: int, until: int | None, now: float) -> Chunk | None:
@@ -266,6 +265,7 @@ class Dispatcher:
         for chunk in lapsed:
             del self.open[chunk.id]
             self.queue.append(_rest(chunk))
+            self.counts["reissued"] += 1
             log.warning(
                 "chunk %d (epoch %d, positions %d-%d) of %s: silent for %g s; "
                 "its %d untrained examples go to the next replica that asks",

@@ -25,6 +25,7 @@ import yaml
 from distbelief.cli import cli
 from distbelief.config import read_config
 from distbelief.curve import generate_keys
+from distbelief.data import DEMO_TRAIN_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -115,9 +116,11 @@ def test_compose_runs_two_shards_averager_two_workers_prometheus_and_grafana():
     servers = "tcp://shard-0:5570,tcp://shard-1:5571"  # shard i listens on --port + i
     for name in ("averager", "worker-0", "worker-1"):
         assert commands[name]["servers"] == servers
-    # replicas 0 and 1 of 2: disjoint shares of the data
-    assert [commands[w]["first_replica"] for w in ("worker-0", "worker-1")] == [0, 1]
-    assert {commands[w]["total_replicas"] for w in ("worker-0", "worker-1")} == {2}
+    # the same command twice: no replica index; shard 0 dispatches the demo set's chunks
+    assert commands["worker-0"] == commands["worker-1"]
+    assert commands["worker-0"]["total_replicas"] is None
+    assert commands["worker-0"]["data_order"] == "auto" and commands["worker-0"]["data"] == "demo"
+    assert {commands[f"shard-{i}"]["dataset_size"] for i in range(2)} == {DEMO_TRAIN_SIZE}
     # Prometheus and Grafana get files that exist in deploy/
     for name in ("prometheus", "grafana"):
         for volume in services[name]["volumes"]:
@@ -179,7 +182,7 @@ def test_prometheus_config_and_alert_rules_pass_promtool(tmp_path):
     run = promtool("check", "config", str(tmp_path / "compose.yml"))
     assert run.returncode == 0, run.stdout + run.stderr
     run = promtool("check", "rules", "alerts.yml")
-    assert run.returncode == 0 and "SUCCESS: 6 rules found" in run.stdout, run.stdout
+    assert run.returncode == 0 and "SUCCESS: 7 rules found" in run.stdout, run.stdout
     run = promtool("test", "rules", "alerts_test.yml")  # every alert fires when it should
     assert run.returncode == 0 and "SUCCESS" in run.stdout, run.stdout + run.stderr
 
@@ -315,6 +318,11 @@ def test_workers_are_a_gpu_deployment_and_the_averager_has_its_volume(tmp_path):
     check_probes(container)
     params = parse([a.replace(CONFIG_IN_POD, config) for a in container["args"]]).params
     assert params["gpu"] == 1 and params["supervisor_metrics_port"] == 9299
+    # pods are alike (no ordinal): shard 0 hands each its chunks of the data set, whose
+    # size the shards are told
+    assert params["total_replicas"] is None and params["data_order"] == "auto"
+    serve_params = parse(["serve", "--config", config]).params
+    assert serve_params["dataset_size"] == 1281167 and params["data"] == "/data/imagenet"
     assert params["servers"].startswith("tcp://distbelief-shard-0.distbelief-shard:5570")
     averager = deployments["distbelief-averager"]
     check_selector(averager)
@@ -384,4 +392,6 @@ def test_sbatch_script_parses_and_its_command_lines_parse(tmp_path):
     assert runs["serve"]["shards"] == 3 and runs["serve"]["bind"] == "0.0.0.0"
     assert runs["status"]["servers"] == runs["average"]["servers"] == servers
     assert runs["work"]["servers"] == servers and runs["work"]["gpu"] == 4
-    assert (runs["work"]["first_replica"], runs["work"]["total_replicas"]) == (4, 8)
+    # no index per node: shard 0 dispatches ImageNet's chunks to every replica
+    assert (runs["work"]["first_replica"], runs["work"]["total_replicas"]) == (0, None)
+    assert runs["work"]["data_order"] == "auto" and runs["serve"]["dataset_size"] == 1281167

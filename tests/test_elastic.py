@@ -9,6 +9,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -120,6 +122,14 @@ def test_replicas_join_die_hang_and_stop_and_every_example_is_applied_once_per_e
     for i in (0, 2):  # the survivors trained to the end
         assert status(dirs[i] / "replica-0.json")["done"]
         assert status(dirs[i] / "replica-0.json")["data_order"] == "dispatch"
+    shown = subprocess.run(
+        [sys.executable, "-m", "distbelief", "status", "--servers", servers[0]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
+    assert f"chunks handed {d['handed']}, done {d['done']}, re-issued {d['reissued']}" in shown
 
 
 def test_a_replica_twice_as_slow_gets_about_half_the_chunks(procs, tmp_path, folder):

@@ -290,6 +290,7 @@ def test_alert_rules_load_and_evaluate(training):
         "DistbeliefLossNotFinite",
         "DistbeliefCheckpointOld",
         "DistbeliefReplicaRestarting",
+        "DistbeliefChunksReissued",
     }
 
     def evaluated():
