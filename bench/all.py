@@ -21,6 +21,7 @@ BENCHES = (
     "ps_vs_ddp",
     "profile_exchange",
     "overhead",
+    "dispatch",
     "scaling",
     "convergence",
     "input_pipeline",

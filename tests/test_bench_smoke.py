@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench import (
     convergence,
+    dispatch,
     input_pipeline,
     overhead,
     profile_exchange,
@@ -79,6 +80,13 @@ def test_overhead(capsys):
     assert overhead.main([*flags, "--settings", "every 4 steps"]) == 0
     out = capsys.readouterr().out
     assert len(ratios(out)) == 1 and "reference trainer" in out and "images/s" in out, out
+
+
+def test_dispatch(capsys):
+    flags = ["--replicas", "1", "--steps", "3", "--batch-size", "4", "--reps", "1"]
+    assert dispatch.main([*flags, "--shards", "1", "--chunk-batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert len(ratios(out)) == 1 and "static shares" in out and "dispatched chunks" in out, out
 
 
 def test_input_pipeline(capsys, tmp_path):
