@@ -283,6 +283,7 @@ class Replica:
         if self.feed is not None:
             self.feed.release()  # chunks prefetched and not trained (a --steps run's end)
             self.feed.client.close()
+            self.status.total_steps = self.status.step  # the estimate, now known
         self.status.done = True
         self.status.write(cfg.status_file)
         self.client.close()
