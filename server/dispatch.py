@@ -27,7 +27,8 @@ chunk, it holds an epoch's end open for one chunk of its own time at most.
 the next epoch without waiting for the last chunks of this one. A replica that asks
 once the data it asked for (``until``, in positions since epoch 0) are all handed out
 is told to ``wait`` while other replicas still hold chunks (one of them may be revoked
-and need a trainer), and ``end`` once none do.
+and need a trainer), and ``end`` once none do, or if it holds chunks itself (it
+finishes those and stops).
 
 **Warm start.** With ``warm_start`` F the first replica to ask trains alone until
 F of the first epoch (or of the whole run, when shorter) is applied; the others are
@@ -140,7 +141,12 @@ class Dispatcher:
             return wait
         chunk = self._requeued(worker, now) or self._cut(worker, batch_size, until, now)
         if chunk is None:
-            if any(c.owner != worker for c in self.open.values()):
+            # an idle replica stays on call while others hold chunks (one of them may
+            # fall silent and its chunk need a trainer); one still holding chunks of its
+            # own finishes them and ends (two such replicas waiting for each other would
+            # wait for ever: each keeps the other's lease alive)
+            holders = {c.owner for c in self.open.values()}
+            if holders and worker not in holders:
                 return {"wait": WAIT_S}
             return {"end": True}
         return {

@@ -49,7 +49,12 @@ def test_a_run_shorter_than_an_epoch_ends_where_it_was_asked_to():
     first = d.next_chunk("a", batch_size=10, until=25)
     assert (first["lo"], first["hi"]) == (0, 20)  # whole batches below until
     assert d.next_chunk("b", batch_size=10, until=25) == {"wait": 0.5}  # a holds a chunk
-    assert d.next_chunk("a", batch_size=10, until=25) == {"end": True}  # only its own
+    assert d.next_chunk("a", batch_size=10, until=25) == {"end": True}  # it holds one
+    b = d.next_chunk("b", batch_size=5, until=30)  # asking for more: there is more
+    assert (b["lo"], b["hi"]) == (20, 30)
+    # both hold a chunk: neither waits for the other (they would wait for ever)
+    assert d.next_chunk("a", batch_size=5, until=30) == {"end": True}
+    assert d.next_chunk("b", batch_size=5, until=30) == {"end": True}
 
 
 def test_a_silent_replica_s_chunk_goes_to_the_next_asker_from_where_it_stopped():

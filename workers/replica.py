@@ -353,14 +353,7 @@ class Replica:
         )
         self.feed.first = self.feed.ask()
         self.status.warm_start_examples = int(self.client.stats()[0]["examples"])
-        self.batches = Loader(
-            self.train_set,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            workers=cfg.loader_workers,
-            device=self.device,
-            feed=self.feed,
-        )
+        self.batches = replica_batches(cfg, self.train_set, self.device, self.feed)
         return self._train_alone(self.feed.warm_until) if self.feed.warm_until else None
 
     def _warm_start_goal(self, dataset_size: int | None) -> float | None:
@@ -574,9 +567,15 @@ def warm_start_examples(cfg: ReplicaConfig, dataset_size: int) -> float:
     return cfg.warm_start * min(dataset_size, run)
 
 
-def replica_batches(cfg: ReplicaConfig, dataset: Any, device: torch.device | str = "cpu") -> Loader:
-    """This replica's batches: its own disjoint share of every epoch, epoch after epoch,
-    from the batch of its step ``cfg.start_step`` on (one batch a step)."""
+def replica_batches(
+    cfg: ReplicaConfig,
+    dataset: Any,
+    device: torch.device | str = "cpu",
+    feed: ChunkFeed | None = None,
+) -> Loader:
+    """This replica's batches: the chunks ``feed`` yields; without one, its own disjoint
+    share of every epoch, epoch after epoch, from the batch of its step
+    ``cfg.start_step`` on (one batch a step)."""
     return Loader(
         dataset,
         batch_size=cfg.batch_size,
@@ -586,6 +585,7 @@ def replica_batches(cfg: ReplicaConfig, dataset: Any, device: torch.device | str
         start=cfg.start_step,
         workers=cfg.loader_workers,
         device=device,
+        feed=feed,
     )
 
 
