@@ -32,7 +32,8 @@ servers always keep and update float32, the narrower types only save wire bytes.
              dispatcher once the push is applied; ``revoked`` lists the chunks named
              there that are no longer the worker's (``distbelief.server.dispatch``)
 - ``chunk``  {worker, batch_size, until?, warm_start?, release?, want?} (shard 0 only)
-             -> {chunk, epoch, lo, hi, seed, size, warm_until} | {wait, ...} | {end}
+             -> {chunk, epoch, lo, hi, seed, size, left, replicas, warm_until}
+             | {wait, ...} | {end}
              | {released}: the next piece of the data to train
 - ``stats``  {} -> {stats}
 - ``save``   {} -> {path}

@@ -156,8 +156,17 @@ class Dispatcher:
             "hi": chunk.hi,
             "seed": self.cfg.seed,
             "size": n,
+            "left": self._left(until),
+            "replicas": self.replicas(),
             "warm_until": self._warm_goal(until, warm_start) if self.warm_owner == worker else 0,
         }
+
+    def _left(self, until: int | None) -> int:
+        """Positions below ``until`` not handed out yet (-1: no end)."""
+        if until is None:
+            return -1
+        queued = sum(c.hi - c.lo for c in self.queue)
+        return max(0, until - self.epoch * self.cfg.dataset_size - self.cursor) + queued
 
     def _warm_goal(self, until: int | None, warm_start: float) -> int:
         n = self.cfg.dataset_size

@@ -15,6 +15,7 @@ still in the loader are skipped.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -55,6 +56,17 @@ class ChunkFeed:
         self.warm_until = 0  # > 0: we train the warm start alone until this many examples
         self.waited_s = 0.0
         self.first: dict[str, Any] | None = None
+        self.last: dict[str, Any] = {}  # the last chunk handed to us
+
+    def steps_left(self) -> int | None:
+        """About how many more batches this replica will train: the last chunk's, plus
+        its part of the data not handed out yet (shared with the replicas holding chunks
+        then); None without an end (``--steps``)."""
+        left = self.last.get("left", -1)
+        if left < 0:
+            return None
+        mine = left / max(1, self.last.get("replicas", 1))
+        return math.ceil((self.last["hi"] - self.last["lo"] + mine) / self.batch_size)
 
     def ask(self) -> dict[str, Any] | None:
         """The next chunk (waiting while told to), or None at the end."""
@@ -76,6 +88,7 @@ class ChunkFeed:
                     )
                 self.held[reply["chunk"]] = reply["hi"]
                 self.warm_until = max(self.warm_until, reply.get("warm_until", 0))
+                self.last = reply
                 return reply
             pause = float(reply.get("wait", 0.5))
             now = time.monotonic()

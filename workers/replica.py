@@ -264,6 +264,7 @@ class Replica:
             now = time.perf_counter()
             self._record(step + 1, epoch, loss, len(labels), now - began, step + 1 - cfg.start_step)
             if now - last_status >= STATUS_EVERY_S:
+                self._estimate_total()
                 self.status.write(cfg.status_file)
                 last_status = now
             if (step + 1) % cfg.log_every == 0:
@@ -288,6 +289,13 @@ class Replica:
         self.status.write(cfg.status_file)
         self.client.close()
         return self.status
+
+    def _estimate_total(self) -> None:
+        """With dispatched data and --epochs, the step count this replica will reach, as
+        far as shard 0's last answer tells (its share depends on the others' speed)."""
+        left = self.feed.steps_left() if self.feed is not None else None
+        if left is not None:
+            self.status.total_steps = self.status.step + left
 
     def _next_batch(self, batches: Loader) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """The next batch to train, skipping those of chunks shard 0 has revoked; None at
