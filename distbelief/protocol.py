@@ -31,7 +31,7 @@ servers always keep and update float32, the narrower types only save wire bytes.
              nothing. ``progress`` ([[chunk, from, upto], ...]) is read by shard 0's data
              dispatcher once the push is applied; ``revoked`` lists the chunks named
              there that are no longer the worker's (``distbelief.server.dispatch``)
-- ``chunk``  {worker, batch_size, until?, warm_start?, release?, want?} (shard 0 only)
+- ``chunk``  {worker, batch_size, until?, warm_examples?, release?, want?} (shard 0 only)
              -> {chunk, epoch, lo, hi, seed, size, left, replicas, warm_until}
              | {wait, ...} | {end}
              | {released}: the next piece of the data to train
@@ -116,7 +116,7 @@ REQUEST_FIELDS: dict[str, dict[str, Field]] = {
         "worker": Field(str),
         "batch_size": Field(int, minimum=1),
         "until": Field(int, required=False, minimum=0),
-        "warm_start": Field((int, float), required=False),
+        "warm_examples": Field(int, required=False, minimum=0),
         "release": Field(list, required=False),
         "want": Field(bool, required=False),
     },

@@ -30,9 +30,10 @@ is told to ``wait`` while other replicas still hold chunks (one of them may be r
 and need a trainer), and ``end`` once none do, or if it holds chunks itself (it
 finishes those and stops).
 
-**Warm start.** With ``warm_start`` F the first replica to ask trains alone until
-F of the first epoch (or of the whole run, when shorter) is applied; the others are
-told to ``wait``. If that replica goes silent for ``lease_s`` another one takes over.
+**Warm start.** With ``warm_examples`` W in its request (the replica works W out
+from ``--warm-start`` and its run's length) the first replica to ask trains alone
+until W examples are applied; the others are told to ``wait``. If that replica goes
+silent for ``lease_s`` another one takes over.
 
 **Restarts.** ``state()`` and ``load_state()`` carry the cursor, the unfinished chunks
 (as what is left of each) and the counters into shard 0's checkpoint, consistent with
@@ -119,7 +120,7 @@ class Dispatcher:
         *,
         batch_size: int,
         until: int | None = None,
-        warm_start: float = 0.0,
+        warm_examples: int = 0,
         release: list[int] | tuple[int, ...] = (),
         want: bool = True,
     ) -> dict[str, Any]:
@@ -136,7 +137,7 @@ class Dispatcher:
             raise ProtocolError(
                 "bad_field", f"batch of {batch_size} exceeds the data set's {n} examples"
             )
-        wait = self._warm_wait(worker, now, until, warm_start)
+        wait = self._warm_wait(worker, now, warm_examples)
         if wait is not None:
             return wait
         chunk = self._requeued(worker, now) or self._cut(worker, batch_size, until, now)
@@ -158,7 +159,7 @@ class Dispatcher:
             "size": n,
             "left": self._left(until),
             "replicas": self.replicas(),
-            "warm_until": self._warm_goal(until, warm_start) if self.warm_owner == worker else 0,
+            "warm_until": warm_examples if self.warm_owner == worker else 0,
         }
 
     def _left(self, until: int | None) -> int:
@@ -168,17 +169,10 @@ class Dispatcher:
         queued = sum(c.hi - c.lo for c in self.queue)
         return max(0, until - self.epoch * self.cfg.dataset_size - self.cursor) + queued
 
-    def _warm_goal(self, until: int | None, warm_start: float) -> int:
-        n = self.cfg.dataset_size
-        return int(warm_start * min(n, until if until is not None else n))
-
-    def _warm_wait(
-        self, worker: str, now: float, until: int | None, warm_start: float
-    ) -> dict[str, Any] | None:
+    def _warm_wait(self, worker: str, now: float, goal: int) -> dict[str, Any] | None:
         """``{wait}`` for every replica but the warm-start owner until the warm start is over."""
-        if self.warm_over or warm_start <= 0:
+        if self.warm_over or goal <= 0:
             return None
-        goal = self._warm_goal(until, warm_start)
         if self.total_applied() >= goal:
             if self.warm_owner is not None:
                 log.info("warm start over at %d examples: every replica gets chunks", goal)

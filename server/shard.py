@@ -306,9 +306,6 @@ class Shard(Service):
             raise ProtocolError(
                 "not_available", f"shard {self.cfg.index} hands out no data: ask shard 0"
             )
-        warm = header.get("warm_start", 0.0)
-        if not 0 <= warm <= 1:
-            raise ProtocolError("bad_field", f"warm_start must lie in [0, 1], got {warm}")
         release = header.get("release", [])
         if len(release) > 64 or not all(type(c) is int for c in release):
             raise ProtocolError("bad_field", "release is a list of at most 64 chunk ids")
@@ -316,7 +313,7 @@ class Shard(Service):
             header["worker"],
             batch_size=header["batch_size"],
             until=header.get("until"),
-            warm_start=float(warm),
+            warm_examples=header.get("warm_examples", 0),
             release=release,
             want=header.get("want", True),
         )

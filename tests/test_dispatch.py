@@ -92,19 +92,19 @@ def test_late_progress_never_counts_an_example_twice_in_the_epoch():
 
 def test_warm_start_lets_one_replica_train_alone_and_passes_on_when_it_goes_silent():
     d, clock = make(100, chunk_batches=1, lease_s=10.0)
-    a = d.next_chunk("a", batch_size=10, until=100, warm_start=0.3)
+    a = d.next_chunk("a", batch_size=10, until=100, warm_examples=30)
     assert a["warm_until"] == 30
-    wait = d.next_chunk("b", batch_size=10, until=100, warm_start=0.3)
+    wait = d.next_chunk("b", batch_size=10, until=100, warm_examples=30)
     assert wait["wait"] and wait["warm"] and wait["goal"] == 30
     train(d, "a", a, 10)
-    a2 = d.next_chunk("a", batch_size=10, until=100, warm_start=0.3)
+    a2 = d.next_chunk("a", batch_size=10, until=100, warm_examples=30)
     clock.now += 11  # a falls silent: b takes over the warm start
-    b = d.next_chunk("b", batch_size=10, until=100, warm_start=0.3)
+    b = d.next_chunk("b", batch_size=10, until=100, warm_examples=30)
     assert b["warm_until"] == 30 and d.warm_owner == "b"
     train(d, "b", b, 10)
     d.progress("a", [(a2["chunk"], a2["lo"], a2["hi"])])
     assert d.total_applied() == 30
-    c = d.next_chunk("c", batch_size=10, until=100, warm_start=0.3)
+    c = d.next_chunk("c", batch_size=10, until=100, warm_examples=30)
     assert "chunk" in c and c["warm_until"] == 0 and d.warm_over
 
 

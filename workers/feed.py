@@ -43,14 +43,14 @@ class ChunkFeed:
         batch_size: int,
         dataset_size: int,
         until: int | None = None,
-        warm_start: float = 0.0,
+        warm_examples: int = 0,
     ) -> None:
         self.client = client
         self.worker = worker
         self.batch_size = batch_size
         self.dataset_size = dataset_size
         self.until = until
-        self.warm_start = warm_start
+        self.warm_examples = warm_examples
         self.held: dict[int, int] = {}  # chunk -> positions [lo, hi) end, handed to us
         self.revoked: set[int] = set()
         self.warm_until = 0  # > 0: we train the warm start alone until this many examples
@@ -75,8 +75,8 @@ class ChunkFeed:
             fields: dict[str, Any] = {"worker": self.worker, "batch_size": self.batch_size}
             if self.until is not None:
                 fields["until"] = self.until
-            if self.warm_start > 0:
-                fields["warm_start"] = self.warm_start
+            if self.warm_examples > 0:
+                fields["warm_examples"] = self.warm_examples
             reply = self.client.chunk(**fields)
             if reply.get("end"):
                 return None

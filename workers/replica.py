@@ -357,7 +357,7 @@ class Replica:
             batch_size=cfg.batch_size,
             dataset_size=len(self.train_set),
             until=until,
-            warm_start=cfg.warm_start,
+            warm_examples=int(warm_start_examples(cfg, dataset_size)),
         )
         self.feed.first = self.feed.ask()
         self.status.warm_start_examples = int(self.client.stats()[0]["examples"])
