@@ -133,7 +133,7 @@ class Loader:
         began = time.perf_counter()
         item = next(self._it) if self._it is not None else self.stream[next(self._keys)]
         if len(item) > 4:
-            self.mark = item[4]
+            self.mark = tuple(item[4])  # (a DataLoader hands tuples back as lists)
         batch = self.stream.finish(item, self.device)
         self.data_wait_s += time.perf_counter() - began
         return batch

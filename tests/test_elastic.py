@@ -187,6 +187,8 @@ def test_shard_0_killed_comes_back_from_its_checkpoint_and_loses_no_example(
         "2",
         "--retries",
         "15",
+        "--loader-workers",  # the chunks' batches decoded ahead, in a loader process
+        "1",
     )
     newest = ckpt / "shard-0"
 

@@ -70,6 +70,32 @@ def test_folder_batches_are_the_same_with_0_1_2_or_4_loader_workers(photo_folder
     assert not torch.equal(other[0][1], alone[0][1])
 
 
+def test_dispatched_chunks_load_the_same_with_0_or_2_workers_and_end_with_the_feed(
+    photo_folder: Path,
+) -> None:
+    """A feed of chunk keys (as the dispatcher's ChunkFeed yields them): the batches and
+    their marks do not depend on the worker processes, and the loader stops when the
+    feed does; one chunk of the whole epoch in order is the reference trainer's order."""
+    train = load_dataset(str(photo_folder), "train", image_size=32)  # 36 examples
+    keys = [(3, 0, 7, 0, 4), (3, 0, 7, 4, 8), (3, 1, 9, 8, 12), (3, 1, 9, 12, 14)]
+
+    def run(workers: int) -> tuple[list, list]:
+        with Loader(train, batch_size=4, seed=3, workers=workers, feed=keys) as loader:
+            batches, marks = [], []
+            for batch in loader:
+                batches.append(batch)
+                marks.append(loader.mark)
+        return batches, marks
+
+    alone, marks = run(0)
+    assert marks == [(7, 0, 4), (7, 4, 8), (9, 8, 12), (9, 12, 14)]
+    assert [e for e, _, _ in alone] == [0, 0, 1, 1] and len(alone[3][2]) == 2  # a short end
+    in_workers, marks_there = run(2)
+    assert marks_there == marks and same(in_workers, alone)
+    # positions [0, 8) of epoch 0 are the first two batches of the one-rank stream
+    assert same(take(train, 2, batch_size=4, seed=3), alone[:2])
+
+
 def test_demo_crops_are_the_same_in_worker_processes_and_resume_mid_epoch() -> None:
     demo = demo_dataset("train", num_train=2000, augmentation=Augmentation())
     kw = dict(batch_size=64, seed=0, rank=2, world=4)
