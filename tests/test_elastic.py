@@ -208,3 +208,27 @@ def test_shard_0_killed_comes_back_from_its_checkpoint_and_loses_no_example(
     assert d["retrained"] <= 2 * BATCH  # one push per replica that outlived the shard
     assert d["examples"] == 2 * N + d["retrained"]
     assert json.loads((status_dir / "replica-0.json").read_text())["data_order"] == "dispatch"
+
+
+def test_dispatch_asked_for_on_shards_that_order_another_data_set_is_one_line(procs, tmp_path):
+    (server,) = procs.serve(1, "--num-classes", "10")  # --dataset-size: ImageNet's default
+    proc = procs.start(
+        "work", "--servers", server, "--cpu", "1", "--steps", "2", "--data-order", "dispatch",
+        "--batch-size", "8", "--metrics-port", "0", "--status-dir", str(tmp_path / "s"),
+        name="work",
+    )  # fmt: skip
+    assert proc.wait(120) != 0
+    log = proc.log_path.read_text()
+    assert "Traceback" not in log and "restart 1/" not in log, log  # not restarted either
+    assert (
+        "the shards order a data set of 1281167 examples (serve --dataset-size); this "
+        "replica's demo has 50000: start the shards with --dataset-size 50000"
+    ) in log, log
+    # auto (the default) reads its static share instead, and says why
+    proc = procs.start(
+        "work", "--servers", server, "--cpu", "1", "--steps", "2", "--batch-size", "8",
+        "--metrics-port", "0", "--status-dir", str(tmp_path / "t"), name="auto",
+    )  # fmt: skip
+    assert proc.wait(120) == 0, proc.log_path.read_text()[-3000:]
+    assert "reading the static share 0 of 1" in proc.log_path.read_text()
+    assert status(tmp_path / "t" / "replica-0.json")["data_order"] == "static"

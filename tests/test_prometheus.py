@@ -37,7 +37,7 @@ TRAINING_TIMEOUT_S = 240.0  # `up` importing torch and building GoogLeNet 5 time
 STOP_TIMEOUT_S = 60.0
 NAME = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)")
 METRIC_IN_QUERY = re.compile(r"\b(distbelief_[a-z0-9_]+)")
-ALLOWED_LABELS = {"reason", "child", "le", "version", "role"}  # all bounded sets
+ALLOWED_LABELS = {"reason", "child", "le", "version", "role", "event"}  # all bounded sets
 
 
 @dataclass
