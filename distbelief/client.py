@@ -112,6 +112,7 @@ class PushResult:
     applied: bool
     staleness: int
     revoked: tuple[int, ...] = ()  # shard 0: data chunks named in progress no longer ours
+    generation: int = 0  # shard 0's dispatcher generation, with ``revoked``
 
 
 @dataclass
@@ -295,6 +296,7 @@ class ParameterClient:
                     applied=h["applied"],
                     staleness=h["staleness"],
                     revoked=tuple(h.get("revoked", ())),
+                    generation=h.get("generation", 0),
                 )
             )
         return results

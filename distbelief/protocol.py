@@ -27,10 +27,11 @@ servers always keep and update float32, the narrower types only save wire bytes.
              (with ``shm``: written into that shared-memory segment, no payload)
 - ``push``   {worker, seq, base_version, examples, dtype, shm?, progress?} + gradient of
              the range (with ``shm``: read from that segment, no payload)
-             -> {version, applied, staleness, revoked?}; a repeated (worker, seq) changes
-             nothing. ``progress`` ([[chunk, from, upto], ...]) is read by shard 0's data
-             dispatcher once the push is applied; ``revoked`` lists the chunks named
-             there that are no longer the worker's (``distbelief.server.dispatch``)
+             -> {version, applied, staleness, revoked?, generation?}; a repeated
+             (worker, seq) changes nothing. ``progress`` ([[chunk, from, upto], ...])
+             is read by shard 0's data dispatcher once the push is applied;
+             ``revoked`` lists the chunks named there that are no longer the worker's,
+             ``generation`` the dispatcher's (``distbelief.server.dispatch``)
 - ``chunk``  {worker, batch_size, until?, warm_examples?, release?, want?} (shard 0 only)
              -> {chunk, epoch, lo, hi, seed, size, left, replicas, warm_until}
              | {wait, ...} | {end}

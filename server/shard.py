@@ -295,7 +295,9 @@ class Shard(Service):
     def _push_reply(
         self, rid: int, *, applied: bool, staleness: int, revoked: list[int] | None = None
     ) -> bytes:
-        more = {"revoked": revoked} if revoked else {}
+        # with the dispatcher's generation: chunks of another one (from before shard 0
+        # restarted) are all void, also those the replica has not pushed for yet
+        more = {"revoked": revoked, "generation": self.dispatcher.generation} if revoked else {}
         return protocol.reply(
             rid, version=self.version, applied=applied, staleness=staleness, **more
         )

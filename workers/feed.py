@@ -25,7 +25,8 @@ from distbelief.client import ParameterClient
 log = logging.getLogger(__name__)
 
 WAIT_LOG_S = 10.0  # how often a waiting replica says so
-SERIAL_MASK = 2**32 - 1  # a chunk id's low bits: its number within the dispatcher's life
+SERIAL_BITS = 32  # a chunk id: the dispatcher's generation << 32 | its number in that life
+SERIAL_MASK = 2**SERIAL_BITS - 1
 
 
 class DataMismatch(ValueError):
@@ -115,7 +116,11 @@ class ChunkFeed:
                 yield (*key, min(hi, b + self.batch_size))
             chunk = self.ask()
 
-    def revoke(self, chunks: tuple[int, ...] | list[int]) -> None:
+    def revoke(self, chunks: tuple[int, ...] | list[int], generation: int = 0) -> None:
+        """Skip the rest of ``chunks``; and when shard 0 answers from another
+        ``generation`` (it restarted), of every chunk handed out before."""
+        if chunks and generation:
+            chunks = [*chunks, *(c for c in list(self.held) if c >> SERIAL_BITS != generation)]
         for c in chunks:
             if self.held.pop(c, None) is not None:
                 log.warning(

@@ -474,7 +474,7 @@ class Replica:
         if grads is self.grads or grads is self.host_grads:
             self.grads.zero_()
         if self.feed is not None and progress:
-            self.feed.revoke(results[0].revoked)
+            self.feed.revoke(results[0].revoked, results[0].generation)
             for chunk, _, upto in progress:
                 self.feed.done(chunk, upto)
         self.metrics.push_seconds.observe(time.perf_counter() - began)
