@@ -89,7 +89,6 @@ class Chunk:
     hi: int
     applied: int  # positions [lo, applied) have their gradient applied
     owner: str = ""
-    handed: int = 0  # times handed out (a remainder counts its predecessors')
 
 
 class Dispatcher:
@@ -194,9 +193,7 @@ class Dispatcher:
         if not self.queue:
             return None
         old = self.queue.popleft()
-        chunk = self._new(old.epoch, old.lo, old.hi, worker, now)
-        chunk.handed = old.handed + 1
-        return chunk
+        return self._new(old.epoch, old.lo, old.hi, worker, now)
 
     def _cut(self, worker: str, batch_size: int, until: int | None, now: float) -> Chunk | None:
         """A new chunk from the cursor, or None when the positions asked for are handed out."""
@@ -222,7 +219,7 @@ class Dispatcher:
     def _new(self, epoch: int, lo: int, hi: int, worker: str, now: float) -> Chunk:
         self.serial += 1
         cid = (self.generation << GENERATION_BITS) | self.serial
-        chunk = Chunk(cid, epoch, lo, hi, lo, owner=worker, handed=1)
+        chunk = Chunk(cid, epoch, lo, hi, lo, owner=worker)
         self.open[cid] = chunk
         self.counts["handed"] += 1
         return chunk
@@ -363,4 +360,4 @@ def parse_progress(entries: Any) -> list[tuple[int, int, int]]:
 
 def _rest(chunk: Chunk) -> Chunk:
     """What is left of ``chunk``: its positions not yet credited."""
-    return Chunk(0, chunk.epoch, chunk.applied, chunk.hi, chunk.applied, handed=chunk.handed)
+    return Chunk(0, chunk.epoch, chunk.applied, chunk.hi, chunk.applied)

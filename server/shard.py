@@ -287,8 +287,6 @@ class Shard(Service):
             self.weights[-self.padding :] = 0  # whatever a client sent for it
         self._count_push(worker, seq, header["examples"], staleness)
         revoked = self.dispatcher.progress(worker, progress) if progress else []
-        if progress:
-            self.metrics.observe_dispatch(self.dispatcher)
         self.metrics.apply_seconds.observe(time.perf_counter() - began)
         return [self._push_reply(header["rid"], applied=True, staleness=staleness, revoked=revoked)]
 
@@ -346,7 +344,8 @@ class Shard(Service):
         now = time.monotonic()
         if now >= self.next_liveness_check:
             self.next_liveness_check = now + LIVENESS_CHECK_S
-            if self.dispatcher is not None and self.dispatcher.expire():
+            if self.dispatcher is not None:  # its metrics once a second, not per push
+                self.dispatcher.expire()
                 self.metrics.observe_dispatch(self.dispatcher)
             self.forget_silent_workers(now)
             self.unmap_idle_segments(now)

@@ -55,7 +55,6 @@ class ChunkFeed:
         self.held: dict[int, int] = {}  # chunk -> positions [lo, hi) end, handed to us
         self.revoked: set[int] = set()
         self.warm_until = 0  # > 0: we train the warm start alone until this many examples
-        self.waited_s = 0.0
         self.first: dict[str, Any] | None = None
         self.last: dict[str, Any] = {}  # the last chunk handed to us
 
@@ -104,7 +103,6 @@ class ChunkFeed:
                     log.info("the data asked for are handed out; waiting for the last chunks")
                 logged = now
             time.sleep(pause)
-            self.waited_s += pause
 
     def __iter__(self) -> Iterator[tuple[int, int, int, int, int]]:
         chunk = self.first if self.first is not None else self.ask()
