@@ -1,7 +1,8 @@
 """Run every benchmark at full size, one after the other, each in a fresh interpreter.
 
 Usage: ``python -m bench.all [--only ps_vs_zmq,overhead]``; prints every figure. Takes
-about 25 minutes on a 2-core machine (``convergence`` alone about 11). Run it on a
+about 45 minutes on a 2-core machine (``convergence`` alone about 11; ``wire``, which
+needs root for its network namespaces, about 12). Run it on a
 machine that is otherwise idle: every figure is a ratio measured within one script's
 run, but load from elsewhere makes both sides of a ratio noisy. ``staleness`` (the
 simulator's default grid, about 2.5 hours here) and ``gpu`` (the GPU figures, for a
@@ -25,6 +26,7 @@ BENCHES = (
     "scaling",
     "convergence",
     "input_pipeline",
+    "wire",
 )
 ON_REQUEST = ("staleness", "gpu")  # too long for the default run; for a GPU machine
 TIMEOUT_S = 4 * 3600.0

@@ -11,6 +11,16 @@ Contract:
   caller's again (every server has received its slice).
 - ``pull(weights)`` writes each server's range into ``weights`` (a 1-D float32 CPU
   tensor the caller owns); nothing is allocated per call at model size.
+- ``push(grads, examples, pull_into=weights)`` is both in one round trip: each server
+  answers the push with its weights after the update (what a pull sent right after
+  would read). Its slices go out one server after the other: the next slice is
+  handed to the socket once the previous one has left it, so the link uploads to one
+  shard while the first ones already answer (download), instead of every upload
+  finishing at once and every answer following. The order takes the servers host by
+  host in turn (one shard of each host, then a second of each...), starting at the
+  position shard 0 numbered this client at ``connect()`` (``arrival``), so replicas
+  that connect one after the other upload to different hosts at the same moment.
+  Requests without payload (through shared memory) go to all servers at once.
 - A server that does not answer within ``timeout_s`` is retried (Lazy Pirate): the
   socket is closed and reopened and the same request sent again after a back-off that
   doubles from ``backoff_s`` up to ``max_backoff_s``. A push keeps its ``(worker, seq)``
@@ -38,6 +48,7 @@ import os
 import socket
 import time
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +61,11 @@ from distbelief.layout import Layout
 from distbelief.protocol import ProtocolError
 
 log = logging.getLogger(__name__)
+
+# The kernel's send buffer of a TCP socket to a server (Linux doubles it to 512 KiB):
+# enough for a link's bandwidth-delay product up to about 10 Gbit/s × 0.4 ms, small
+# enough that the slices of a push leave one after the other (bench/wire.py)
+SEND_BUFFER_BYTES = 256 * 1024
 
 
 def default_worker_id() -> str:
@@ -144,6 +160,7 @@ class ParameterClient:
         self.must_pull = False
         self._scratch: list[torch.Tensor | None] = [None] * len(cfg.servers)
         self.segment: shm.Segment | None = None  # shared with the servers in self.shared
+        self.send_order = list(range(len(cfg.servers)))  # of a push's slices (connect())
         self.shared = [False] * len(cfg.servers)
 
     # -- public verbs ----------------------------------------------------------------
@@ -176,6 +193,7 @@ class ParameterClient:
                 "list the servers in shard order"
             )
         self.versions = [s.version for s in self.info]
+        self.send_order = staggered_order(self.cfg.servers, replies[0][0].get("arrival", 0))
         if self.cfg.shared_memory and shm.available():
             self._offer_segments(fingerprint)
         return self.info
@@ -229,24 +247,26 @@ class ParameterClient:
             requests[i] = ("pull", fields, [])
         replies = self._exchange(requests)
         for i, (header, payload) in replies.items():
-            info = self.info[i]
-            if self.shared[i]:
-                if not _same_buffer(weights, self.segment.weights):
-                    weights[info.start : info.stop].copy_(
-                        self.segment.weights[info.start : info.stop]
-                    )
-                self._note_version(i, header["version"])
-                continue
-            dtype = header.get("dtype")
-            body = payload[0].buffer if len(payload) == 1 else b""
-            if dtype not in protocol.DTYPES or len(body) != protocol.wire_bytes(
-                dtype, info.stop - info.start
-            ):
-                raise ServerRefused(i, info.address, "bad_size", "pull reply has the wrong size")
-            weights[info.start : info.stop].copy_(protocol.from_wire(body, dtype))
+            self._take_weights(i, header.get("dtype"), payload, weights)
             self._note_version(i, header["version"])
         self.must_pull = False
         return list(self.versions)
+
+    def _take_weights(self, i: int, dtype: Any, payload: list, weights: torch.Tensor) -> None:
+        """Server ``i``'s range of ``weights`` from its answer (or from our segment)."""
+        info = self.info[i]
+        if self.shared[i]:
+            if not _same_buffer(weights, self.segment.weights):
+                weights[info.start : info.stop].copy_(self.segment.weights[info.start : info.stop])
+            return
+        body = payload[0].buffer if len(payload) == 1 else b""
+        if dtype not in protocol.DTYPES or len(body) != protocol.wire_bytes(
+            dtype, info.stop - info.start
+        ):
+            raise ServerRefused(
+                i, info.address, "bad_size", "weights in the reply have the wrong size"
+            )
+        weights[info.start : info.stop].copy_(protocol.from_wire(body, dtype))
 
     def _note_version(self, i: int, version: int) -> None:
         if version < self.versions[i]:
@@ -254,13 +274,19 @@ class ParameterClient:
         self.versions[i] = version
 
     def push(
-        self, grads: torch.Tensor, examples: int, progress: list[list[int]] | None = None
+        self,
+        grads: torch.Tensor,
+        examples: int,
+        progress: list[list[int]] | None = None,
+        pull_into: torch.Tensor | None = None,
     ) -> list[PushResult]:
         """Send every server its slice of ``grads`` (computed at the last pulled versions).
 
         ``progress`` (``[[chunk, from, upto], ...]``) goes to shard 0, whose data
-        dispatcher credits those positions once it has applied the push. Blocks until every server
-        has answered; ``grads`` is the caller's again after.
+        dispatcher credits those positions once it has applied the push. With
+        ``pull_into`` the servers answer with their weights after the update, written
+        there as ``pull`` would (one round trip instead of two). Blocks until every
+        server has answered; ``grads`` is the caller's again after.
         """
         self._need_info()
         self.seq += 1
@@ -276,6 +302,8 @@ class ParameterClient:
             }
             if progress and i == 0:
                 fields["progress"] = progress
+            if pull_into is not None:
+                fields["pull"] = "f32" if self.shared[i] else dtype
             values = grads[info.start : info.stop]
             if not self.shared[i]:
                 requests[i] = ("push", fields, [self._encode(i, values)])
@@ -283,13 +311,16 @@ class ParameterClient:
             if not _same_buffer(grads, self.segment.grads):  # the shard reads it in place
                 self.segment.grads[info.start : info.stop].copy_(values)
             requests[i] = ("push", fields | {"dtype": "f32", "shm": self.segment.name}, [])
-        replies = self._exchange(requests)
+        replies = self._exchange(requests, stagger=True)
         results = []
-        for i, (h, _) in sorted(replies.items()):
+        for i, (h, payload) in sorted(replies.items()):
             # our push came after our pull: applied, it leaves the version above what we
             # pulled; unless the server has lost versions since
             if h["version"] < self.versions[i] + (1 if h["applied"] else 0):
                 self._went_back(i, h["version"])
+            if pull_into is not None:
+                self._take_weights(i, h.get("pull"), payload, pull_into)
+                self.versions[i] = h["version"]
             results.append(
                 PushResult(
                     version=h["version"],
@@ -299,6 +330,8 @@ class ParameterClient:
                     generation=h.get("generation", 0),
                 )
             )
+        if pull_into is not None:
+            self.must_pull = False
         return results
 
     def chunk(self, **fields: Any) -> dict[str, Any]:
@@ -362,38 +395,64 @@ class ParameterClient:
         self.sockets[i] = self._open(self.cfg.servers[i])
 
     def _exchange(
-        self, requests: dict[int, tuple[str, dict[str, Any], list[Any]]]
+        self, requests: dict[int, tuple[str, dict[str, Any], list[Any]]], stagger: bool = False
     ) -> dict[int, tuple[dict[str, Any], list[zmq.Frame]]]:
-        """Send each request to its server at once, then collect every reply (with retries)."""
-        pending: dict[int, _Pending] = {}
-        now = time.monotonic()
-        for i, (op, fields, payload) in requests.items():
+        """Send each request to its server, then collect every reply (with retries).
+
+        Requests go to all servers at once; with ``stagger``, those with a payload go one
+        after the other in ``send_order``, each once the previous one's payload has left
+        its socket.
+        """
+        order = [i for i in self.send_order if i in requests] if stagger else sorted(requests)
+        queued: list[tuple[int, _Pending]] = []
+        for i in order:
+            op, fields, payload = requests[i]
             self.rid += 1
-            p = _Pending(self.rid, protocol.request(op, self.rid, **fields), payload, 0.0)
-            self._send(i, p, now)
-            pending[i] = p
+            queued.append(
+                (i, _Pending(self.rid, protocol.request(op, self.rid, **fields), payload, 0.0))
+            )
+        pending: dict[int, _Pending] = {}
         done: dict[int, tuple[dict[str, Any], list[zmq.Frame]]] = {}
-        while pending:
-            self._poll_once(pending, done)
+        leaving: zmq.MessageTracker | None = None  # the last staggered payload, until sent
+        while queued or pending:
+            while queued and (leaving is None or leaving.done):
+                i, p = queued.pop(0)
+                tracker = self._send(i, p, time.monotonic(), track=stagger and bool(p.payload))
+                pending[i] = p
+                leaving = tracker if tracker is not None and queued else None
+            if pending:
+                self._poll_once(pending, done, max_wait_s=0.001 if queued else None)
+            elif queued:
+                time.sleep(0.001)
         return done
 
-    def _send(self, i: int, p: _Pending, now: float) -> None:
+    def _send(
+        self, i: int, p: _Pending, now: float, track: bool = False
+    ) -> zmq.MessageTracker | None:
         # Never block here: a DEALER has no pipe to queue on while its connection is
         # down (a refused CURVE handshake tears it down at once), and a blocking send
         # would then wait forever. A request that could not be queued times out and is
         # retried like one whose reply was lost.
+        tracker = None
         try:
-            self.sockets[i].send_multipart([p.header, *p.payload], flags=zmq.NOBLOCK, copy=False)
+            tracker = self.sockets[i].send_multipart(
+                [p.header, *p.payload], flags=zmq.NOBLOCK, copy=False, track=track
+            )
         except zmq.Again:
             log.debug(
                 "server %d (%s) not connected; request %d not queued", i, self.cfg.servers[i], p.rid
             )
         p.deadline = now + self.cfg.timeout_s
         p.resend_at = None
+        return tracker if track else None
 
-    def _poll_once(self, pending: dict[int, _Pending], done: dict) -> None:
+    def _poll_once(
+        self, pending: dict[int, _Pending], done: dict, max_wait_s: float | None = None
+    ) -> None:
         now = time.monotonic()
         wake = min(p.resend_at if p.resend_at is not None else p.deadline for p in pending.values())
+        if max_wait_s is not None:
+            wake = min(wake, now + max_wait_s)
         poller = zmq.Poller()
         for i, p in pending.items():
             if p.resend_at is None:
@@ -449,6 +508,19 @@ class ParameterClient:
         p.resend_at = now + backoff
 
 
+def staggered_order(servers: tuple[str, ...], arrival: int) -> list[int]:
+    """The order of a push's slices: servers host by host in turn (the first shard of
+    each host, then the second of each...), rotated by ``arrival``. Replicas numbered
+    one after the other then start their uploads on different hosts."""
+    by_host: dict[str, list[int]] = defaultdict(list)
+    for i, address in enumerate(servers):
+        by_host[address.rsplit(":", 1)[0] if address.startswith("tcp://") else "local"].append(i)
+    rounds = max(len(group) for group in by_host.values())
+    order = [g[r] for r in range(rounds) for g in by_host.values() if r < len(g)]
+    first = arrival % len(order)
+    return order[first:] + order[:first]
+
+
 def _same_buffer(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.numel() == b.numel()
 
@@ -457,6 +529,10 @@ def open_dealer(context: zmq.Context, address: str, curve: Curve | None) -> zmq.
     """A DEALER connected to ``address`` (speaking CURVE with ``curve``)."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if address.startswith("tcp://"):
+        # a push's next slice starts once the last has left ZeroMQ for the kernel; with
+        # Linux's autotuned buffer (up to 4 MB) several would share the link at once
+        sock.setsockopt(zmq.SNDBUF, SEND_BUFFER_BYTES)
     if curve:
         curve.secure_client(sock)
     sock.connect(address)

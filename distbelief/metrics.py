@@ -265,13 +265,13 @@ class WorkerMetrics:
         )
         self.pull_seconds = Histogram(
             p + "pull_seconds",
-            "Time to pull the weights from every shard",
+            "Time to pull the weights from every shard (a pull of its own)",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.push_seconds = Histogram(
             p + "push_seconds",
-            "Time to push the gradient to every shard",
+            "Time to push the gradient to every shard (and get the weights back: push-and-pull)",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -20,18 +20,23 @@ servers always keep and update float32, the narrower types only save wire bytes.
 (:mod:`distbelief.shm`); such a push or pull carries no payload frame.
 
 - ``hello``  {fingerprint?, shm?} -> {fingerprint, index, start, stop, total, version,
-             hparams, model, num_classes, num_shards, shm_token? | shm_error?}
+             hparams, model, num_classes, num_shards, arrival, shm_token? | shm_error?}
+             (``arrival``: how many clients connected before; a client starts its
+             staggered pushes at that position)
              (without ``fingerprint``: nothing is checked; a client that does not know
              the model yet learns it here)
 - ``pull``   {dtype?, shm?} -> {version, dtype} + weights of the server's range
              (with ``shm``: written into that shared-memory segment, no payload)
-- ``push``   {worker, seq, base_version, examples, dtype, shm?, progress?} + gradient of
-             the range (with ``shm``: read from that segment, no payload)
-             -> {version, applied, staleness, revoked?, generation?}; a repeated
-             (worker, seq) changes nothing. ``progress`` ([[chunk, from, upto], ...])
-             is read by shard 0's data dispatcher once the push is applied;
-             ``revoked`` lists the chunks named there that are no longer the worker's,
-             ``generation`` the dispatcher's (``distbelief.server.dispatch``)
+- ``push``   {worker, seq, base_version, examples, dtype, shm?, progress?, pull?} +
+             gradient of the range (with ``shm``: read from that segment, no payload)
+             -> {version, applied, staleness, revoked?, generation?, pull?}; a repeated
+             (worker, seq) changes nothing. With ``pull`` (a dtype) the reply also
+             carries the weights after the update, as a ``pull`` would (one round trip
+             instead of two; with ``shm``: written into the segment, no payload).
+             ``progress`` ([[chunk, from, upto], ...]) is read by shard 0's data
+             dispatcher once the push is applied; ``revoked`` lists the chunks named
+             there that are no longer the worker's, ``generation`` the dispatcher's
+             (``distbelief.server.dispatch``)
 - ``chunk``  {worker, batch_size, until?, warm_examples?, release?, want?} (shard 0 only)
              -> {chunk, epoch, lo, hi, seed, size, left, replicas, warm_until}
              | {wait, ...} | {end}
@@ -110,6 +115,7 @@ REQUEST_FIELDS: dict[str, dict[str, Field]] = {
         "dtype": Field(str, choices=tuple(DTYPES)),
         "shm": Field(str, required=False),
         "progress": Field(list, required=False),
+        "pull": Field(str, required=False, choices=tuple(DTYPES)),
     },
     "stats": {},
     "save": {},

@@ -165,6 +165,7 @@ class Shard(Service):
         self.staleness: deque[int] = deque(maxlen=STALENESS_WINDOW)
         self.push_times: deque[float] = deque(maxlen=256)
         self.counts = {"pushes": 0, "duplicates": 0, "pulls": 0}
+        self.hellos = 0  # clients connected (hello with a fingerprint): `arrival` in hello
         self.metrics = ShardMetrics(new_registry("shard"))
         self.metrics.parameters.set(self.size)
         self.publish()
@@ -186,6 +187,9 @@ class Shard(Service):
                 f"the peer's fingerprint {header['fingerprint'][:32]!r} differs: check --model, "
                 "--num-classes and the number of servers",
             )
+        arrival = self.hellos  # clients that connected before this one
+        if "fingerprint" in header and "shm" not in header:  # a client connecting
+            self.hellos += 1
         shm: dict[str, str] = {}
         if "shm" in header and "fingerprint" in header:  # a segment offered: do we see it?
             try:
@@ -205,6 +209,7 @@ class Shard(Service):
                 model=self.cfg.model,
                 num_classes=self.cfg.num_classes,
                 num_shards=self.cfg.num_shards,
+                arrival=arrival,
                 **shm,
             )
         ]
@@ -232,17 +237,22 @@ class Shard(Service):
 
     def _on_pull(self, header: dict, payload: list) -> list[Any]:
         expect_payload(payload, 0)
-        if "shm" in header:  # written into the client's segment: no payload
-            self._segment(header["shm"]).weights[self.start : self.stop].copy_(self.weights)
+        dtype, frames = self._weights_out(header.get("shm"), header.get("dtype", "f32"))
+        return [protocol.reply(header["rid"], version=self.version, dtype=dtype), *frames]
+
+    def _weights_out(self, shm: str | None, dtype: str) -> tuple[str, list[Any]]:
+        """The weights as a ``pull`` (or a push with ``pull``) answers them: written into
+        the client's segment (no frame, f32) or a frame of ``dtype``."""
+        if shm:
+            self._segment(shm).weights[self.start : self.stop].copy_(self.weights)
             dtype, frames = "f32", []
         else:
-            dtype = header.get("dtype", "f32")
             # a snapshot, not a view: the send is zero-copy and the next push changes it
             frames = [self.snapshots.frame(self.weights, dtype)]
         self.updater.pulled(self.version)  # the base of this client's next push
         self.counts["pulls"] += 1
         self.metrics.pulls.inc()
-        return [protocol.reply(header["rid"], version=self.version, dtype=dtype), *frames]
+        return dtype, frames
 
     def _on_push(self, header: dict, payload: list) -> list[Any]:
         began = time.perf_counter()
@@ -268,7 +278,7 @@ class Shard(Service):
         if seq <= self.last_seq.get(worker, -1):
             self.counts["duplicates"] += 1
             self.metrics.duplicates.inc()
-            return [self._push_reply(header["rid"], applied=False, staleness=staleness)]
+            return self._push_reply(header, applied=False, staleness=staleness)
         if shm:  # the client's f32 gradient, read in place
             grad = self._segment(shm).grads[self.start : self.stop]
         elif dtype == "f32":
@@ -288,17 +298,23 @@ class Shard(Service):
         self._count_push(worker, seq, header["examples"], staleness)
         revoked = self.dispatcher.progress(worker, progress) if progress else []
         self.metrics.apply_seconds.observe(time.perf_counter() - began)
-        return [self._push_reply(header["rid"], applied=True, staleness=staleness, revoked=revoked)]
+        return self._push_reply(header, applied=True, staleness=staleness, revoked=revoked)
 
     def _push_reply(
-        self, rid: int, *, applied: bool, staleness: int, revoked: list[int] | None = None
-    ) -> bytes:
+        self, header: dict, *, applied: bool, staleness: int, revoked: list[int] | None = None
+    ) -> list[Any]:
         # with the dispatcher's generation: chunks of another one (from before shard 0
         # restarted) are all void, also those the replica has not pushed for yet
         more = {"revoked": revoked, "generation": self.dispatcher.generation} if revoked else {}
-        return protocol.reply(
-            rid, version=self.version, applied=applied, staleness=staleness, **more
-        )
+        frames = []
+        if "pull" in header:  # push-and-pull: the weights after this update come back
+            more["pull"], frames = self._weights_out(header.get("shm"), header["pull"])
+        return [
+            protocol.reply(
+                header["rid"], version=self.version, applied=applied, staleness=staleness, **more
+            ),
+            *frames,
+        ]
 
     def _on_chunk(self, header: dict, payload: list) -> list[Any]:
         expect_payload(payload, 0)

@@ -71,9 +71,12 @@ def compare(rule: str, addresses: list[str], warmup_epochs: float = 0.0) -> dict
             grads.zero_()
             torch.manual_seed(1000 + step)  # dropout masks, the same on both sides
             forward_backward(model, images, labels)
-            results = client.push(grads, examples=len(labels))
+            if step % 2:  # push-and-pull: the weights come back with the push's reply
+                results = client.push(grads, examples=len(labels), pull_into=weights)
+            else:
+                results = client.push(grads, examples=len(labels))
+                client.pull(weights)
             fresh = fresh and all(r.applied and r.staleness == 0 for r in results)
-            client.pull(weights)
             # the reference: its own step, from its own weights
             ref_grads.zero_()
             torch.manual_seed(1000 + step)

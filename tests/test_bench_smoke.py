@@ -120,3 +120,28 @@ def test_convergence(capsys, tmp_path):
     rows = (tmp_path / "convergence.csv").read_text().splitlines()
     assert rows[0] == "run,seconds,examples,top1" and len(rows) >= 4
     assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_wire_on_the_network_test_bed():
+    """bench.wire's every part at tiny size on the namespaces test bed (root, iproute2)."""
+    flags = ["--num-classes", "10", "--reps", "1", "--shards", "2", "--shard-hosts", "2"]
+    flags += ["--worker-hosts", "2", "--rate-mbit", "2000", "--replica-steps", "4"]
+    flags += ["--replica-variants", "overlap-bf16"]  # the path with the most flags
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.wire", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(
+        r"^\| 2 \| 2 \| (\d+) ms \| (\d+) ms \| [\d.]+ \| (\d+) ms \| .* \| 0 \|", out.stdout, re.M
+    )
+    assert len(rows) == 1, out.stdout  # one exchange row, no retries
+    bound, separate, combined = map(int, rows[0])
+    assert separate >= 0.9 * bound and combined >= 0.9 * bound, out.stdout  # the links' limit held
+    assert re.search(r"^\| 2 \| \d+ ms \| \d+ ms \| \d+ ms \| [\d.]+ \|$", out.stdout, re.M), (
+        out.stdout
+    )
+    assert len(ratios(out.stdout)) == 1 and "on loopback" in out.stdout

@@ -3,29 +3,27 @@
 Host A runs the shards, host B the averager, host C the replicas; they reach each
 other only through the bridge, at their own addresses, on the default ports (every
 namespace has its own). The test itself talks to them from the root namespace through
-an address on the bridge. Needs root (CI runs as root) and `ip` (iproute2; `make test`
-installs it). Namespaces, links and processes are removed at the end, also on failure.
+an address on the bridge. The hosts are `bench/netbed.py`'s test bed. Needs root (CI
+runs as root) and iproute2 (`make test` installs it). Namespaces, links and processes
+are removed at the end, also on failure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import secrets
-import shutil
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from bench import netbed
+from bench.netbed import NetBed
 from distbelief.client import probe_stats
 
 START_TIMEOUT_S = 120.0  # three cold `import torch`es on 2 cores
@@ -35,84 +33,31 @@ STEPS = 12
 HOSTS = ("shards", "averager", "workers")
 
 
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=check)
-
-
-@dataclass
-class Network:
-    """A bridge in the root namespace and one namespace per host, each with a veth on it."""
-
-    tag: str
-    subnet: str  # the first three octets
-    namespaces: dict[str, str] = field(default_factory=dict)  # host -> namespace name
-    addresses: dict[str, str] = field(default_factory=dict)  # host -> IPv4 address
-
-    @property
-    def bridge(self) -> str:
-        return f"dbbr{self.tag}"
-
-    def create(self) -> None:
-        ip("link", "add", self.bridge, "type", "bridge")
-        ip("addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)  # the test's own address
-        ip("link", "set", self.bridge, "up")
-        for n, host in enumerate(HOSTS):
-            ns, outer, inner = f"db{self.tag}-{host}", f"dbo{self.tag}{n}", f"dbi{self.tag}{n}"
-            ip("netns", "add", ns)
-            self.namespaces[host] = ns
-            ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-            ip("link", "set", outer, "master", self.bridge, "up")
-            ip("link", "set", inner, "netns", ns)
-            address = f"{self.subnet}.{n + 1}"
-            ip("-n", ns, "addr", "add", f"{address}/24", "dev", inner)
-            ip("-n", ns, "link", "set", inner, "up")
-            ip("-n", ns, "link", "set", "lo", "up")
-            self.addresses[host] = address
-
-    def destroy(self) -> None:
-        """Kill what still runs in the namespaces, then remove them and the bridge."""
-        for ns in self.namespaces.values():
-            pids = ip("netns", "pids", ns, check=False).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-            ip("netns", "del", ns, check=False)  # takes its end of the veth pair with it
-        ip("link", "del", self.bridge, check=False)
-
-
 @pytest.fixture
-def network() -> Iterator[Network]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.fail("the multi-host test needs root and iproute2 (`make test` installs it)")
-    tag = secrets.token_hex(3)  # interface names: at most 15 characters
-    net = Network(tag=tag, subnet=f"10.{200 + int(tag[:2], 16) % 50}.{int(tag[2:4], 16)}")
-    try:
-        net.create()
-        yield net
-    finally:
-        net.destroy()
+def network() -> Iterator[NetBed]:
+    reason = netbed.available()
+    if reason:
+        pytest.fail(
+            f"the multi-host test needs root and iproute2 (`make test` installs it): {reason}"
+        )
+    with NetBed(HOSTS) as bed:
+        yield bed
 
 
 class Hosts:
     """`distbelief` processes started inside the namespaces; all stopped at teardown."""
 
-    def __init__(self, net: Network, tmp_path: Path) -> None:
+    def __init__(self, net: NetBed, tmp_path: Path) -> None:
         self.net = net
         self.tmp_path = tmp_path
-        self.started: list[subprocess.Popen] = []
+
+    @property
+    def started(self) -> list[subprocess.Popen]:
+        return self.net.started
 
     def start(self, host: str, *args: str) -> subprocess.Popen:
         log = self.tmp_path / f"{host}.log"
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.net.namespaces[host], sys.executable, "-m", "distbelief"]
-            + list(args),
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        proc.log_path = log  # type: ignore[attr-defined]
-        self.started.append(proc)
-        return proc
+        return self.net.popen(host, [sys.executable, "-m", "distbelief", *args], log)
 
     def logs(self) -> str:
         return "\n".join(
@@ -120,24 +65,14 @@ class Hosts:
             for p in self.started
         )
 
-    def stop_all(self) -> None:
-        for proc in reversed(self.started):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(STOP_TIMEOUT_S)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
 
 @pytest.fixture
-def hosts(network: Network, tmp_path: Path) -> Iterator[Hosts]:
+def hosts(network: NetBed, tmp_path: Path) -> Iterator[Hosts]:
     h = Hosts(network, tmp_path)
     try:
         yield h
     finally:
-        h.stop_all()
+        network.stop(STOP_TIMEOUT_S)
 
 
 def metric(url: str, name: str) -> float:
@@ -215,3 +150,53 @@ def test_shards_averager_and_replicas_on_three_hosts(hosts, network, tmp_path):
     avg = wait_until("the averager folding in the final weights", averaged, 30, hosts)
     assert avg["snapshots"] >= 2 and avg["versions"][-1] == final, avg
     assert metric(f"http://{b}:9190/metrics", "distbelief_averager_updates_total") >= 2
+
+
+RATE_MBIT = 500.0  # well below what this machine's cores move through a veth
+SLOW_STEPS = 6
+
+
+def test_a_replica_on_a_slow_link_trains_at_the_links_speed(tmp_path):
+    """A replica on a 500 Mbit/s link (both ways) to a host of two shards: it trains,
+    retries nothing, and its exchanges take what the link's bound says plus a margin:
+    at least the bytes over the rate (so the link, not the cores, was the limit), at
+    most the bound of push-and-pull with two shards (upload to one while the other
+    answers) with 30% and a second to spare."""
+    reason = netbed.available()
+    if reason:
+        pytest.fail(f"the test bed needs root and iproute2 (`make test` installs it): {reason}")
+    with NetBed(("shards", "workers"), rate_mbit=RATE_MBIT) as bed:
+        hosts = Hosts(bed, tmp_path)
+        a = bed.addresses["shards"]
+        servers = [f"tcp://{a}:5570", f"tcp://{a}:5571"]
+        hosts.start("shards", "serve", "--shards", "2", "--bind", "0.0.0.0",
+                    "--num-classes", "10", "--metrics-port", "0")  # fmt: skip
+        wait_until(
+            "both shards answering across the bridge",
+            lambda: all(s is not None for s in probe_stats(servers, 1.0)),
+            START_TIMEOUT_S,
+            hosts,
+        )
+        status_dir = tmp_path / "status"
+        work = hosts.start("workers", "work", "--servers", ",".join(servers), "--cpu", "1",
+                           "--steps", str(SLOW_STEPS), "--batch-size", "8", "--image-size", "32",
+                           "--data", "synthetic", "--num-classes", "10", "--timeout-s", "5",
+                           "--metrics-port", "0", "--status-dir", str(status_dir))  # fmt: skip
+        try:
+            assert work.wait(RUN_TIMEOUT_S) == 0, hosts.logs()
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the replica did not finish in {RUN_TIMEOUT_S:g} s\n{hosts.logs()}")
+        status = json.loads((status_dir / "replica-0.json").read_text())
+        stats = probe_stats(servers, 5.0)
+        size = sum(s["stop"] - s["start"] for s in stats)
+        bed.stop()
+    assert status["step"] == SLOW_STEPS and status["done"] and status["retries"] == 0
+    assert status["loss"] == status["loss"]  # finite
+    assert status["pushes"] == status["pulls"] == SLOW_STEPS
+    assert [s["version"] for s in stats] == [SLOW_STEPS] * 2
+    link_s = 4 * size * 8 / (RATE_MBIT * 1e6)  # the f32 vector over the link, one way
+    # the first pull and the last push each move the vector one way; the pushes between
+    # bring the weights back, the second shard's slice uploading while the first answers
+    floor = (2 + (SLOW_STEPS - 1)) * link_s
+    bound = (2 + (SLOW_STEPS - 1) * 1.5) * link_s
+    assert 0.9 * floor <= status["exchange_s"] <= 1.3 * bound + 1.0, (status, link_s)

@@ -109,6 +109,28 @@ def test_duplicate_push_changes_nothing():
     assert shard.counts["duplicates"] == 2 and shard.examples == 4
 
 
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_a_push_with_pull_answers_with_the_weights_after_it(dtype):
+    shard, _, _ = make_shard(lr=0.5, momentum=0.0, weight_decay=0.0)
+    w0 = shard.weights.clone()
+    body = protocol.to_wire(torch.ones(shard.size), "f32").tobytes()
+    fields = dict(worker="w", seq=1, base_version=0, examples=4, dtype="f32", pull=dtype)
+    reply, payload = call(shard, "push", body, **fields)
+    assert reply["applied"] and reply["version"] == 1 and reply["pull"] == dtype
+    got = protocol.from_wire(payload[0].buffer, dtype).float()
+    _, pulled = call(shard, "pull", dtype=dtype)  # what a pull sent after reads
+    assert torch.equal(got, protocol.from_wire(pulled[0].buffer, dtype).float())
+    tol = {"f32": 0, "bf16": 1e-2}[dtype]
+    torch.testing.assert_close(got, w0 - 0.5, rtol=tol, atol=tol)
+    # a retried push-and-pull applies nothing again and still brings the weights
+    reply, payload = call(shard, "push", body, **fields)
+    assert not reply["applied"] and reply["version"] == 1 and len(payload) == 1
+    assert shard.counts == {"pushes": 1, "duplicates": 1, "pulls": 3}
+    reply, payload = call(shard, "push", body, **fields | {"seq": 2, "pull": "f64"})
+    assert reply["error"] == "bad_field" and "pull" in reply["message"] and not payload
+    assert shard.version == 1
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_gradient_is_refused_and_changes_nothing(bad):
     shard, _, _ = make_shard()

@@ -136,6 +136,8 @@ class ReplicaStatus:
     retries: int = 0
     staleness: float = 0.0
     data_wait_s: float = 0.0  # seconds the loop waited for its next batch (this process)
+    exchange_s: float = 0.0  # seconds in pushes and pulls (this process; with --overlap,
+    # in the background thread)
     epoch: int = 0
     restarts: int = 0
     warm_start_examples: int = 0  # the shards' examples when this replica began training
@@ -237,6 +239,7 @@ class Replica:
         began = last_status = time.perf_counter()
         pending = 0  # examples accumulated in the gradient buffer since the last push
         marks: dict[int, list[int]] = {}  # dispatched chunk -> [from, upto) of those examples
+        pulled = False  # the last push brought the weights back
         step = cfg.start_step
         self.model.train()
         for step in itertools.count(cfg.start_step):
@@ -244,6 +247,8 @@ class Replica:
                 break
             if comm is not None:
                 comm.install_weights()
+            elif pulled:
+                pulled = False  # with the last push (the push-and-pull op)
             elif step % cfg.fetch_every == 0 or step == cfg.start_step or self.client.must_pull:
                 # on schedule; first of all (a restarted replica may resume between two
                 # fetches); or at once when a shard lost versions
@@ -258,7 +263,9 @@ class Replica:
             loss = self._step(images, labels)
             pending += len(labels)
             if (step + 1) % cfg.push_every == 0:
-                self._send(comm, pending, marks)
+                # the next step pulls on schedule: the push brings the weights back
+                pull = (step + 1) % cfg.fetch_every == 0 and (total is None or step + 1 < total)
+                pulled = self._send(comm, pending, marks, pull=pull)
                 pending, marks = 0, {}
                 warm_goal = self._end_warm_start(warm_goal)
             now = time.perf_counter()
@@ -312,13 +319,17 @@ class Replica:
             if self.feed is None or batches.mark[0] not in self.feed.revoked:
                 return batch
 
-    def _send(self, comm: _Overlap | None, examples: int, marks: dict[int, list[int]]) -> None:
-        """Push the accumulated gradient (in the background with --overlap)."""
+    def _send(
+        self, comm: _Overlap | None, examples: int, marks: dict[int, list[int]], pull: bool = False
+    ) -> bool:
+        """Push the accumulated gradient (in the background with --overlap, which always
+        pulls after); with ``pull``, bring the weights back in the same round trip.
+        Return whether the weights were pulled here."""
         progress = [[chunk, *span] for chunk, span in marks.items()] or None
         if comm is not None:
             comm.push_then_pull(examples, progress)
-        else:
-            self._push(examples, progress=progress)
+            return False
+        return self._push(examples, progress=progress, pull=pull)
 
     def _dispatched(self, dataset_size: int | None) -> bool:
         """Whether this replica trains dispatched chunks (else its static share)."""
@@ -442,9 +453,14 @@ class Replica:
     def _pull(self, into: torch.Tensor | None = None) -> None:
         began = time.perf_counter()
         self.client.pull(self.host_weights if into is None else into)
+        self._pulled(into)
+        spent = time.perf_counter() - began
+        self.metrics.pull_seconds.observe(spent)
+        self.status.exchange_s += spent
+
+    def _pulled(self, into: torch.Tensor | None) -> None:
         if into is None and self.host_weights is not self.weights:
             self.weights.copy_(self.host_weights, non_blocking=True)
-        self.metrics.pull_seconds.observe(time.perf_counter() - began)
         self.status.pulls += 1
 
     def _push(
@@ -452,7 +468,13 @@ class Replica:
         examples: int,
         grads: torch.Tensor | None = None,
         progress: list[list[int]] | None = None,
-    ) -> None:
+        pull: bool = False,
+        into: torch.Tensor | None = None,
+    ) -> bool:
+        """Push ``grads`` (default: the accumulated gradient); with ``pull``, the shards
+        answer with their weights after it, written into ``into`` (default: the
+        replica's weights). Return whether the weights were pulled: not when the
+        gradient was dropped as non-finite."""
         began = time.perf_counter()
         if grads is None:
             if self.host_grads is not self.grads:
@@ -469,19 +491,25 @@ class Replica:
                 examples,
                 self.status.non_finite_pushes,
             )
-            return
-        results = self.client.push(grads, examples, progress)
+            return False
+        pull_into = (self.host_weights if into is None else into) if pull else None
+        results = self.client.push(grads, examples, progress, pull_into=pull_into)
+        if pull:
+            self._pulled(into)
         if grads is self.grads or grads is self.host_grads:
             self.grads.zero_()
         if self.feed is not None and progress:
             self.feed.revoke(results[0].revoked, results[0].generation)
             for chunk, _, upto in progress:
                 self.feed.done(chunk, upto)
-        self.metrics.push_seconds.observe(time.perf_counter() - began)
+        spent = time.perf_counter() - began
+        self.metrics.push_seconds.observe(spent)
+        self.status.exchange_s += spent
         staleness = sum(r.staleness for r in results) / len(results)
         self.metrics.staleness.observe(staleness)
         self.status.staleness = staleness
         self.status.pushes += 1
+        return pull
 
     def _record(
         self, step: int, epoch: int, loss: float, examples: int, seconds: float, steps_here: int
@@ -524,8 +552,10 @@ class _Overlap:
 
     def _run(self, examples: int, progress: list[list[int]] | None) -> None:
         try:
-            self.replica._push(examples, grads=self.send, progress=progress)
-            self.replica._pull(into=self.incoming)
+            if not self.replica._push(
+                examples, grads=self.send, progress=progress, pull=True, into=self.incoming
+            ):
+                self.replica._pull(into=self.incoming)  # the push was dropped: pull alone
             self.fresh = True
         except BaseException as exc:  # re-raised in the training thread
             self.error = exc

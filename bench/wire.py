@@ -1,0 +1,428 @@
+"""The exchange on rate-limited links between hosts: against the link's bound and gloo.
+
+Runs on ``bench/netbed.py``'s test bed (network namespaces on a bridge, each host's
+link a token bucket of ``--rate-mbit`` both ways; needs root), in one run:
+
+1. **Exchange time** of the GoogLeNet vector (``--num-classes 1000``, f32: 13.4 M
+   parameters, 54 MB) for 1, 2, 4 shard hosts × 1, 2, 4 worker hosts. ``--shards`` (8)
+   shard processes (``distbelief serve --shard-index I``) are spread evenly over the
+   shard hosts; one client per worker host exchanges the whole vector ``--reps`` times,
+   all worker hosts at once: **separate** (a push, then a pull: two round trips, the
+   upload done before the download starts) and **combined** (a push whose reply brings
+   the weights back, its slices sent one shard after the other so that the link
+   uploads to one shard while the ones before answer). The bound: moving N bytes up
+   and N down over a full-duplex link of rate B takes at least N/B; a shard host's link
+   carries (worker hosts / shard hosts) × N each way, so the bound is N/B × max(1,
+   workers/shard hosts).
+2. **gloo all-reduce** (as DDP does each step) of the same vector among the same
+   worker hosts (2 and 4) on the same links; its bound is 2N(p−1)/(pB). Against the
+   parameter server's combined exchange with as many shard hosts as worker hosts
+   (BytePS's regime: the shard hosts bring their own links).
+3. **A real replica**: ``distbelief work`` (synthetic data, 32 px, ``--push-every 4``;
+   as it is, with ``--overlap``, and with ``--overlap --wire-dtype bf16``) against
+   ``distbelief serve --shards 2`` on another host over a ``--rate-mbit`` link, and the
+   same two processes on loopback; images/s of both and their ratio.
+
+Usage: ``python -m bench.wire [--rate-mbit 1000] [--reps 6] [--shard-hosts 1,2,4]
+[--worker-hosts 1,2,4] [--parts exchange,allreduce,replica]``; about 10 minutes at the
+defaults. Internal: ``python -m bench.wire exchange|allreduce ...`` is what runs inside
+a host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import machine
+from bench.netbed import NetBed, available
+from distbelief.client import probe_stats
+
+START_TIMEOUT_S = 180.0
+RUN_TIMEOUT_S = 600.0
+PORT = 5570
+GLOO_PORT = 29511
+HERE = [sys.executable, "-m", "bench.wire"]
+REPLICA_VARIANTS = {
+    "plain": [],
+    "overlap": ["--overlap"],
+    "overlap-bf16": ["--overlap", "--wire-dtype", "bf16"],
+}
+
+
+# -- inside a worker host --------------------------------------------------------------
+
+
+def exchange_main(args: argparse.Namespace) -> None:
+    """Exchange the whole vector with the shards ``--reps`` times; times as JSON."""
+    import torch
+
+    from distbelief.client import ClientConfig, ParameterClient
+    from distbelief.layout import Layout
+    from distbelief.models import build_model
+
+    torch.set_num_threads(1)
+    layout = Layout.of(build_model("googlenet", args.num_classes), "googlenet")
+    cfg = ClientConfig(servers=tuple(args.servers.split(",")), wire_dtype=args.dtype)
+    weights = torch.zeros(layout.total)
+    grads = torch.full((layout.total,), 1e-9)
+    times: dict[str, list[float]] = {}
+    with ParameterClient(cfg, layout) as client:
+        client.connect()
+        client.pull(weights)
+        for mode in args.modes.split(","):
+            _barrier(Path(args.sync), mode, args.out)
+            spent = []
+            for rep in range(args.reps + 1):  # the first is a warm-up
+                began = time.perf_counter()
+                if mode == "separate":
+                    client.push(grads, 1)
+                    client.pull(weights)
+                else:
+                    client.push(grads, 1, pull_into=weights)
+                if rep:
+                    spent.append(time.perf_counter() - began)
+            times[mode] = spent
+    Path(args.out).write_text(json.dumps({"times": times, "retries": client.retries_total}))
+
+
+def allreduce_main(args: argparse.Namespace) -> None:
+    """gloo all-reduce of the vector among ``--world`` hosts, ``--reps`` times."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
+    try:
+        tensor = torch.full((args.size,), 1e-9)
+        spent = []
+        for rep in range(args.reps + 1):
+            dist.barrier()
+            began = time.perf_counter()
+            dist.all_reduce(tensor)
+            tensor.div_(args.world)  # DDP averages the summed gradients
+            if rep:
+                spent.append(time.perf_counter() - began)
+        Path(args.out).write_text(json.dumps({"times": spent}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _barrier(sync: Path, mode: str, me: str) -> None:
+    """Say we are ready for ``mode``; wait for the driver's go (every host at once)."""
+    (sync / f"ready-{mode}-{Path(me).name}").touch()
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (sync / f"go-{mode}").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no go for {mode} from the driver")
+        time.sleep(0.005)
+
+
+def release(sync: Path, mode: str, count: int, procs) -> None:
+    """The driver's side of :func:`_barrier`: go once ``count`` hosts are ready."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while len(list(sync.glob(f"ready-{mode}-*"))) < count:
+        failed = [p for p in procs if p.poll() not in (None, 0)]
+        if failed or time.monotonic() > deadline:
+            logs = "\n".join(p.log_path.read_text()[-2000:] for p in failed)
+            raise RuntimeError(f"the exchange clients did not get ready for {mode}:\n{logs}")
+        time.sleep(0.01)
+    (sync / f"go-{mode}").touch()
+
+
+# -- the driver ------------------------------------------------------------------------
+
+
+def vector_size(num_classes: int) -> int:
+    from distbelief.layout import Layout
+    from distbelief.models import build_model
+
+    return Layout.of(build_model("googlenet", num_classes), "googlenet").total
+
+
+def start_shards(bed: NetBed, shard_hosts: list[str], shards: int, num_classes: int, tmp: Path):
+    """``--shards`` shard processes spread over ``shard_hosts``; their addresses once up."""
+    addresses = []
+    for i in range(shards):
+        host = shard_hosts[i * len(shard_hosts) // shards]
+        argv = [sys.executable, "-m", "distbelief", "serve", "--shard-index", str(i)]
+        argv += ["--num-shards", str(shards), "--num-classes", str(num_classes)]
+        argv += ["--bind", "0.0.0.0", "--port", str(PORT), "--metrics-port", "0"]
+        argv += ["--threads", "1", "--log-level", "WARNING"]
+        bed.popen(host, argv, tmp / f"shard{i}.log")
+        addresses.append(f"tcp://{bed.addresses[host]}:{PORT + i}")
+    _wait_answer(addresses, bed.started)
+    return addresses
+
+
+def run_all(
+    bed: NetBed, hosts: list[str], argvs: list[list[str]], tmp: Path, modes: list[str] = ()
+) -> list[dict]:
+    """Run one command per host at once, each of ``modes`` started on every host at the
+    same moment (:func:`release`); their JSON outputs (``--out``)."""
+    procs, outs = [], []
+    sync = Path(tempfile.mkdtemp(prefix="sync-", dir=tmp))
+    for n, (host, argv) in enumerate(zip(hosts, argvs, strict=True)):
+        out = tmp / f"out-{host}-{n}-{time.monotonic_ns()}.json"
+        extra = ["--sync", str(sync)] if modes else []
+        procs.append(bed.popen(host, [*argv, *extra, "--out", str(out)], tmp / f"{host}.log"))
+        outs.append(out)
+    for n, mode in enumerate(modes):
+        release(sync, mode, len(procs), procs)
+        if n == 0:
+            cpu_before = cpu_times()
+    for proc in procs:
+        if proc.wait(RUN_TIMEOUT_S) != 0:
+            raise RuntimeError(
+                f"{proc.args}: exit {proc.returncode}\n{proc.log_path.read_text()[-2000:]}"
+            )
+    results = [json.loads(out.read_text()) for out in outs]
+    if modes:
+        results[0]["cpu_busy"] = busy_fraction(cpu_before, cpu_times())
+    return results
+
+
+def cpu_times() -> list[int]:
+    """This machine's CPU time counters (``/proc/stat``'s first line)."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def busy_fraction(before: list[int], after: list[int]) -> float:
+    """The share of the cores busy between two :func:`cpu_times` (1.0: every core)."""
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    return 1.0 - (spent[3] + spent[4]) / max(1, sum(spent))  # idle + iowait
+
+
+def measure_exchange(args, hs: int, hw: int, tmp: Path) -> dict[str, float]:
+    shard_hosts = [f"ps{i}" for i in range(hs)]
+    workers = [f"w{i}" for i in range(hw)]
+    modes = ["separate", "combined"]
+    with NetBed([*shard_hosts, *workers], rate_mbit=args.rate_mbit) as bed:
+        servers = start_shards(bed, shard_hosts, args.shards, args.num_classes, tmp)
+        argv = [*HERE, "exchange", "--servers", ",".join(servers), "--reps", str(args.reps)]
+        argv += ["--num-classes", str(args.num_classes), "--modes", ",".join(modes)]
+        argv += ["--dtype", "f32"]
+        results = run_all(bed, workers, [argv] * hw, tmp, modes)
+    row = {}
+    for mode in modes:
+        row[mode] = statistics.median(t for r in results for t in r["times"][mode])
+    row["retries"] = sum(r["retries"] for r in results)
+    row["cpu_busy"] = results[0]["cpu_busy"]
+    return row
+
+
+def measure_allreduce(args, hw: int, size: int, tmp: Path) -> float:
+    workers = [f"w{i}" for i in range(hw)]
+    with NetBed(workers, rate_mbit=args.rate_mbit) as bed:
+        init = f"tcp://{bed.addresses['w0']}:{GLOO_PORT}"
+        argvs = []
+        for rank, host in enumerate(workers):
+            argv = ["env", f"GLOO_SOCKET_IFNAME={bed.devices[host][1]}", *HERE, "allreduce"]
+            argv += ["--init", init, "--rank", str(rank), "--world", str(hw)]
+            argv += ["--size", str(size), "--reps", str(args.reps)]
+            argvs.append(argv)
+        results = run_all(bed, workers, argvs, tmp)
+    return statistics.median(t for r in results for t in r["times"])
+
+
+def replica_images_per_s(args, tmp: Path, rate_mbit: float | None, flags: list[str]) -> dict:
+    """``work`` (with ``flags``) against ``serve --shards 2``: over a rate-limited link
+    between two hosts, or (``rate_mbit`` None) both on this host's loopback."""
+    steps = args.replica_steps
+    work = ["--cpu", "1", "--data", "synthetic", "--num-classes", "10"]
+    work += ["--image-size", "32", "--batch-size", "32", "--push-every", "4", "--fetch-every", "4"]
+    work += ["--steps", str(steps), "--metrics-port", "0", "--no-shared-memory"]
+    work += ["--max-restarts", "0", "--log-level", "WARNING", *flags]
+    serve = ["--shards", "2", "--num-classes", "10", "--metrics-port", "0", "--threads", "1"]
+    serve += ["--log-level", "WARNING"]
+    status_dir = tmp / f"status-{rate_mbit}-{time.monotonic_ns()}"
+    distbelief = [sys.executable, "-m", "distbelief"]
+    if rate_mbit is None:
+        from bench.common import random_port_start
+        from distbelief.launcher import free_port_run
+
+        port = free_port_run(2, random_port_start())
+        servers = [f"tcp://127.0.0.1:{port + i}" for i in range(2)]
+        shard = subprocess.Popen(
+            [*distbelief, "serve", *serve, "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            _wait_answer(servers, [shard])
+            subprocess.run(
+                [
+                    *distbelief,
+                    "work",
+                    "--servers",
+                    ",".join(servers),
+                    *work,
+                    "--status-dir",
+                    str(status_dir),
+                ],
+                check=True,
+                timeout=RUN_TIMEOUT_S,
+                capture_output=True,
+            )
+        finally:
+            shard.terminate()
+            shard.wait(30)
+    else:
+        with NetBed(["ps", "w"], rate_mbit=rate_mbit) as bed:
+            bed.popen("ps", [*distbelief, "serve", *serve, "--bind", "0.0.0.0"], tmp / "serve.log")
+            servers = [f"tcp://{bed.addresses['ps']}:{PORT + i}" for i in range(2)]
+            _wait_answer(servers, bed.started)
+            proc = bed.popen(
+                "w",
+                [
+                    *distbelief,
+                    "work",
+                    "--servers",
+                    ",".join(servers),
+                    *work,
+                    "--status-dir",
+                    str(status_dir),
+                ],
+                tmp / "work.log",
+            )
+            if proc.wait(RUN_TIMEOUT_S) != 0:
+                raise RuntimeError(f"work failed:\n{proc.log_path.read_text()[-2000:]}")
+    status = json.loads((status_dir / "replica-0.json").read_text())
+    return {k: status[k] for k in ("images_per_s", "retries", "pushes", "pulls", "exchange_s")}
+
+
+def _wait_answer(servers: list[str], procs) -> None:
+    """Until every server answers; their processes' logs in the error if one exits."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not all(s is not None for s in probe_stats(servers, 1.0)):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            logs = "\n".join(
+                p.log_path.read_text()[-1500:] for p in procs if getattr(p, "log_path", None)
+            )
+            raise RuntimeError(f"shards did not start:\n{logs}")
+        time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    ex = sub.add_parser("exchange")
+    for name, kind in (
+        ("--servers", str),
+        ("--reps", int),
+        ("--num-classes", int),
+        ("--modes", str),
+        ("--sync", str),
+        ("--dtype", str),
+        ("--out", str),
+    ):
+        ex.add_argument(name, type=kind, required=True)
+    ar = sub.add_parser("allreduce")
+    for name, kind in (
+        ("--init", str),
+        ("--rank", int),
+        ("--world", int),
+        ("--size", int),
+        ("--reps", int),
+        ("--out", str),
+    ):
+        ar.add_argument(name, type=kind, required=True)
+    parser.add_argument("--rate-mbit", type=float, default=1000.0)
+    parser.add_argument("--reps", type=int, default=6)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--shards", type=int, default=8, help="shard processes in all")
+    parser.add_argument("--shard-hosts", default="1,2,4")
+    parser.add_argument("--worker-hosts", default="1,2,4")
+    parser.add_argument("--parts", default="exchange,allreduce,replica")
+    parser.add_argument("--replica-steps", type=int, default=80)
+    parser.add_argument("--replica-variants", default=",".join(REPLICA_VARIANTS))
+    args = parser.parse_args(argv)
+    if args.command == "exchange":
+        exchange_main(args)
+        return 0
+    if args.command == "allreduce":
+        allreduce_main(args)
+        return 0
+    reason = available()
+    if reason:
+        print(f"bench.wire needs the network test bed: {reason}", file=sys.stderr)
+        return 2
+    parts = args.parts.split(",")
+    size = vector_size(args.num_classes)
+    n_bytes = 4 * size
+    link_s = n_bytes * 8 / (args.rate_mbit * 1e6)  # N/B
+    print(machine())
+    print(
+        f"links {args.rate_mbit:g} Mbit/s each way; GoogLeNet ({args.num_classes} classes): "
+        f"{size:,} parameters, N = {n_bytes / 1e6:.1f} MB as f32, N/B = {link_s * 1e3:.0f} ms; "
+        f"{args.shards} shards, {args.reps} reps, medians"
+    )
+    combined: dict[tuple[int, int], float] = {}
+    with tempfile.TemporaryDirectory(prefix="db-wire-") as tmp_name:
+        tmp = Path(tmp_name)
+        if "exchange" in parts:
+            print(
+                "| shard hosts | worker hosts | bound | separate | /bound "
+                "| combined | /bound | retries | cores busy |"
+            )
+            print("|---|---|---|---|---|---|---|---|---|")
+            for hs in (int(h) for h in args.shard_hosts.split(",")):
+                for hw in (int(h) for h in args.worker_hosts.split(",")):
+                    row = measure_exchange(args, hs, hw, tmp)
+                    bound = link_s * max(1.0, hw / hs)
+                    combined[hs, hw] = row["combined"]
+                    print(
+                        f"| {hs} | {hw} | {bound * 1e3:.0f} ms | {row['separate'] * 1e3:.0f} ms | "
+                        f"{row['separate'] / bound:.2f} | {row['combined'] * 1e3:.0f} ms | "
+                        f"{row['combined'] / bound:.2f} | {row['retries']} "
+                        f"| {row['cpu_busy']:.0%} |",
+                        flush=True,
+                    )
+        if "allreduce" in parts:
+            print(
+                "| worker hosts | gloo all-reduce | its bound 2N(p-1)/(pB) "
+                "| PS combined (as many shard hosts) | PS / gloo |"
+            )
+            print("|---|---|---|---|---|")
+            for hw in (int(h) for h in args.worker_hosts.split(",") if int(h) >= 2):
+                gloo = measure_allreduce(args, hw, size, tmp)
+                ps = combined.get((hw, hw))
+                ours = f"{ps * 1e3:.0f} ms | {ps / gloo:.2f}" if ps else "not measured | -"
+                print(
+                    f"| {hw} | {gloo * 1e3:.0f} ms | {2 * link_s * (hw - 1) / hw * 1e3:.0f} ms | "
+                    f"{ours} |",
+                    flush=True,
+                )
+        if "replica" in parts:
+            for name in args.replica_variants.split(","):
+                flags = REPLICA_VARIANTS[name]
+                slow = replica_images_per_s(args, tmp, args.rate_mbit, flags)
+                fast = replica_images_per_s(args, tmp, None, flags)
+                print(
+                    f"replica {' '.join(flags) or '(no --overlap)'}, synthetic 32 px, batch 32, "
+                    f"--push-every 4 --fetch-every 4: {slow['images_per_s']:.1f} images/s on a "
+                    f"{args.rate_mbit:g} Mbit/s link (exchange {slow['exchange_s']:.1f} s, "
+                    f"retries {slow['retries']}), {fast['images_per_s']:.1f} on loopback "
+                    f"(exchange {fast['exchange_s']:.1f} s): "
+                    f"ratio {slow['images_per_s'] / fast['images_per_s']:.2f}",
+                    flush=True,
+                )
+    return 0
+
+
+def _exit_on_sigterm(*_: object) -> None:
+    raise SystemExit(143)  # unwinds the ``with NetBed`` blocks: the bed is removed
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    raise SystemExit(main())
