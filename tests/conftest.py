@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +24,7 @@ from distbelief import protocol
 from distbelief.client import open_dealer
 from distbelief.curve import Curve
 from distbelief.launcher import free_port_run
+from tests import zygote
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 90.0  # a cold `import torch` plus building GoogLeNet, on a loaded 2-core CI
@@ -69,6 +75,96 @@ def wait_until_serving(
     pytest.fail(f"server at {address} did not answer in {START_TIMEOUT_S} s")
 
 
+class ForkedProcess:
+    """What the tests use of ``subprocess.Popen``, for a process the fork server started:
+    the server is its parent, so it tells the exit code."""
+
+    def __init__(self, server: ForkServer, pid: int, args: list[str]) -> None:
+        self.server, self.pid, self.args = server, pid, args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.server.returncode(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class ForkServer:
+    """The connection to tests/zygote.py, started at the first process a test asks for
+    and stopped when the session ends."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.conn: socket.socket | None = None
+        self.folder: str | None = None
+        self.lock = threading.Lock()
+
+    def _request(self, request: dict) -> dict:
+        with self.lock:
+            if self.conn is None:
+                self._start()
+            self.conn.sendall(json.dumps(request).encode() + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                data = self.conn.recv(65536)
+                if not data:
+                    raise RuntimeError("the tests' fork server (tests/zygote.py) ended")
+                reply += data
+            return json.loads(reply)
+
+    def _start(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="distbelief-zygote-")
+        path = os.path.join(self.folder, "socket")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.zygote", path],
+            cwd=Path(__file__).resolve().parent.parent,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not os.path.exists(path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the tests' fork server did not start ({self.proc.poll()})")
+            time.sleep(0.05)
+        self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.conn.connect(path)
+
+    def spawn(self, args: list[str], env: dict, log_path: Path) -> ForkedProcess:
+        request = {"op": "spawn", "argv": args, "env": env, "cwd": os.getcwd()}
+        pid = self._request({**request, "log": str(log_path)})["pid"]
+        return ForkedProcess(self, pid, ["distbelief", *args])
+
+    def returncode(self, pid: int) -> int | None:
+        return self._request({"op": "status", "pid": pid})["returncode"]
+
+    def stop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.proc.wait(STOP_TIMEOUT_S)
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+ZYGOTE = ForkServer()
+
+
 class Processes:
     """Starts `distbelief` subcommands; everything started is stopped at teardown."""
 
@@ -76,16 +172,26 @@ class Processes:
         self.tmp_path = tmp_path
         self.started: list[tuple[subprocess.Popen, Path]] = []
 
-    def start(self, *args: str, name: str = "proc", env: dict | None = None) -> subprocess.Popen:
+    def start(
+        self, *args: str, name: str = "proc", env: dict | None = None, fork: bool = True
+    ) -> subprocess.Popen:
+        """``distbelief args`` in a session of its own, output in the returned object's
+        ``log_path``; forked from the tests' fork server (tests/zygote.py) unless
+        ``env`` changes what torch reads at import, or ``fork`` is false (a fresh
+        interpreter, for a test that measures the process itself, e.g. its memory)."""
         log_path = self.tmp_path / f"{name}-{len(self.started)}.log"
-        out = log_path.open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "distbelief", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
+        full_env = {**os.environ, **(env or {})}
+        if fork and zygote.forkable(full_env):
+            log_path.write_bytes(b"")
+            proc = ZYGOTE.spawn(list(args), full_env, log_path)
+        else:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "distbelief", *args],
+                stdout=log_path.open("wb"),
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                start_new_session=True,
+            )
         proc.log_path = log_path  # type: ignore[attr-defined]
         self.started.append((proc, log_path))
         return proc
@@ -198,9 +304,32 @@ INTEGRATION_TESTS = {
 }
 
 
+# the longest tests (docs/benchmarks.md), started first so that with several pytest
+# workers (`make test` runs two) none of them is left to run alone at the end
+LONGEST_FIRST = (
+    "test_convergence.py::",
+    "test_load.py::",
+    "test_elastic.py::test_replicas_join",
+    "test_faults.py::test_a_slow_flaky_network",
+    "test_bench_smoke.py::test_wire",
+    "test_bench_gpu.py::test_gpu_bench_runs",
+    "test_bench_smoke.py::test_convergence",
+    "test_elastic.py::test_a_replica_twice_as_slow",
+)
+
+
+def longest_first(item) -> int:
+    for rank, prefix in enumerate(LONGEST_FIRST):
+        if prefix in item.nodeid:
+            return rank
+    return len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark as ``integration`` every test that uses real processes; ``make test-fast``
-    runs the rest (``-m "not integration"``), ``make test`` runs everything."""
+    runs the rest (``-m "not integration"``), ``make test`` runs everything. The
+    longest tests go first."""
+    items.sort(key=longest_first)
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
         if (
@@ -211,11 +340,29 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+def pin_to_own_cores() -> None:
+    """Under pytest-xdist, give each worker its own share of the cores (the processes
+    its tests start inherit it, and size their torch threads from it): torch's threads
+    spinning on cores that another worker's processes hold made the exactness tests 6
+    times slower (docs/benchmarks.md)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not worker.startswith("gw") or count < 2 or len(cores) < count:
+        return
+    index, share = int(worker[2:]), len(cores) // count
+    os.sched_setaffinity(0, cores[index * share : (index + 1) * share])
+    import torch  # its OpenMP counted the cores when it was loaded
+
+    torch.set_num_threads(share)
+
+
 def pytest_configure(config) -> None:
     """Built demo sets are kept for the session in a folder of its own (every process the
     tests start inherits it), not in the user's cache, and removed at the end."""
     from distbelief.data import DEMO_CACHE_ENV
 
+    pin_to_own_cores()
     if DEMO_CACHE_ENV not in os.environ:
         import tempfile
 
@@ -224,9 +371,31 @@ def pytest_configure(config) -> None:
 
 
 def pytest_unconfigure(config) -> None:
-    import shutil
-
+    ZYGOTE.stop()
     folder = getattr(config, "demo_cache", None)
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
         os.environ.pop("DISTBELIEF_CACHE_DIR", None)
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With DISTBELIEF_TEST_CPU_LOG set, append each test's wall time and the machine's
+    busy CPU seconds during it (setup and teardown included) to that file: where the
+    suite's time goes on an otherwise idle machine (docs/benchmarks.md)."""
+    log = os.environ.get("DISTBELIEF_TEST_CPU_LOG")
+    if not log:
+        yield
+        return
+    wall, busy = time.monotonic(), _machine_busy_s()
+    yield
+    wall, busy = time.monotonic() - wall, _machine_busy_s() - busy
+    with open(log, "a") as f:
+        f.write(f"{wall:.1f}\t{busy:.1f}\t{item.nodeid}\n")

@@ -140,17 +140,23 @@ def test_a_replica_twice_as_slow_gets_about_half_the_chunks(procs, tmp_path, fol
     slow = status(status_dir / "replica-1.json")["pid"]
     done = threading.Event()
 
-    def half_speed() -> None:  # a straggler: stopped half of every 0.2 s
+    # A straggler computing at half the other's rate: with a core each, stopped half
+    # of the time; sharing one core (a pytest worker's share of this machine), stopped a
+    # third of it, since the other then has the core to itself: 1/3 + 2/3 × 1/2 = 2/3
+    # against 2/3 × 1/2 = 1/3 of the core.
+    stopped_s, running_s = (0.1, 0.1) if len(os.sched_getaffinity(0)) >= 2 else (0.1, 0.2)
+
+    def slowed() -> None:
         while not done.is_set():
             try:
                 os.kill(slow, signal.SIGSTOP)
-                time.sleep(0.1)
+                time.sleep(stopped_s)
                 os.kill(slow, signal.SIGCONT)
             except ProcessLookupError:
                 return
-            time.sleep(0.1)
+            time.sleep(running_s)
 
-    thread = threading.Thread(target=half_speed, daemon=True)
+    thread = threading.Thread(target=slowed, daemon=True)
     start = [status(status_dir / f"replica-{i}.json").get("examples", 0) for i in (0, 1)]
     thread.start()
     try:

@@ -62,6 +62,7 @@ def test_eight_clients_for_a_minute_lose_nothing_and_hold_memory(procs, capsys):
             str(NUM_CLASSES),
             *PLAIN_SGD,
             name=f"shard{index}",
+            fork=False,  # its resident memory is measured: a fresh interpreter, as users run it
         )
         wait_until_serving(f"tcp://{LOOPBACK}:{base + index}", proc, proc.log_path)
         shards.append(proc)
