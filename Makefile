@@ -24,12 +24,12 @@ demo: venv
 	$(BIN)/distbelief up
 
 # two pytest workers, each pinned to its half of the cores (tests/conftest.py); one on
-# a single core. The longest tests start first and idle workers take work from busy ones.
+# a single core. The longest tests start first; the tests that run `up` share a worker.
 TEST_WORKERS ?= $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 1)
 
 test: venv tools
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # the tests that start no process and train no network (about 40 s on 2 cores)
 test-fast: venv

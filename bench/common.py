@@ -24,9 +24,28 @@ from distbelief.layout import Layout
 START_TIMEOUT_S = 120.0
 
 
+# below Linux's ephemeral ports (32768–60999), which outgoing connections take
+PORT_RANGE = (20000, 32768)
+
+
+def port_share() -> tuple[int, int]:
+    """The ports this process picks from: all of PORT_RANGE, or, under a pytest-xdist
+    worker (the benchmarks' smoke tests; the variables are inherited), that worker's
+    own slice of it, so that tests running at once never pick the same port."""
+    low, high = PORT_RANGE
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2:
+        return low, high
+    size = (high - low) // count
+    return low + int(worker[2:]) * size, low + (int(worker[2:]) + 1) * size
+
+
 def random_port_start() -> int:
-    """Where to start looking for free ports: random, so concurrent runs rarely collide."""
-    return random.Random(os.getpid() ^ time.monotonic_ns()).randrange(20000, 60000)
+    """Where to start looking for free ports: random in this process's share of the
+    range, so concurrent runs rarely collide."""
+    low, high = port_share()
+    return random.Random(os.getpid() ^ time.monotonic_ns()).randrange(low, high - 64)
 
 
 def median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:

@@ -12,6 +12,9 @@ but computes the gradient of update ``t`` on the weights of version ``t − τ``
 - with ``+warm`` after a policy, replica 0 trains alone (``τ = 0``) for
   ``--warm-start`` of the first epoch, and the shards warm the rate up linearly over
   ``--lr-warmup-epochs``, as ``distbelief up --warm-start … --lr-warmup-epochs …``.
+- with ``--wire-dtypes f32,bf16``, each run also as over a wire of that type: the
+  weights a replica pulls and the gradient it pushes rounded to it, as
+  ``work --wire-dtype`` sends them (the shard keeps and updates f32);
 - with ``--join-over J`` as well, replica 1 joins when the warm start ends and the
   others one by one over the next ``J`` of the first epoch (an experiment on the join
   shock; ``work`` has no such flag: ``bench/RESULTS.md`` says why).
@@ -47,6 +50,7 @@ from distbelief.server.rules import Schedule, make_rule
 from distbelief.server.staleness import StalenessConfig, Updater
 
 from bench.common import machine
+from distbelief import protocol
 from distbelief.data import evaluate, iterate_batches, load_dataset
 from distbelief.layout import Layout, flatten_into
 from distbelief.models import build_model
@@ -91,6 +95,7 @@ class SimConfig:
     dc_lambda: float = StalenessConfig.dc_lambda
     eval_examples: int = 1000
     threads: int | None = None
+    wire_dtype: str = "f32"  # what pulled weights and pushed gradients are rounded to
 
     @property
     def base_policy(self) -> str:
@@ -178,6 +183,8 @@ def simulate(cfg: SimConfig) -> SimResult:
     join_steps = math.ceil(cfg.join_over * len(train_set) / cfg.batch_size) if warm else 0
     staleness = StalenessModel(cfg, warm_steps, join_steps)
     history = [shard.clone() for _ in range(staleness.max_tau + 1)]  # ring: version % len
+    wire = protocol.DTYPES[cfg.wire_dtype][0]
+    rounded = (lambda t: t.copy_(t.to(wire))) if wire is not torch.float32 else (lambda t: t)
     batches = iterate_batches(train_set, batch_size=cfg.batch_size, seed=cfg.seed)
     budgets = sorted({*(b for b in cfg.budgets if b < cfg.examples), cfg.examples})
     result, examples = SimResult(config=cfg), 0
@@ -187,8 +194,10 @@ def simulate(cfg: SimConfig) -> SimResult:
         base = version - staleness.tau(version)
         with torch.no_grad():
             replica.copy_(history[base % len(history)])  # the weights this replica pulled
+            rounded(replica)  # as they crossed the wire
         grads.zero_()
         forward_backward(model, images, labels)
+        rounded(grads)  # as the push carries it
         updater.apply(grads, examples_before=examples, staleness=version - base, base_version=base)
         examples += len(labels)
         history[(version + 1) % len(history)].copy_(shard)
@@ -264,8 +273,9 @@ def _run(cfg: SimConfig) -> dict:
 
 
 def grid(args: argparse.Namespace) -> list[SimConfig]:
-    """Every (N, policy, lr, momentum, seed); one replica only with the first policy
-    (with τ = 0 every policy is the reference trainer)."""
+    """Every (N, policy, lr, momentum, seed, wire type); one replica only with the first
+    policy (with τ = 0 every policy is the reference trainer; over an f32 wire, bit for
+    bit)."""
     histogram = read_histogram(args.staleness_from) if args.staleness_from else ()
     budgets = tuple(int(args.examples * k / args.points) for k in range(1, args.points))
     policies = args.policies.split(",")
@@ -287,13 +297,15 @@ def grid(args: argparse.Namespace) -> list[SimConfig]:
             dc_lambda=args.dc_lambda,
             eval_examples=args.eval_examples,
             threads=args.threads,
+            wire_dtype=wire,
         )  # fmt: skip
-        for n, policy, lr, momentum, seed in itertools.product(
+        for n, policy, lr, momentum, seed, wire in itertools.product(
             _numbers(args.replicas, int),
             policies,
             _numbers(args.lrs, float),
             _numbers(args.momenta, float),
             _numbers(args.seeds, int),
+            args.wire_dtypes.split(","),
         )
         if n > 1 or policy == policies[0]
     ]
@@ -304,20 +316,22 @@ def _numbers(text: str, kind: type) -> list:
 
 
 def summarise(runs: list[dict], target: float) -> list[dict]:
-    """Per (N, policy): the best rate by mean final top-1; its means over seeds."""
+    """Per (N, policy, wire type): the best rate by mean final top-1; its means over
+    seeds. Ratios are to N = 1 over an f32 wire (the reference trainer)."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         c = run["config"]
-        key = (c["replicas"], c["policy"], c["lr"], c["momentum"])
+        key = (c["replicas"], c["policy"], c["wire_dtype"], c["lr"], c["momentum"])
         groups.setdefault(key, []).append(run)
     best: dict[tuple, dict] = {}
-    for (n, policy, lr, momentum), group in groups.items():
+    for (n, policy, wire, lr, momentum), group in groups.items():
         curves = [r["curve"] for r in group]
         final = statistics.mean(c[-1][1] for c in curves)
         reach = [next((e for e, t in c if t >= target), None) for c in curves]
         row = {
             "replicas": n,
             "policy": policy,
+            "wire_dtype": wire,
             "lr": lr,
             "momentum": momentum,
             "seeds": len(group),
@@ -327,10 +341,11 @@ def summarise(runs: list[dict], target: float) -> list[dict]:
             "to_target": statistics.mean(reach) if None not in reach else None,
             "reached": sum(r is not None for r in reach),
         }
-        if (n, policy) not in best or final > best[(n, policy)]["top1"][-1]:
-            best[(n, policy)] = row
-    rows = sorted(best.values(), key=lambda r: (r["replicas"], r["policy"]))
-    reference = next((r for r in rows if r["replicas"] == 1), None)
+        if (n, policy, wire) not in best or final > best[(n, policy, wire)]["top1"][-1]:
+            best[(n, policy, wire)] = row
+    rows = sorted(best.values(), key=lambda r: (r["replicas"], r["policy"], r["wire_dtype"]))
+    ones = [r for r in rows if r["replicas"] == 1]
+    reference = next((r for r in ones if r["wire_dtype"] == "f32"), ones[0] if ones else None)
     for row in rows:  # at equal examples: the same budget
         row["ratio"] = row["top1"][-1] / max(reference["top1"][-1], 1e-9) if reference else None
     return rows
@@ -345,8 +360,9 @@ def print_table(rows: list[dict], target: float) -> None:
         cells = " | ".join(f"{t:.1%}" for t in r["top1"])
         reach = f"{r['to_target']:.0f}" if r["to_target"] is not None else "not all"
         ratio = f"ratio {r['ratio']:.2f}" if r["ratio"] is not None else "(no N = 1)"
+        wire = "" if r["wire_dtype"] == "f32" else f", {r['wire_dtype']} wire"
         print(
-            f"| {r['replicas']} | {r['policy']} | {r['lr']:g}, {r['momentum']:g} | {cells} "
+            f"| {r['replicas']} | {r['policy']}{wire} | {r['lr']:g}, {r['momentum']:g} | {cells} "
             f"± {r['top1_sd']:.1%} | {ratio} | {reach} ({r['reached']}/{r['seeds']}) |"
         )
 
@@ -370,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--staleness-from", default=None, help="a shard's /metrics text")
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument(
+        "--wire-dtypes", default="f32", help="f32, bf16, f16: what pulls and pushes carry"
+    )
+    parser.add_argument(
         "--jobs", type=int, default=available_cores(), help="runs at once (processes)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -386,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
             c = run["config"]
             print(
-                f"[{len(runs)}/{len(configs)}] N={c['replicas']} {c['policy']} lr {c['lr']:g} "
+                f"[{len(runs)}/{len(configs)}] N={c['replicas']} {c['policy']} "
+                f"{c['wire_dtype']} lr {c['lr']:g} "
                 f"seed {c['seed']}: top-1 {run['curve'][-1][1]:.1%} ({run['seconds']:.0f} s)",
                 flush=True,
             )

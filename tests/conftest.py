@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from bench.common import random_port_start
 from distbelief import protocol
 from distbelief.client import open_dealer
 from distbelief.curve import Curve
@@ -37,9 +37,9 @@ def port_is_free(port: int) -> bool:
 
 def free_ports(count: int) -> int:
     """The first of ``count`` consecutive free loopback ports (shard i listens on base+i),
-    searched from a random start so that concurrent runs do not collide."""
-    start = random.Random(os.getpid() ^ time.monotonic_ns()).randrange(20000, 60000)
-    return free_port_run(count, start)
+    searched from a random start in this pytest worker's share of the ports, so that
+    concurrent tests do not collide (bench/common.py)."""
+    return free_port_run(count, random_port_start())
 
 
 def free_port() -> int:
@@ -318,6 +318,12 @@ LONGEST_FIRST = (
 )
 
 
+# tests that run `distbelief up`, which takes its ports from fixed defaults upward
+# (5570, 9100, ...): one pytest worker runs them all, one after the other, so that two
+# of them never pick the same free ports before either has bound them
+RUN_UP = ("test_convergence.py::", "test_prometheus.py::", "test_work.py::test_up_with")
+
+
 def longest_first(item) -> int:
     for rank, prefix in enumerate(LONGEST_FIRST):
         if prefix in item.nodeid:
@@ -328,9 +334,11 @@ def longest_first(item) -> int:
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark as ``integration`` every test that uses real processes; ``make test-fast``
     runs the rest (``-m "not integration"``), ``make test`` runs everything. The
-    longest tests go first."""
+    longest tests go first; those that run ``up`` share one pytest worker."""
     items.sort(key=longest_first)
     for item in items:
+        if any(name in item.nodeid for name in RUN_UP):
+            item.add_marker(pytest.mark.xdist_group("up"))
         module = item.module.__name__.rsplit(".", 1)[-1]
         if (
             "procs" in getattr(item, "fixturenames", ())

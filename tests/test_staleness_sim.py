@@ -32,6 +32,20 @@ def test_one_replica_is_the_reference_trainer_bit_for_bit():
     assert not torch.equal(stale.weights, ref.weights)  # staleness changes the run
 
 
+def test_a_bf16_wire_rounds_what_crosses_it_and_the_shard_keeps_f32():
+    f32 = simulate(SimConfig(examples=STEPS * BATCH, batch_size=BATCH, seed=3, **HP))
+    cfg = SimConfig(examples=STEPS * BATCH, batch_size=BATCH, seed=3, wire_dtype="bf16", **HP)
+    bf16 = simulate(cfg)
+    assert bf16.weights.dtype == torch.float32
+    # the shard's vector holds updates of bf16 gradients: not bf16 values themselves
+    assert not torch.equal(bf16.weights, bf16.weights.bfloat16().float())
+    assert not torch.equal(bf16.weights, f32.weights)  # the rounding changed the run
+    # and only by about bf16's precision (2^-8 relative) per step, not more
+    initial = simulate(SimConfig(examples=0, batch_size=BATCH, seed=3, **HP)).weights
+    moved, off = (f32.weights - initial).abs().max(), (bf16.weights - f32.weights).abs().max()
+    assert 0 < off < 0.2 * moved, (off, moved)
+
+
 def test_round_robin_staleness_ramps_to_n_minus_one_after_the_warm_start():
     model = StalenessModel(SimConfig(replicas=4), warm_steps=3)
     assert [model.tau(t) for t in range(9)] == [0, 0, 0, 0, 1, 2, 3, 3, 3]
@@ -84,3 +98,24 @@ def test_the_command_runs_every_policy_and_prints_ratios(tmp_path):
     summary = json.loads((tmp_path / "staleness.json").read_text())["summary"]
     assert {r["policy"] for r in summary if r["replicas"] == 4} == set(POLICIES)
     assert all(0 <= t <= 1 for r in summary for t in r["top1"])
+
+
+def test_the_command_reports_each_wire_type_against_the_f32_reference(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "bench.staleness", "--replicas", "1,2", "--seeds", "0"]
+        + ["--examples", "32", "--batch-size", "8", "--points", "2", "--eval-examples", "32"]
+        + ["--policies", "async-momentum-lr+warm", "--wire-dtypes", "f32,bf16"]
+        + ["--out", str(tmp_path), "--jobs", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    summary = json.loads((tmp_path / "staleness.json").read_text())["summary"]
+    rows = {(r["replicas"], r["wire_dtype"]): r for r in summary}
+    assert set(rows) == {(1, "f32"), (1, "bf16"), (2, "f32"), (2, "bf16")}
+    reference = rows[(1, "f32")]["top1"][-1]
+    assert rows[(1, "f32")]["ratio"] == 1.0
+    for row in summary:
+        assert row["ratio"] == row["top1"][-1] / max(reference, 1e-9)
