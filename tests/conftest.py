@@ -318,10 +318,16 @@ LONGEST_FIRST = (
 )
 
 
-# tests that run `distbelief up`, which takes its ports from fixed defaults upward
-# (5570, 9100, ...): one pytest worker runs them all, one after the other, so that two
-# of them never pick the same free ports before either has bound them
-RUN_UP = ("test_convergence.py::", "test_prometheus.py::", "test_work.py::test_up_with")
+# Tests one pytest worker runs one after the other. "up": the tests that run
+# `distbelief up`, which takes its ports from fixed defaults upward (5570, 9100, ...),
+# so that two of them never pick the same free ports before either has bound them.
+# "fuzz": its last tests check what the fuzzing before them left in the same servers.
+SAME_WORKER = {
+    "test_convergence.py::": "up",
+    "test_prometheus.py::": "up",
+    "test_work.py::test_up_with": "up",
+    "test_fuzz.py::": "fuzz",
+}
 
 
 def longest_first(item) -> int:
@@ -334,11 +340,12 @@ def longest_first(item) -> int:
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark as ``integration`` every test that uses real processes; ``make test-fast``
     runs the rest (``-m "not integration"``), ``make test`` runs everything. The
-    longest tests go first; those that run ``up`` share one pytest worker."""
+    longest tests go first; the groups in SAME_WORKER each run in one pytest worker."""
     items.sort(key=longest_first)
     for item in items:
-        if any(name in item.nodeid for name in RUN_UP):
-            item.add_marker(pytest.mark.xdist_group("up"))
+        for name, group in SAME_WORKER.items():
+            if name in item.nodeid:
+                item.add_marker(pytest.mark.xdist_group(group))
         module = item.module.__name__.rsplit(".", 1)[-1]
         if (
             "procs" in getattr(item, "fixturenames", ())

@@ -96,6 +96,7 @@ def run_command(argv: list[str]) -> int:
 
 
 def spawn(request: dict, listening: socket.socket, conn: socket.socket) -> int:
+    """Fork a child that runs the requested command; return its pid (in the server)."""
     pid = os.fork()
     if pid:
         return pid
@@ -117,6 +118,8 @@ def spawn(request: dict, listening: socket.socket, conn: socket.socket) -> int:
         random.seed()
         sys.argv = [MAIN, *request["argv"]]
         code = run_command(request["argv"])
+    except BaseException:  # noqa: BLE001 - the child's set-up failed: say why in its log
+        traceback.print_exc()
     finally:
         os._exit(code)
 
