@@ -28,17 +28,25 @@ START_TIMEOUT_S = 120.0
 PORT_RANGE = (20000, 32768)
 
 
-def port_share() -> tuple[int, int]:
-    """The ports this process picks from: all of PORT_RANGE, or, under a pytest-xdist
-    worker (the benchmarks' smoke tests; the variables are inherited), that worker's
-    own slice of it, so that tests running at once never pick the same port."""
-    low, high = PORT_RANGE
+def xdist_share(total: int) -> tuple[int, int] | None:
+    """Under one of several pytest-xdist workers (the variables are inherited by what a
+    test starts), the [start, stop) of this worker's equal share of ``total`` things
+    (cores, ports); None otherwise, or when there are fewer things than workers."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if not worker.startswith("gw") or count < 2:
-        return low, high
-    size = (high - low) // count
-    return low + int(worker[2:]) * size, low + (int(worker[2:]) + 1) * size
+    if not worker.startswith("gw") or count < 2 or total < count:
+        return None
+    size, index = total // count, int(worker[2:])
+    return index * size, (index + 1) * size
+
+
+def port_share() -> tuple[int, int]:
+    """The ports this process picks from: all of PORT_RANGE, or under a pytest-xdist
+    worker (the benchmarks' smoke tests) that worker's own slice of it, so that tests
+    running at once never pick the same port."""
+    low, high = PORT_RANGE
+    share = xdist_share(high - low)
+    return (low, high) if share is None else (low + share[0], low + share[1])
 
 
 def random_port_start() -> int:

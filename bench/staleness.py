@@ -184,7 +184,14 @@ def simulate(cfg: SimConfig) -> SimResult:
     staleness = StalenessModel(cfg, warm_steps, join_steps)
     history = [shard.clone() for _ in range(staleness.max_tau + 1)]  # ring: version % len
     wire = protocol.DTYPES[cfg.wire_dtype][0]
-    rounded = (lambda t: t.copy_(t.to(wire))) if wire is not torch.float32 else (lambda t: t)
+    scratch = None if wire is torch.float32 else torch.empty(replica.numel(), dtype=wire)
+
+    def rounded(values: torch.Tensor) -> None:
+        """``values`` as the wire carries them: converted as protocol.to_wire does, into
+        one buffer reused every step, and back to f32."""
+        if scratch is not None:
+            values.copy_(scratch.copy_(values))
+
     batches = iterate_batches(train_set, batch_size=cfg.batch_size, seed=cfg.seed)
     budgets = sorted({*(b for b in cfg.budgets if b < cfg.examples), cfg.examples})
     result, examples = SimResult(config=cfg), 0

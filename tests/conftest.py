@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from bench.common import random_port_start
+from bench.common import random_port_start, xdist_share
 from distbelief import protocol
 from distbelief.client import open_dealer
 from distbelief.curve import Curve
@@ -358,18 +358,16 @@ def pytest_collection_modifyitems(config, items) -> None:
 def pin_to_own_cores() -> None:
     """Under pytest-xdist, give each worker its own share of the cores (the processes
     its tests start inherit it, and size their torch threads from it): torch's threads
-    spinning on cores that another worker's processes hold made the exactness tests 6
+    spinning on cores that another worker's processes held made the exactness tests 6
     times slower (docs/benchmarks.md)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if not worker.startswith("gw") or count < 2 or len(cores) < count:
+    share = xdist_share(len(cores))
+    if share is None:
         return
-    index, share = int(worker[2:]), len(cores) // count
-    os.sched_setaffinity(0, cores[index * share : (index + 1) * share])
+    os.sched_setaffinity(0, cores[share[0] : share[1]])
     import torch  # its OpenMP counted the cores when it was loaded
 
-    torch.set_num_threads(share)
+    torch.set_num_threads(share[1] - share[0])
 
 
 def pytest_configure(config) -> None:
