@@ -184,6 +184,10 @@ def test_after_the_fuzzing_the_average_is_untouched(live_averager, averager_deal
     push = protocol.request("push", 1, worker="x", seq=1, base_version=0, examples=1, dtype="f32")
     reply = protocol.decode(exchange(averager_dealer, [push, b"\x00" * 4096])[0])
     assert reply["error"] == "not_available"  # the average cannot be pushed to
+    # a header that is not msgpack at all: bad_header, whatever the fuzzing drew before
+    assert (
+        protocol.decode(exchange(averager_dealer, [b"\xc1not msgpack"])[0])["error"] == "bad_header"
+    )
     weights = torch.empty(SIZE)
     with ParameterClient(ClientConfig(servers=(address,), timeout_s=20), LAYOUT) as c:
         c.connect()
