@@ -112,6 +112,7 @@ def test_convergence(capsys, tmp_path):
     flags = ["--data", "synthetic", "--num-classes", "1000", "--seconds", "2"]
     flags += ["--snapshot-every-s", "1", "--replicas", "1"]
     flags += ["--eval-examples", "32", "--batch-size", "8", "--out", str(tmp_path)]
+    flags += ["--policies", "async-momentum-lr+warm"]  # the policy path with the most flags
     assert convergence.main([*flags, "--target", "0"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"0% reached at \d+ s \(\d+ images\)", out), out  # every run reaches 0%

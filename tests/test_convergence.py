@@ -29,6 +29,12 @@ runs, and one CI run through shared memory saw the loss rise again at the end: t
 instability of momentum 0.9 under staleness that docs/staleness.md describes, not a
 defect of the shared-memory path, whose exchanges equal the wire's bit for bit
 (tests/test_shm.py).
+
+The test trained 1000 steps a replica until 2026-12-04 (about 320 s of one core, the
+longest test of the suite); it now trains 700. A run of 600 steps alone on one core
+(2026-12-04, 212 s): final weights 25.6%, Polyak 42.2%, the replicas' mean recent loss
+2.87 against 3.58 at their start and the 3.50 the test allows: every check held with
+room, and 700 steps leave more.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import math
 import pytest
 
 REPLICAS = 2
-STEPS = 1000  # per replica: 250 pushes each, 500 updates on every shard
+STEPS = 700  # per replica: 175 pushes each, 350 updates on every shard
 EVERY = 4
 BATCH = 16
 LR = 0.005 / EVERY
@@ -48,7 +54,7 @@ CHANCE_TOP1 = 0.10
 LEARNED_TOP1 = 1.5 * CHANCE_TOP1  # 7 standard errors above chance on 2000 held-out images
 
 
-# about 3 minutes alone on 2 cores; more than 5 while other suites load the machine
+# about 2.5 minutes alone on one core; more while other tests load it
 @pytest.mark.timeout(480)
 def test_fetch_and_push_every_4_converges_with_steps_over_4_pushes(procs, tmp_path):
     run_dir = tmp_path / "run"
