@@ -19,7 +19,7 @@ link a token bucket of ``--rate-mbit`` both ways; needs root), in one run:
    parameter server's combined exchange with as many shard hosts as worker hosts
    (BytePS's regime: the shard hosts bring their own links).
 3. **A real replica**: ``distbelief work`` (synthetic data, 32 px, ``--push-every 4``;
-   as it is, with ``--overlap``, and with ``--overlap --wire-dtype bf16``) against
+   f32 as it is, with ``--overlap``, and with ``--overlap --wire-dtype bf16``) against
    ``distbelief serve --shards 2`` on another host over a ``--rate-mbit`` link, and the
    same two processes on loopback; images/s of both and their ratio.
 
@@ -50,9 +50,10 @@ RUN_TIMEOUT_S = 600.0
 PORT = 5570
 GLOO_PORT = 29511
 HERE = [sys.executable, "-m", "bench.wire"]
+# each names its wire type: `work`'s default (auto) would be bf16 between hosts
 REPLICA_VARIANTS = {
-    "plain": [],
-    "overlap": ["--overlap"],
+    "plain": ["--wire-dtype", "f32"],
+    "overlap": ["--overlap", "--wire-dtype", "f32"],
     "overlap-bf16": ["--overlap", "--wire-dtype", "bf16"],
 }
 

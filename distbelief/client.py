@@ -33,7 +33,9 @@ Contract:
   ``connect()``; a server on this host that maps it gets pushes and answers pulls
   through it, and only headers cross the socket. Others (another host, ``serve
   --no-shared-memory``, the averager) are spoken to over the wire as before. Pushes
-  through shared memory are f32 whatever ``wire_dtype`` says. ``shared_buffers()``
+  through shared memory are f32 whatever ``wire_dtype`` says. ``wire_dtype="auto"``
+  (``work``'s default) is bf16 with servers on other hosts and f32 with the ones on
+  this host (loopback, ``ipc://``): :func:`wire_dtype_for`. ``shared_buffers()``
   hands out the segment's two vectors: a caller that computes in them (passes them to
   ``push``/``pull`` as ``grads``/``weights``) saves the last copy on each side.
   A pull retried after a timeout may, rarely, find the shard's two answers written
@@ -73,6 +75,22 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+LOCAL_HOSTS = ("localhost", "::1", "[::1]")
+
+
+def wire_dtype_for(setting: str, address: str) -> str:
+    """The element type on the wire with the server at ``address``: ``setting``, or for
+    ``"auto"`` bf16 with a server on another host (where the link is the limit, and
+    bf16 converged as well as f32 in the staleness simulator: bench/RESULTS.md) and f32
+    with one on this host (loopback or ``ipc://``, where the cores are the limit)."""
+    if setting != "auto":
+        return setting
+    if not address.startswith("tcp://"):
+        return "f32"
+    host = address[len("tcp://") :].rsplit(":", 1)[0]
+    return "f32" if host in LOCAL_HOSTS or host.startswith("127.") else "bf16"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClientConfig:
     servers: tuple[str, ...]
@@ -91,8 +109,8 @@ class ClientConfig:
         for address in self.servers:
             if not address.startswith(("tcp://", "ipc://", "inproc://")):
                 raise ValueError(f"server address {address!r} must look like tcp://host:port")
-        if self.wire_dtype not in protocol.DTYPES:
-            known = ", ".join(protocol.DTYPES)
+        if self.wire_dtype not in (*protocol.DTYPES, "auto"):
+            known = ", ".join((*protocol.DTYPES, "auto"))
             raise ValueError(f"unknown wire dtype {self.wire_dtype!r}; known: {known}")
         if self.timeout_s <= 0 or self.retries < 0:
             raise ValueError("timeout_s must be positive and retries non-negative")
@@ -162,6 +180,7 @@ class ParameterClient:
         self.segment: shm.Segment | None = None  # shared with the servers in self.shared
         self.send_order = list(range(len(cfg.servers)))  # of a push's slices (connect())
         self.shared = [False] * len(cfg.servers)
+        self.dtypes = [wire_dtype_for(cfg.wire_dtype, a) for a in cfg.servers]
 
     # -- public verbs ----------------------------------------------------------------
 
@@ -243,7 +262,7 @@ class ParameterClient:
         self._need_info()
         requests = {}
         for i, shared in enumerate(self.shared):
-            fields = {"shm": self.segment.name} if shared else {"dtype": self.cfg.wire_dtype}
+            fields = {"shm": self.segment.name} if shared else {"dtype": self.dtypes[i]}
             requests[i] = ("pull", fields, [])
         replies = self._exchange(requests)
         for i, (header, payload) in replies.items():
@@ -290,9 +309,9 @@ class ParameterClient:
         """
         self._need_info()
         self.seq += 1
-        dtype = self.cfg.wire_dtype
         requests = {}
         for i, info in enumerate(self.info):
+            dtype = self.dtypes[i]
             fields = {
                 "worker": self.cfg.worker,
                 "seq": self.seq,
@@ -382,7 +401,7 @@ class ParameterClient:
             raise RuntimeError("call connect() first")
 
     def _encode(self, i: int, values: torch.Tensor) -> Any:
-        dtype = self.cfg.wire_dtype
+        dtype = self.dtypes[i]
         if dtype != "f32" and self._scratch[i] is None:
             self._scratch[i] = torch.empty(values.numel(), dtype=protocol.DTYPES[dtype][0])
         return protocol.to_wire(values, dtype, self._scratch[i])

@@ -132,3 +132,25 @@ def test_the_header_decoder_takes_anything_without_crashing(data):
         protocol.validate_request(protocol.decode(data))
     except ProtocolError as exc:
         assert exc.code in protocol.ERRORS and exc.message
+
+
+@pytest.mark.parametrize(
+    "address,dtype",
+    [
+        ("tcp://127.0.0.1:5570", "f32"),
+        ("tcp://127.3.0.9:5570", "f32"),
+        ("tcp://localhost:5570", "f32"),
+        ("tcp://[::1]:5570", "f32"),
+        ("ipc:///tmp/run/shard-0.sock", "f32"),
+        ("tcp://10.0.0.2:5570", "bf16"),
+        ("tcp://shard-host-1:5570", "bf16"),
+    ],
+)
+def test_auto_wire_type_is_bf16_only_for_shards_on_other_hosts(address, dtype):
+    from distbelief.client import ClientConfig, wire_dtype_for
+
+    assert wire_dtype_for("auto", address) == dtype
+    assert wire_dtype_for("f16", address) == "f16"  # a type given is kept
+    ClientConfig(servers=(address,), wire_dtype="auto")  # accepted
+    with pytest.raises(ValueError, match="known: f32, bf16, f16, auto"):
+        ClientConfig(servers=(address,), wire_dtype="f8")

@@ -76,7 +76,7 @@ class ReplicaConfig:
     loader_workers: int = 0  # processes decoding ahead of the training loop
     fetch_every: int = 1
     push_every: int = 1
-    wire_dtype: str = "f32"
+    wire_dtype: str = "auto"  # bf16 with shards on other hosts, f32 on this one
     overlap: bool = False
     shared_memory: bool = False  # payloads through /dev/shm with shards on this host
     data_order: str = "auto"  # dispatch | static | auto (see the module's docstring)

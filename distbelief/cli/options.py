@@ -358,9 +358,10 @@ DOWNPOUR_SPECS = [
     (
         "--wire-dtype",
         dict(
-            type=click.Choice(["f32", "bf16", "f16"]),
-            default="f32",
-            help="Element type on the wire (shards keep float32).",
+            type=click.Choice(["auto", "f32", "bf16", "f16"]),
+            default="auto",
+            help="Element type on the wire (shards keep float32); auto: bf16 with shards "
+            "on other hosts, f32 with those on this host (loopback, ipc).",
         ),
     ),
     (
