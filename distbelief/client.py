@@ -58,7 +58,7 @@ import torch
 import zmq
 
 from distbelief import protocol, shm
-from distbelief.curve import Curve
+from distbelief.curve import LOOPBACK, Curve
 from distbelief.layout import Layout
 from distbelief.protocol import ProtocolError
 
@@ -75,9 +75,6 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-LOCAL_HOSTS = ("localhost", "::1", "[::1]")
-
-
 def wire_dtype_for(setting: str, address: str) -> str:
     """The element type on the wire with the server at ``address``: ``setting``, or for
     ``"auto"`` bf16 with a server on another host (where the link is the limit, and
@@ -88,7 +85,7 @@ def wire_dtype_for(setting: str, address: str) -> str:
     if not address.startswith("tcp://"):
         return "f32"
     host = address[len("tcp://") :].rsplit(":", 1)[0]
-    return "f32" if host in LOCAL_HOSTS or host.startswith("127.") else "bf16"
+    return "f32" if host in LOOPBACK or host.startswith("127.") else "bf16"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,9 +106,9 @@ class ClientConfig:
         for address in self.servers:
             if not address.startswith(("tcp://", "ipc://", "inproc://")):
                 raise ValueError(f"server address {address!r} must look like tcp://host:port")
-        if self.wire_dtype not in (*protocol.DTYPES, "auto"):
-            known = ", ".join((*protocol.DTYPES, "auto"))
-            raise ValueError(f"unknown wire dtype {self.wire_dtype!r}; known: {known}")
+        known = (*protocol.DTYPES, "auto")
+        if self.wire_dtype not in known:
+            raise ValueError(f"unknown wire dtype {self.wire_dtype!r}; known: {', '.join(known)}")
         if self.timeout_s <= 0 or self.retries < 0:
             raise ValueError("timeout_s must be positive and retries non-negative")
 
