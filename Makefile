@@ -2,6 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The tests start a few hundred interpreters: the first to import a module writes its
+# bytecode and the others read it, so pip need not compile all of torch (and CUDA's
+# Python files) at install, about 25 s of the setup. Hence bytecode on, whatever the
+# caller's environment says.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test test-fast lint bench venv clean tools
 
@@ -17,7 +22,7 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -qq --disable-pip-version-check -e '.[test,bench]'
+	$(BIN)/python -m pip install -qq --no-compile --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 
 demo: venv

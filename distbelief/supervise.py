@@ -1,12 +1,16 @@
 """Run several child processes, restart crashed ones, stop them all on a signal.
 
-Used by ``distbelief serve --shards N`` and ``distbelief work``. Children are
-started with the ``forkserver`` method: a server process, started once, imports the
-children's module (torch included) and forks each child from that clean state, so no
-child inherits the supervisor's threads, sockets or ZeroMQ state, and no child pays
-for ``import torch`` again (about 1.5 s of CPU each; a restart is as cheap). Their
-arguments are plain config dataclasses. A child that exits with ``CONFIG_ERROR`` is
-not restarted: its settings would fail again.
+Used by ``distbelief serve --shards N`` and ``distbelief work``. Children are forked
+from a fork server: a copy of the supervisor forked while it still has one thread and
+before it starts any child (its children, their arguments and torch already loaded),
+which forks each child on request and tells the supervisor their exit codes. So no
+child inherits the supervisor's threads, sockets or ZeroMQ state, no child pays for
+``import torch`` again, and neither does the server (the ``forkserver`` start method
+of ``multiprocessing``, used before, started a fresh interpreter that imported torch
+once more: about 2.5 CPU-s a supervisor). The children's arguments never cross a
+socket: the server holds them from the fork, a request names the child by its
+index. A child that exits with ``CONFIG_ERROR`` is not restarted: its settings would
+fail again.
 
 With a metrics port the supervisor serves its own ``/metrics`` (role ``supervisor``):
 how many children it runs, which are up, and how often each was restarted.
@@ -14,10 +18,17 @@ how many children it runs, which are up, and how often each was restarted.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import json
 import logging
-import multiprocessing as mp
+import os
 import signal
+import socket
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +42,7 @@ POLL_S = 0.5
 # hold, a port in use, a bad data folder): starting it again would fail the same way
 CONFIG_ERROR = 2
 STOP_GRACE_S = 30.0  # a shard writes its final checkpoint before exiting
+JOIN_POLL_S = 0.02
 
 
 @dataclass
@@ -40,6 +52,173 @@ class Child:
     args: tuple
     process: Any = None
     restarts: int = 0
+
+
+def run_as_process(main: Callable[[], Any], *, exit_functions: bool) -> int:
+    """Run ``main`` as the body of a process and return the exit code an interpreter
+    would give it: 0, the code of a ``SystemExit`` (its message printed when it is
+    not a number), or 1 after printing the traceback of any other exception. Then, as
+    an interpreter at exit, non-daemon threads are joined, the ``atexit`` functions run
+    when ``exit_functions`` (not in a supervisor's child, which like a
+    ``multiprocessing`` child must not run the ones it inherited), and the streams are
+    flushed."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - what an interpreter prints and exits 1 for
+        traceback.print_exc()
+        code = 1
+    threading._shutdown()  # type: ignore[attr-defined]  # as the interpreter does at exit
+    if exit_functions:
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    return code
+
+
+def reap(exited: dict[int, int]) -> None:
+    """Collect the children of this process that ended, and their exit codes as
+    ``subprocess`` and ``multiprocessing`` give them (minus the signal that killed one)."""
+    with contextlib.suppress(ChildProcessError):
+        while (found := os.waitpid(-1, os.WNOHANG))[0]:
+            exited[found[0]] = os.waitstatus_to_exitcode(found[1])
+
+
+class ForkServer:
+    """A copy of this process that forks its children on request.
+
+    Forked at construction, which must come before this process starts a thread or
+    initialises CUDA (a fork copies only the calling thread: a lock another thread held
+    would stay locked in the copy). It then holds everything a child needs (the
+    ``children``' targets and arguments, the modules this process imported) and talks
+    over a socket pair, one JSON object a line: ``{"start": i}`` forks ``children[i]``
+    and answers ``{"pid": n}``; ``{"status": n}`` answers ``{"exitcode": code or
+    null}``. It ignores SIGINT and SIGTERM (the supervisor decides when its children
+    stop) and ends when the supervisor closes its end or dies.
+    """
+
+    def __init__(self, children: list[Child]) -> None:
+        if threading.active_count() > 1:
+            raise RuntimeError("a fork server must be forked before any thread starts")
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            raise RuntimeError("a fork server must be forked before CUDA is initialised")
+        self.sock, theirs = socket.socketpair()
+        self.lock = threading.Lock()
+        for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
+            stream.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                self.sock.close()
+                code = _serve_forks(theirs, children)
+            finally:
+                os._exit(code)
+        theirs.close()
+
+    def _ask(self, request: dict) -> dict:
+        with self.lock:
+            self.sock.sendall(json.dumps(request).encode() + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                data = self.sock.recv(4096)
+                if not data:
+                    raise RuntimeError("the supervisor's fork server ended")
+                reply += data
+        return json.loads(reply)
+
+    def start(self, index: int) -> ForkedChild:
+        return ForkedChild(self, self._ask({"start": index})["pid"])
+
+    def exitcode(self, pid: int) -> int | None:
+        return self._ask({"status": pid})["exitcode"]
+
+    def close(self) -> None:
+        """End the server (children still running go on, as orphans) and reap it."""
+        self.sock.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+class ForkedChild:
+    """What the supervisor uses of a child: the part of ``multiprocessing.Process`` it
+    needs, for a process its fork server forked."""
+
+    def __init__(self, server: ForkServer, pid: int) -> None:
+        self.server, self.pid = server, pid
+        self._exitcode: int | None = None
+
+    @property
+    def exitcode(self) -> int | None:
+        if self._exitcode is None:
+            self._exitcode = self.server.exitcode(self.pid)
+        return self._exitcode
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.exitcode is None and time.monotonic() < deadline:
+            time.sleep(JOIN_POLL_S)
+
+    def _signal(self, sig: int) -> None:
+        if self.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+
+def _serve_forks(sock: socket.socket, children: list[Child]) -> int:
+    """The fork server's loop (in the forked copy); returns when the supervisor is gone."""
+    null = os.open(os.devnull, os.O_RDONLY)  # no child reads the supervisor's terminal
+    os.dup2(null, 0)
+    os.close(null)
+    inherited = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for sig in inherited:
+        signal.signal(sig, signal.SIG_IGN)
+    exited: dict[int, int] = {}
+    pending = b""
+    while True:
+        data = sock.recv(4096)
+        if not data:
+            return 0
+        pending += data
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            request = json.loads(line)
+            if "start" in request:
+                pid = os.fork()
+                if pid == 0:
+                    code = 1
+                    try:
+                        sock.close()
+                        for sig, handler in inherited.items():
+                            signal.signal(sig, handler)
+                        child = children[request["start"]]
+                        code = run_as_process(
+                            lambda c=child: c.target(*c.args), exit_functions=False
+                        )
+                    finally:
+                        os._exit(code)
+                reply = {"pid": pid}
+            else:
+                reap(exited)
+                reply = {"exitcode": exited.get(request["status"])}
+            sock.sendall(json.dumps(reply).encode() + b"\n")
 
 
 class Supervisor:
@@ -55,16 +234,19 @@ class Supervisor:
     ) -> None:
         self.children = children
         self.max_restarts = max_restarts
-        self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload(sorted({c.target.__module__ for c in children}))
         self.stopping = False
         self.metrics = SupervisorMetrics(new_registry("supervisor"))
         self.metrics.children.set(len(children))
         for child in children:
             self.metrics.child_up.labels(child=child.name).set(0)
             self.metrics.restarts.labels(child=child.name)  # shows at zero from the start
-        # raises MetricsPortError before any child starts when the port is taken
-        serve_metrics(self.metrics.registry, metrics_port, metrics_bind)
+        # before the metrics server's thread starts: the fork copies one thread only
+        self.server = ForkServer(children)
+        try:  # raises MetricsPortError before any child starts when the port is taken
+            serve_metrics(self.metrics.registry, metrics_port, metrics_bind)
+        except BaseException:
+            self.server.close()
+            raise
 
     def stop(self, *_: Any) -> None:
         self.stopping = True
@@ -77,6 +259,12 @@ class Supervisor:
         """
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        try:
+            return self._watch()
+        finally:
+            self.server.close()
+
+    def _watch(self) -> int:
         for child in self.children:
             self._start(child)
         status = 0
@@ -111,8 +299,7 @@ class Supervisor:
         return status
 
     def _start(self, child: Child) -> None:
-        child.process = self.ctx.Process(target=child.target, args=child.args, name=child.name)
-        child.process.start()
+        child.process = self.server.start(self.children.index(child))
         self.metrics.child_up.labels(child=child.name).set(1)
         log.info("started %s (pid %d)", child.name, child.process.pid)
 

@@ -19,8 +19,6 @@ its own session, are stopped by the tests as before.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import importlib
 import importlib.util
 import json
@@ -29,8 +27,9 @@ import random
 import select
 import socket
 import sys
-import threading
 import traceback
+
+from distbelief.supervise import reap, run_as_process
 
 # what `python -m distbelief` and its commands import, loaded once here
 PRELOAD = (
@@ -75,24 +74,7 @@ def run_command(argv: list[str]) -> int:
     code an interpreter would give it (non-daemon threads joined, atexit run)."""
     from distbelief.cli import cli
 
-    try:
-        cli.main(args=argv, prog_name="distbelief")
-        code = 0
-    except SystemExit as e:
-        if e.code is None or isinstance(e.code, int):
-            code = e.code or 0
-        else:
-            print(e.code, file=sys.stderr)
-            code = 1
-    except BaseException:  # noqa: BLE001 - what an interpreter prints and exits 1 for
-        traceback.print_exc()
-        code = 1
-    threading._shutdown()  # type: ignore[attr-defined]  # as the interpreter does at exit
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    return code
+    return run_as_process(lambda: cli.main(args=argv, prog_name="distbelief"), exit_functions=True)
 
 
 def spawn(request: dict, listening: socket.socket, conn: socket.socket) -> int:
@@ -122,13 +104,6 @@ def spawn(request: dict, listening: socket.socket, conn: socket.socket) -> int:
         traceback.print_exc()
     finally:
         os._exit(code)
-
-
-def reap(exited: dict[int, int]) -> None:
-    """Collect the children that ended, and their exit codes as Popen gives them."""
-    with contextlib.suppress(ChildProcessError):
-        while (found := os.waitpid(-1, os.WNOHANG))[0]:
-            exited[found[0]] = os.waitstatus_to_exitcode(found[1])
 
 
 def serve(path: str) -> None:
