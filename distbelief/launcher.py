@@ -2,7 +2,10 @@
 
 It is a composition of the real commands: ``distbelief serve --shards S``,
 ``distbelief average`` and ``distbelief work --cpu K`` (or ``--gpu N``) run as child
-processes on free loopback ports, their logs in the run folder. While they run, the
+processes on free loopback ports, their logs in the run folder. The children are
+forked from a copy of this process made before it opens a socket or starts a thread
+(``distbelief.supervise.ForkServer``), each running the command as ``python -m
+distbelief`` would: torch is imported once for all of them. While they run, the
 display shows each replica's status file and each shard's ``stats``. When the
 replicas finish, the launcher evaluates on the held-out split both the shards' final
 weights and the averager's Polyak average, stops everything (SIGTERM: shards write a
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -31,6 +35,7 @@ from typing import Any
 
 from distbelief.client import ClientConfig, ParameterClient, probe_stats
 from distbelief.report import replica_table, shard_table
+from distbelief.supervise import Child, ForkedChild, ForkServer
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +132,10 @@ class Launcher:
             self.data_addresses = [
                 f"ipc://{shard_socket_path(self.ipc_dir, i)}" for i in range(cfg.shards)
             ]
-        self.serve: subprocess.Popen | None = None
-        self.average: subprocess.Popen | None = None
-        self.work: subprocess.Popen | None = None
+        self.server: ForkServer | None = None
+        self.serve: ForkedChild | None = None
+        self.average: ForkedChild | None = None
+        self.work: ForkedChild | None = None
 
     def _ports(self, count: int, start: int) -> int:
         """The first of ``count`` consecutive free ports from ``start``, none handed out yet."""
@@ -141,96 +147,95 @@ class Launcher:
                 return base
             start = base + 1
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        out = (self.run_dir / f"{name}.log").open("wb")
-        return subprocess.Popen(
-            [sys.executable, "-m", "distbelief", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
     @property
     def curve_args(self) -> list[str]:
         return ["--curve", self.cfg.curve] if self.cfg.curve else []
 
     def start(self) -> None:
         cfg = self.cfg
-        self.serve = self._spawn(
+        serve = [
             "serve",
-            [
-                "serve",
-                "--shards",
-                str(cfg.shards),
-                "--port",
-                str(self.shard_port),
-                "--metrics-port",
-                str(self.shard_metrics),
-                "--supervisor-metrics-port",
-                str(self.serve_supervisor_metrics),
-                "--model",
-                cfg.model,
-                "--num-classes",
-                str(cfg.num_classes),
-                "--seed",
-                str(cfg.seed),
-                *(["--ipc-dir", self.ipc_dir] if self.ipc_dir else []),
-                *cfg.serve_args,
-                *self.curve_args,
-            ],
-        )
-        self._wait_for_shards()
-        self.average = self._spawn(
+            "--shards",
+            str(cfg.shards),
+            "--port",
+            str(self.shard_port),
+            "--metrics-port",
+            str(self.shard_metrics),
+            "--supervisor-metrics-port",
+            str(self.serve_supervisor_metrics),
+            "--model",
+            cfg.model,
+            "--num-classes",
+            str(cfg.num_classes),
+            "--seed",
+            str(cfg.seed),
+            *(["--ipc-dir", self.ipc_dir] if self.ipc_dir else []),
+            *cfg.serve_args,
+            *self.curve_args,
+        ]
+        average = [
             "average",
-            [
-                "average",
-                "--servers",
-                ",".join(self.data_addresses),
-                "--port",
-                str(self.average_port),
-                "--metrics-port",
-                str(self.average_metrics),
-                "--model",
-                cfg.model,
-                "--num-classes",
-                str(cfg.num_classes),
-                "--every-s",
-                str(cfg.average_every_s),
-                "--eval-every-s",
-                "0",
-                "--output",
-                str(self.run_dir / "averager"),
-                *cfg.average_args,
-                *self.curve_args,
-            ],
-        )
+            "--servers",
+            ",".join(self.data_addresses),
+            "--port",
+            str(self.average_port),
+            "--metrics-port",
+            str(self.average_metrics),
+            "--model",
+            cfg.model,
+            "--num-classes",
+            str(cfg.num_classes),
+            "--every-s",
+            str(cfg.average_every_s),
+            "--eval-every-s",
+            "0",
+            "--output",
+            str(self.run_dir / "averager"),
+            *cfg.average_args,
+            *self.curve_args,
+        ]
         devices = ["--gpu", str(cfg.gpu)] if cfg.gpu else ["--cpu", str(self.num_replicas)]
-        self.work = self._spawn(
+        work = [
             "work",
+            "--servers",
+            ",".join(self.data_addresses),
+            *devices,
+            "--metrics-port",
+            str(self.work_metrics),
+            "--supervisor-metrics-port",
+            str(self.work_supervisor_metrics),
+            "--status-dir",
+            str(self.run_dir),
+            "--model",
+            cfg.model,
+            "--num-classes",
+            str(cfg.num_classes),
+            "--seed",
+            str(cfg.seed),
+            "--data",
+            cfg.data,
+            "--image-size",
+            str(cfg.image_size),
+            *cfg.work_args,
+            *self.curve_args,
+        ]
+        # the three commands are forked from a copy of this process (torch loaded once),
+        # made before this process's first socket or thread (distbelief/supervise.py)
+        self.server = ForkServer(
             [
-                "work",
-                "--servers",
-                ",".join(self.data_addresses),
-                *devices,
-                "--metrics-port",
-                str(self.work_metrics),
-                "--supervisor-metrics-port",
-                str(self.work_supervisor_metrics),
-                "--status-dir",
-                str(self.run_dir),
-                "--model",
-                cfg.model,
-                "--num-classes",
-                str(cfg.num_classes),
-                "--seed",
-                str(cfg.seed),
-                "--data",
-                cfg.data,
-                "--image-size",
-                str(cfg.image_size),
-                *cfg.work_args,
-                *self.curve_args,
-            ],
+                Child(
+                    name,
+                    run_command,
+                    (argv, str(self.run_dir / f"{name}.log")),
+                    exit_functions=True,
+                )
+                for name, argv in (("serve", serve), ("average", average), ("work", work))
+            ]
         )
+        self.serve = self.server.start(0)
+        self._wait_for_shards()
+        self.average = self.server.start(1)
+        self.work = self.server.start(2)
 
     def _wait_for_shards(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -338,6 +343,8 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        if self.server is not None:
+            self.server.close()
         if self.ipc_dir:
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
@@ -360,6 +367,19 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def run_command(argv: list[str], log: str) -> None:
+    """The body of a ``distbelief argv`` process that ``up`` forks: what ``python -m
+    distbelief argv`` would do, its output in the file ``log``."""
+    from distbelief.cli import cli
+
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+    sys.argv = [sys.argv[0], *argv]
+    cli.main(args=argv, prog_name="distbelief")
 
 
 def run_up(cfg: UpConfig) -> UpResult:

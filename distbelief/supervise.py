@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -42,7 +43,7 @@ POLL_S = 0.5
 # hold, a port in use, a bad data folder): starting it again would fail the same way
 CONFIG_ERROR = 2
 STOP_GRACE_S = 30.0  # a shard writes its final checkpoint before exiting
-JOIN_POLL_S = 0.02
+WAIT_POLL_S = 0.02
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Child:
     args: tuple
     process: Any = None
     restarts: int = 0
+    exit_functions: bool = False  # run atexit at its end: a command as an interpreter runs it
 
 
 def run_as_process(main: Callable[[], Any], *, exit_functions: bool) -> int:
@@ -110,6 +112,7 @@ class ForkServer:
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_initialized():
             raise RuntimeError("a fork server must be forked before CUDA is initialised")
+        self.names = [c.name for c in children]
         self.sock, theirs = socket.socketpair()
         self.lock = threading.Lock()
         for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
@@ -136,7 +139,8 @@ class ForkServer:
         return json.loads(reply)
 
     def start(self, index: int) -> ForkedChild:
-        return ForkedChild(self, self._ask({"start": index})["pid"])
+        pid = self._ask({"start": index})["pid"]
+        return ForkedChild(self, pid, [self.names[index]])
 
     def exitcode(self, pid: int) -> int | None:
         return self._ask({"status": pid})["exitcode"]
@@ -149,37 +153,37 @@ class ForkServer:
 
 
 class ForkedChild:
-    """What the supervisor uses of a child: the part of ``multiprocessing.Process`` it
-    needs, for a process its fork server forked."""
+    """What ``subprocess.Popen`` offers of a process (``poll``, ``wait``, signals,
+    ``returncode``), for one a fork server forked: ``server.exitcode(pid)`` tells its
+    exit code, since the server, not this process, is its parent."""
 
-    def __init__(self, server: ForkServer, pid: int) -> None:
-        self.server, self.pid = server, pid
-        self._exitcode: int | None = None
+    def __init__(self, server: Any, pid: int, args: list[str] | None = None) -> None:
+        self.server, self.pid, self.args = server, pid, args or [str(pid)]
+        self.returncode: int | None = None
 
-    @property
-    def exitcode(self) -> int | None:
-        if self._exitcode is None:
-            self._exitcode = self.server.exitcode(self.pid)
-        return self._exitcode
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.server.exitcode(self.pid)
+        return self.returncode
 
-    def is_alive(self) -> bool:
-        return self.exitcode is None
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(WAIT_POLL_S)
+        return self.returncode
 
-    def join(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.exitcode is None and time.monotonic() < deadline:
-            time.sleep(JOIN_POLL_S)
-
-    def _signal(self, sig: int) -> None:
-        if self.is_alive():
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
 
     def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
+        self.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        self._signal(signal.SIGKILL)
+        self.send_signal(signal.SIGKILL)
 
 
 def _serve_forks(sock: socket.socket, children: list[Child]) -> int:
@@ -187,8 +191,7 @@ def _serve_forks(sock: socket.socket, children: list[Child]) -> int:
     null = os.open(os.devnull, os.O_RDONLY)  # no child reads the supervisor's terminal
     os.dup2(null, 0)
     os.close(null)
-    inherited = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for sig in inherited:
+    for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     exited: dict[int, int] = {}
     pending = b""
@@ -206,11 +209,12 @@ def _serve_forks(sock: socket.socket, children: list[Child]) -> int:
                     code = 1
                     try:
                         sock.close()
-                        for sig, handler in inherited.items():
-                            signal.signal(sig, handler)
+                        # the handlers of a fresh interpreter
+                        signal.signal(signal.SIGINT, signal.default_int_handler)
+                        signal.signal(signal.SIGTERM, signal.SIG_DFL)
                         child = children[request["start"]]
                         code = run_as_process(
-                            lambda c=child: c.target(*c.args), exit_functions=False
+                            lambda c=child: c.target(*c.args), exit_functions=child.exit_functions
                         )
                     finally:
                         os._exit(code)
@@ -271,7 +275,7 @@ class Supervisor:
         while not self.stopping:
             alive = False
             for child in self.children:
-                code = child.process.exitcode
+                code = child.process.poll()
                 self.metrics.child_up.labels(child=child.name).set(int(code is None))
                 if code is None:
                     alive = True
@@ -306,14 +310,16 @@ class Supervisor:
     def terminate(self) -> None:
         """SIGTERM every live child, wait up to STOP_GRACE_S, then SIGKILL what is left."""
         for child in self.children:
-            if child.process is not None and child.process.is_alive():
+            if child.process is not None:
                 child.process.terminate()
         deadline = time.monotonic() + STOP_GRACE_S
         for child in self.children:
             if child.process is None:
                 continue
-            child.process.join(max(0.0, deadline - time.monotonic()))
-            if child.process.is_alive():
+            try:
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 log.warning("%s did not stop in %g s; killing it", child.name, STOP_GRACE_S)
                 child.process.kill()
-                child.process.join(5)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.process.wait(5)

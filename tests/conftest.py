@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import zmq
+from xdist.scheduler import LoadGroupScheduling
 
 from bench.common import random_port_start, xdist_share
 from distbelief import protocol
 from distbelief.client import open_dealer
 from distbelief.curve import Curve
 from distbelief.launcher import free_port_run
+from distbelief.supervise import ForkedChild
 from tests import zygote
 
 LOOPBACK = "127.0.0.1"
@@ -75,39 +77,6 @@ def wait_until_serving(
     pytest.fail(f"server at {address} did not answer in {START_TIMEOUT_S} s")
 
 
-class ForkedProcess:
-    """What the tests use of ``subprocess.Popen``, for a process the fork server started:
-    the server is its parent, so it tells the exit code."""
-
-    def __init__(self, server: ForkServer, pid: int, args: list[str]) -> None:
-        self.server, self.pid, self.args = server, pid, args
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self.server.returncode(self.pid)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(self.args, timeout)
-            time.sleep(0.01)
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-
 class ForkServer:
     """The connection to tests/zygote.py, started at the first process a test asks for
     and stopped when the session ends."""
@@ -147,12 +116,12 @@ class ForkServer:
         self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.conn.connect(path)
 
-    def spawn(self, args: list[str], env: dict, log_path: Path) -> ForkedProcess:
+    def spawn(self, args: list[str], env: dict, log_path: Path) -> ForkedChild:
         request = {"op": "spawn", "argv": args, "env": env, "cwd": os.getcwd()}
         pid = self._request({**request, "log": str(log_path)})["pid"]
-        return ForkedProcess(self, pid, ["distbelief", *args])
+        return ForkedChild(self, pid, ["distbelief", *args])
 
-    def returncode(self, pid: int) -> int | None:
+    def exitcode(self, pid: int) -> int | None:
         return self._request({"op": "status", "pid": pid})["returncode"]
 
     def stop(self) -> None:
@@ -337,15 +306,34 @@ def longest_first(item) -> int:
     return len(LONGEST_FIRST)
 
 
+def same_worker_group(nodeid: str) -> str | None:
+    return next((g for prefix, g in SAME_WORKER.items() if prefix in nodeid), None)
+
+
+class SameWorkerScheduling(LoadGroupScheduling):
+    """``--dist loadgroup`` with the groups of SAME_WORKER. pytest-xdist's own groups
+    (``xdist_group`` marks) reach its scheduler as a suffix its workers add to each
+    test's id, and under pytest 9.2 that suffix is lost (xdist 3.8 sets an attribute
+    pytest no longer reads): until 2026-12-04 no group held, and both workers ran
+    `up` at once. This scheduler groups by the ids themselves."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return same_worker_group(nodeid) or nodeid
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "loadgroup":
+        return SameWorkerScheduling(config, log)
+    return None
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark as ``integration`` every test that uses real processes; ``make test-fast``
     runs the rest (``-m "not integration"``), ``make test`` runs everything. The
-    longest tests go first; the groups in SAME_WORKER each run in one pytest worker."""
+    longest tests go first; the groups in SAME_WORKER each run in one pytest worker
+    (SameWorkerScheduling)."""
     items.sort(key=longest_first)
     for item in items:
-        for name, group in SAME_WORKER.items():
-            if name in item.nodeid:
-                item.add_marker(pytest.mark.xdist_group(group))
         module = item.module.__name__.rsplit(".", 1)[-1]
         if (
             "procs" in getattr(item, "fixturenames", ())
