@@ -68,24 +68,57 @@ def median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def fresh_distbelief(args: list[str], stdout: str, stderr: str) -> subprocess.Popen:
+    """``python -m distbelief args`` in a session of its own, its output in the files
+    ``stdout`` and ``stderr``."""
+    with open(stdout, "wb") as out, open(stderr, "wb") as err:
+        return subprocess.Popen(
+            distbelief_cmd(*args), stdout=out, stderr=err, start_new_session=True
+        )
+
+
+# How the benchmarks start ``distbelief`` commands: (args, stdout file, stderr file) to
+# what ``subprocess.Popen`` offers (poll, wait, send_signal, pid, returncode). The test
+# suite puts its fork server here (tests/conftest.py), so that the benchmarks' smoke
+# tests do not pay for an interpreter and torch at every server they start.
+START_DISTBELIEF: Callable[[list[str], str, str], Any] = fresh_distbelief
+
+
 @contextlib.contextmanager
 def process(args: list[str]) -> Iterator[subprocess.Popen]:
-    """Run ``args`` in its own process group; always stop it (SIGTERM, then SIGKILL)."""
-    proc = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
+    """Run ``args`` in its own process group, its output in a temporary folder (read
+    it with :func:`stdout_text` and :func:`stderr_tail`); always stop it (SIGTERM, then
+    SIGKILL). A ``distbelief_cmd(...)`` is started by ``START_DISTBELIEF``."""
+    with tempfile.TemporaryDirectory(prefix="db-bench-") as folder:
+        out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+        if args[:3] == distbelief_cmd():
+            proc = START_DISTBELIEF(args[3:], out, err)
+        else:
+            with open(out, "wb") as o, open(err, "wb") as e:
+                proc = subprocess.Popen(args, stdout=o, stderr=e, start_new_session=True)
+        proc.output_files = (out, err)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(5)
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def stdout_text(proc: Any) -> str:
+    with open(proc.output_files[0], errors="replace") as f:
+        return f.read()
+
+
+def stderr_tail(proc: Any, chars: int = 2000) -> str:
+    with open(proc.output_files[1], errors="replace") as f:
+        return f.read()[-chars:]
 
 
 # shm: TCP for the headers, the payloads through shared memory (work --shared-memory)
@@ -137,11 +170,11 @@ def serve(
         deadline = time.monotonic() + START_TIMEOUT_S
         while not all(s is not None for s in probe_stats(addresses, 1.0)):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"shards did not start: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"shards did not start: {stderr_tail(proc)}")
             time.sleep(0.3)
         time.sleep(0.5)  # a server of someone else's on our port answers; ours then exits
         if proc.poll() is not None:
-            raise RuntimeError(f"shards exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"shards exited: {stderr_tail(proc)}")
         if transport == "ipc":
             addresses = [f"ipc://{ipc_dir}/shard-{i}.sock" for i in range(num_shards)]
         yield addresses, proc
@@ -184,8 +217,8 @@ def machine() -> str:
     import torch
 
     model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):  # noqa: SIM115
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
@@ -215,12 +248,14 @@ def distbelief_cmd(*args: str) -> list[str]:
 
 def run_json(args: list[str], timeout_s: float) -> Any:
     """Run a command that prints JSON on its last stdout line; fail loudly otherwise."""
-    done = subprocess.run(
-        args, capture_output=True, text=True, timeout=timeout_s, start_new_session=True
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{args[3:5]} exited with {done.returncode}: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    with process(args) as proc:
+        try:
+            code = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{args[3:5]} did not finish in {timeout_s:g} s") from None
+        if code != 0:
+            raise RuntimeError(f"{args[3:5]} exited with {code}: {stderr_tail(proc)}")
+        return json.loads(stdout_text(proc).strip().splitlines()[-1])
 
 
 def one_cpu_replica(servers: list[str], transport: str, *flags: str, timeout_s: float) -> dict:

@@ -36,7 +36,14 @@ from pathlib import Path
 import torch
 from distbelief.server.rules import Schedule
 
-from bench.common import distbelief_cmd, machine, process, random_port_start, serve
+from bench.common import (
+    distbelief_cmd,
+    machine,
+    process,
+    random_port_start,
+    serve,
+    stderr_tail,
+)
 from bench.staleness import policy_flags
 from distbelief.cli import DEMO_LR_WARMUP_EPOCHS, DEMO_POLICY_SPEC, DEMO_WARM_START
 from distbelief.client import ClientConfig, ParameterClient, ServerRefused, probe_stats
@@ -96,7 +103,7 @@ def _first_status(status_dir: Path, proc, deadline: float) -> float:
     """Wait for a replica's first status file; return when its training clock started."""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"work exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"work exited with {proc.returncode}: {stderr_tail(proc)}")
         for path in status_dir.glob("replica-*.json"):
             try:
                 return time.monotonic() - json.loads(path.read_text())["seconds"]

@@ -34,6 +34,7 @@ from bench.common import (
     ratio_line,
     shards,
     split_transports,
+    stderr_tail,
     transports_argument,
 )
 from distbelief.client import ClientConfig, ParameterClient
@@ -79,7 +80,7 @@ def _echo_time(address: str, total: int, reps: int, tune: bool) -> float:
         def round_trip() -> None:
             sock.send_multipart([b"h", payload], copy=False)
             if not sock.poll(60_000):
-                died = echo.stderr.read().decode()[-2000:] if echo.poll() is not None else ""
+                died = stderr_tail(echo) if echo.poll() is not None else ""
                 raise TimeoutError(f"the echo process did not answer in 60 s {died}")
             sock.recv_multipart(copy=False)
 

@@ -93,6 +93,19 @@ def reap(exited: dict[int, int]) -> None:
             exited[found[0]] = os.waitstatus_to_exitcode(found[1])
 
 
+def ask(sock: socket.socket, request: dict, ended: str) -> dict:
+    """Send ``request`` as one JSON line on ``sock`` and return the JSON line answered;
+    ``RuntimeError(ended)`` when the other side has closed."""
+    sock.sendall(json.dumps(request).encode() + b"\n")
+    reply = b""
+    while not reply.endswith(b"\n"):
+        data = sock.recv(65536)
+        if not data:
+            raise RuntimeError(ended)
+        reply += data
+    return json.loads(reply)
+
+
 class ForkServer:
     """A copy of this process that forks its children on request.
 
@@ -129,14 +142,7 @@ class ForkServer:
 
     def _ask(self, request: dict) -> dict:
         with self.lock:
-            self.sock.sendall(json.dumps(request).encode() + b"\n")
-            reply = b""
-            while not reply.endswith(b"\n"):
-                data = self.sock.recv(4096)
-                if not data:
-                    raise RuntimeError("the supervisor's fork server ended")
-                reply += data
-        return json.loads(reply)
+            return ask(self.sock, request, "the supervisor's fork server ended")
 
     def start(self, index: int) -> ForkedChild:
         pid = self._ask({"start": index})["pid"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -20,12 +19,13 @@ import pytest
 import zmq
 from xdist.scheduler import LoadGroupScheduling
 
+from bench import common as bench_common
 from bench.common import random_port_start, xdist_share
 from distbelief import protocol
 from distbelief.client import open_dealer
 from distbelief.curve import Curve
 from distbelief.launcher import free_port_run
-from distbelief.supervise import ForkedChild
+from distbelief.supervise import ForkedChild, ask
 from tests import zygote
 
 LOOPBACK = "127.0.0.1"
@@ -91,14 +91,7 @@ class ForkServer:
         with self.lock:
             if self.conn is None:
                 self._start()
-            self.conn.sendall(json.dumps(request).encode() + b"\n")
-            reply = b""
-            while not reply.endswith(b"\n"):
-                data = self.conn.recv(65536)
-                if not data:
-                    raise RuntimeError("the tests' fork server (tests/zygote.py) ended")
-                reply += data
-            return json.loads(reply)
+            return ask(self.conn, request, "the tests' fork server (tests/zygote.py) ended")
 
     def _start(self) -> None:
         self.folder = tempfile.mkdtemp(prefix="distbelief-zygote-")
@@ -116,9 +109,11 @@ class ForkServer:
         self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.conn.connect(path)
 
-    def spawn(self, args: list[str], env: dict, log_path: Path) -> ForkedChild:
+    def spawn(
+        self, args: list[str], env: dict, log_path: Path, stdout: str | None = None
+    ) -> ForkedChild:
         request = {"op": "spawn", "argv": args, "env": env, "cwd": os.getcwd()}
-        pid = self._request({**request, "log": str(log_path)})["pid"]
+        pid = self._request({**request, "log": str(log_path), "stdout": stdout})["pid"]
         return ForkedChild(self, pid, ["distbelief", *args])
 
     def exitcode(self, pid: int) -> int | None:
@@ -132,6 +127,17 @@ class ForkServer:
 
 
 ZYGOTE = ForkServer()
+
+
+def zygote_distbelief(args: list[str], stdout: str, stderr: str):
+    """The benchmarks' ``START_DISTBELIEF`` in the tests: forked from the fork server."""
+    env = dict(os.environ)
+    if not zygote.forkable(env):
+        return bench_common.fresh_distbelief(args, stdout, stderr)
+    return ZYGOTE.spawn(args, env, Path(stderr), stdout=stdout)
+
+
+bench_common.START_DISTBELIEF = zygote_distbelief
 
 
 class Processes:

@@ -10,7 +10,8 @@ before: own pid, own sockets, signals and ``kill -9`` work as on any process. Wh
 differs is only the interpreter's start, which the packaging tests still run for real.
 
 The test process talks to the server over a Unix socket, one JSON object a line:
-``{"op": "spawn", "argv": [...], "env": {...}, "cwd": ..., "log": ...}`` answers
+``{"op": "spawn", "argv": [...], "env": {...}, "cwd": ..., "log": ...}`` (and
+optionally ``"stdout"``: a file for stdout apart from the log) answers
 ``{"pid": n}``; ``{"op": "status", "pid": n}`` answers ``{"returncode": code or null}``
 (the server is the children's parent: it reaps them and keeps their exit codes).
 The server ends when the test process closes the connection; its children, each in
@@ -88,12 +89,15 @@ def spawn(request: dict, listening: socket.socket, conn: socket.socket) -> int:
         conn.close()
         os.setsid()
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        out = log
+        if request.get("stdout"):  # stdout to a file of its own, stderr to the log
+            out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
-        os.dup2(log, 1)
+        os.dup2(out, 1)
         os.dup2(log, 2)
-        os.close(log)
-        os.close(null)
+        for fd in {log, out, null}:
+            os.close(fd)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
