@@ -2,10 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The tests start a few hundred interpreters: the first to import a module writes its
-# bytecode and the others read it, so pip need not compile all of torch (and CUDA's
-# Python files) at install, about 25 s of the setup. Hence bytecode on, whatever the
-# caller's environment says.
+# pip compiles no bytecode at install (all of torch and CUDA's Python files: about 25 s
+# of the setup); the first interpreter to import a module writes its bytecode and the
+# later ones read it. Hence bytecode writing on, whatever the caller's environment says.
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test test-fast lint bench venv clean tools

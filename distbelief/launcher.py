@@ -389,6 +389,18 @@ def run_up(cfg: UpConfig) -> UpResult:
     began = time.monotonic()
     launcher = Launcher(cfg)
     result = UpResult(addresses=launcher.addresses, metrics=launcher.metrics_urls())
+    stopped_by: list[int] = []
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    # SIGINT and SIGTERM stop everything cleanly, also when this process was started
+    # with SIGINT ignored (a script's background job: the stack of test_prometheus
+    # waited a minute for that, 2026-12-04) or is stopped by a process manager's SIGTERM
+    # (which used to end `up` alone and leave its children running)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
     try:
         targets = launcher.write_targets()
         log.info("Prometheus targets (file_sd) in %s", targets)
@@ -398,7 +410,7 @@ def run_up(cfg: UpConfig) -> UpResult:
             result.exit_code = launcher.watch()
         except KeyboardInterrupt:  # Ctrl-C: the children got SIGINT too and stop cleanly
             log.info("interrupted; stopping every process")
-            result.exit_code = 130
+            result.exit_code = 128 + (stopped_by[-1] if stopped_by else signal.SIGINT)
         result.replicas = launcher.statuses()
         result.shards = probe_stats(launcher.addresses, 5.0, cfg.curve)
         if result.exit_code == 0:
@@ -410,6 +422,8 @@ def run_up(cfg: UpConfig) -> UpResult:
             scores = evaluate(averaged, val, crops=1)
             result.averaged_top1, result.averaged_top5 = scores["top1"], scores["top5"]
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second one must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
         launcher.stop()
     result.seconds = time.monotonic() - began
     (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
