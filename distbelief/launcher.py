@@ -153,6 +153,7 @@ class Launcher:
 
     def start(self) -> None:
         cfg = self.cfg
+        model = ["--model", cfg.model, "--num-classes", str(cfg.num_classes)]  # every role's
         serve = [
             "serve",
             "--shards",
@@ -163,10 +164,7 @@ class Launcher:
             str(self.shard_metrics),
             "--supervisor-metrics-port",
             str(self.serve_supervisor_metrics),
-            "--model",
-            cfg.model,
-            "--num-classes",
-            str(cfg.num_classes),
+            *model,
             "--seed",
             str(cfg.seed),
             *(["--ipc-dir", self.ipc_dir] if self.ipc_dir else []),
@@ -181,10 +179,7 @@ class Launcher:
             str(self.average_port),
             "--metrics-port",
             str(self.average_metrics),
-            "--model",
-            cfg.model,
-            "--num-classes",
-            str(cfg.num_classes),
+            *model,
             "--every-s",
             str(cfg.average_every_s),
             "--eval-every-s",
@@ -206,10 +201,7 @@ class Launcher:
             str(self.work_supervisor_metrics),
             "--status-dir",
             str(self.run_dir),
-            "--model",
-            cfg.model,
-            "--num-classes",
-            str(cfg.num_classes),
+            *model,
             "--seed",
             str(cfg.seed),
             "--data",
