@@ -15,6 +15,11 @@ but computes the gradient of update ``t`` on the weights of version ``t − τ``
 - with ``--wire-dtypes f32,bf16``, each run also as over a wire of that type: the
   weights a replica pulls and the gradient it pushes rounded to it, as
   ``work --wire-dtype`` sends them (the shard keeps and updates f32);
+- the Polyak average of the shard's vector (as ``distbelief average`` keeps it, the
+  same :class:`~distbelief.server.averager.Average`) over every version from
+  ``--polyak-from`` of the budget on, evaluated beside the iterate at each budget
+  from there: the model ``up`` serves for inference, and a steadier figure than one
+  snapshot of an asynchronous iterate;
 - with ``--join-over J`` as well, replica 1 joins when the warm start ends and the
   others one by one over the next ``J`` of the first epoch (an experiment on the join
   shock; ``work`` has no such flag: ``bench/RESULTS.md`` says why).
@@ -46,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from distbelief.server.averager import Average
 from distbelief.server.rules import Schedule, make_rule
 from distbelief.server.staleness import StalenessConfig, Updater
 
@@ -96,6 +102,7 @@ class SimConfig:
     eval_examples: int = 1000
     threads: int | None = None
     wire_dtype: str = "f32"  # what pulled weights and pushed gradients are rounded to
+    polyak_from: float = 0.5  # share of the budget after which versions enter the average
 
     @property
     def base_policy(self) -> str:
@@ -110,14 +117,21 @@ class SimConfig:
 class SimResult:
     config: SimConfig
     curve: list[tuple[int, float]] = field(default_factory=list)  # (examples, top-1)
+    polyak: list[tuple[int, float]] = field(default_factory=list)  # the average's, from there
     seconds: float = 0.0
     weights: torch.Tensor | None = None
+    average: torch.Tensor | None = None  # the Polyak average at the end (None if empty)
 
     def top1_at(self, examples: int) -> float:
         return next(t for e, t in self.curve if e >= examples)
 
     def to_json(self) -> dict:
-        return {"config": asdict(self.config), "curve": self.curve, "seconds": self.seconds}
+        return {
+            "config": asdict(self.config),
+            "curve": self.curve,
+            "polyak": self.polyak,
+            "seconds": self.seconds,
+        }
 
 
 class StalenessModel:
@@ -194,6 +208,8 @@ def simulate(cfg: SimConfig) -> SimResult:
 
     batches = iterate_batches(train_set, batch_size=cfg.batch_size, seed=cfg.seed)
     budgets = sorted({*(b for b in cfg.budgets if b < cfg.examples), cfg.examples})
+    average = Average(shard.numel(), "polyak", decay=0.999)
+    average_from = cfg.polyak_from * cfg.examples
     result, examples = SimResult(config=cfg), 0
     model.train()
     for version in range(math.ceil(cfg.examples / cfg.batch_size)):
@@ -209,10 +225,16 @@ def simulate(cfg: SimConfig) -> SimResult:
         examples += len(labels)
         history[(version + 1) % len(history)].copy_(shard)
         updater.pulled(version + 1)  # the pusher pulls the new version at once
+        if examples > average_from:
+            average.add(shard, version + 1)
         while budgets and examples >= budgets[0]:
-            result.curve.append((budgets.pop(0), _top1(model, replica, shard, val_set, cfg)))
+            budget = budgets.pop(0)
+            result.curve.append((budget, _top1(model, replica, shard, val_set, cfg)))
+            if average.count:
+                result.polyak.append((budget, _top1(model, replica, average.value(), val_set, cfg)))
     result.seconds = time.perf_counter() - began
     result.weights = shard
+    result.average = average.value() if average.count else None
     return result
 
 
@@ -225,9 +247,9 @@ def _datasets(data: str, image_size: int, seed: int):
     )
 
 
-def _top1(model, replica: torch.Tensor, shard: torch.Tensor, val_set, cfg: SimConfig) -> float:
+def _top1(model, replica: torch.Tensor, weights: torch.Tensor, val_set, cfg: SimConfig) -> float:
     with torch.no_grad():
-        replica.copy_(shard)
+        replica.copy_(weights)
     scores = evaluate(model, val_set, crops=1, max_examples=cfg.eval_examples)
     model.train()
     return float(scores["top1"])
@@ -305,6 +327,7 @@ def grid(args: argparse.Namespace) -> list[SimConfig]:
             eval_examples=args.eval_examples,
             threads=args.threads,
             wire_dtype=wire,
+            polyak_from=args.polyak_from,
         )  # fmt: skip
         for n, policy, lr, momentum, seed, wire in itertools.product(
             _numbers(args.replicas, int),
@@ -333,6 +356,7 @@ def summarise(runs: list[dict], target: float) -> list[dict]:
     best: dict[tuple, dict] = {}
     for (n, policy, wire, lr, momentum), group in groups.items():
         curves = [r["curve"] for r in group]
+        averages = [r.get("polyak") or [] for r in group]
         final = statistics.mean(c[-1][1] for c in curves)
         reach = [next((e for e, t in c if t >= target), None) for c in curves]
         row = {
@@ -345,6 +369,11 @@ def summarise(runs: list[dict], target: float) -> list[dict]:
             "top1": [statistics.mean(c[i][1] for c in curves) for i in range(len(curves[0]))],
             "top1_sd": statistics.stdev(c[-1][1] for c in curves) if len(curves) > 1 else 0.0,
             "budgets": [e for e, _ in curves[0]],
+            # the Polyak average's top-1 at the budgets from --polyak-from on, its mean
+            "polyak": [statistics.mean(a[i][1] for a in averages) for i in range(len(averages[0]))]
+            if all(averages)
+            else [],
+            "polyak_budgets": [e for e, _ in averages[0]],
             "to_target": statistics.mean(reach) if None not in reach else None,
             "reached": sum(r is not None for r in reach),
         }
@@ -355,22 +384,33 @@ def summarise(runs: list[dict], target: float) -> list[dict]:
     reference = next((r for r in ones if r["wire_dtype"] == "f32"), ones[0] if ones else None)
     for row in rows:  # at equal examples: the same budget
         row["ratio"] = row["top1"][-1] / max(reference["top1"][-1], 1e-9) if reference else None
+        row["polyak_ratio"] = (
+            row["polyak"][-1] / max(reference["polyak"][-1], 1e-9)
+            if reference and reference["polyak"] and row["polyak"]
+            else None
+        )
     return rows
 
 
 def print_table(rows: list[dict], target: float) -> None:
     budgets = rows[0]["budgets"]
     head = " | ".join(f"top-1 @{b // 1000}k" if b >= 1000 else f"@{b}" for b in budgets)
-    print(f"| N | policy | best lr, momentum | {head} | ratio | examples to {target:.0%} |")
-    print("|---|---|---|" + "---|" * len(budgets) + "---|---|")
+    print(
+        f"| N | policy | best lr, momentum | {head} | ratio | Polyak at the end | "
+        f"Polyak ratio | examples to {target:.0%} |"
+    )
+    print("|---|---|---|" + "---|" * len(budgets) + "---|---|---|---|")
     for r in rows:
         cells = " | ".join(f"{t:.1%}" for t in r["top1"])
         reach = f"{r['to_target']:.0f}" if r["to_target"] is not None else "not all"
         ratio = f"ratio {r['ratio']:.2f}" if r["ratio"] is not None else "(no N = 1)"
+        polyak = f"{r['polyak'][-1]:.1%}" if r["polyak"] else "—"
+        polyak_ratio = f"{r['polyak_ratio']:.2f}" if r["polyak_ratio"] is not None else "—"
         wire = "" if r["wire_dtype"] == "f32" else f", {r['wire_dtype']} wire"
         print(
             f"| {r['replicas']} | {r['policy']}{wire} | {r['lr']:g}, {r['momentum']:g} | {cells} "
-            f"± {r['top1_sd']:.1%} | {ratio} | {reach} ({r['reached']}/{r['seeds']}) |"
+            f"± {r['top1_sd']:.1%} | {ratio} | {polyak} | {polyak_ratio} | "
+            f"{reach} ({r['reached']}/{r['seeds']}) |"
         )
 
 
@@ -392,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dc-lambda", type=float, default=StalenessConfig.dc_lambda)
     parser.add_argument("--staleness-from", default=None, help="a shard's /metrics text")
     parser.add_argument("--eval-examples", type=int, default=1000)
+    parser.add_argument(
+        "--polyak-from", type=float, default=0.5, help="share of the budget before the average"
+    )
     parser.add_argument(
         "--wire-dtypes", default="f32", help="f32, bf16, f16: what pulls and pushes carry"
     )

@@ -32,6 +32,21 @@ def test_one_replica_is_the_reference_trainer_bit_for_bit():
     assert not torch.equal(stale.weights, ref.weights)  # staleness changes the run
 
 
+def test_the_polyak_average_is_the_mean_of_the_versions_after_its_start():
+    cfg = SimConfig(examples=STEPS * BATCH, batch_size=BATCH, seed=3, budgets=(32, 64), **HP)
+    run = simulate(cfg)  # polyak_from 0.5: the versions after 48 examples, steps 7 to 12
+    versions = [
+        simulate(SimConfig(examples=k * BATCH, batch_size=BATCH, seed=3, **HP)).weights
+        for k in range(STEPS // 2 + 1, STEPS + 1)
+    ]
+    expected = torch.stack([v.double() for v in versions]).mean(0).float()
+    assert torch.allclose(run.average, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(run.average, run.weights, atol=1e-4)  # an average, not the last
+    # evaluated from the first budget past its start: at 64 and 96 examples, not at 32
+    assert [b for b, _ in run.polyak] == [64, 96] and [b for b, _ in run.curve] == [32, 64, 96]
+    assert all(0 <= t <= 1 for _, t in run.polyak)
+
+
 def test_a_bf16_wire_rounds_what_crosses_it_and_the_shard_keeps_f32():
     f32 = simulate(SimConfig(examples=STEPS * BATCH, batch_size=BATCH, seed=3, **HP))
     cfg = SimConfig(examples=STEPS * BATCH, batch_size=BATCH, seed=3, wire_dtype="bf16", **HP)
@@ -97,7 +112,11 @@ def test_the_command_runs_every_policy_and_prints_ratios(tmp_path):
     assert len(re.findall(r"\| ratio \d", out)) == 1 + len(POLICIES), out  # N = 1, each at N = 4
     summary = json.loads((tmp_path / "staleness.json").read_text())["summary"]
     assert {r["policy"] for r in summary if r["replicas"] == 4} == set(POLICIES)
-    assert all(0 <= t <= 1 for r in summary for t in r["top1"])
+    assert all(0 <= t <= 1 for r in summary for t in r["top1"] + r["polyak"])
+    assert all(r["polyak_ratio"] is not None for r in summary)
+    assert len(re.findall(r"\| ratio \d\.\d\d \| \d+\.\d% \| \d\.\d\d \|", out)) == 1 + len(
+        POLICIES
+    )
 
 
 def test_the_command_reports_each_wire_type_against_the_f32_reference(tmp_path):
