@@ -73,6 +73,8 @@ POLICY_SPECS = (
     "none+warm",
     "async-momentum+warm",
     "async-momentum-lr+warm",
+    "async-momentum-stable+warm",
+    "dana+warm",
 )
 
 
@@ -99,6 +101,7 @@ class SimConfig:
     staleness_histogram: tuple[tuple[int, float], ...] = ()  # (τ, probability); () = N−1
     staleness_decay: float = StalenessConfig.staleness_decay  # async-momentum's running mean
     dc_lambda: float = StalenessConfig.dc_lambda
+    lr_power: float = StalenessConfig.lr_power
     eval_examples: int = 1000
     threads: int | None = None
     wire_dtype: str = "f32"  # what pulled weights and pushed gradients are rounded to
@@ -159,6 +162,12 @@ class StalenessModel:
             return min(since, self.rng.choices(self.taus, self.weights)[0])
         return min(since, self.active(since) - 1)
 
+    def replica(self, step: int) -> int:
+        """Which replica pushes update ``step`` (round robin after the warm start)."""
+        if self.taus or self.join_steps > 0:
+            raise ValueError("the replicas' order is known for round robin only")
+        return 0 if step < self.warm_steps else (step - self.warm_steps) % self.cfg.replicas
+
     def active(self, since: int) -> int:
         """Replicas pushing ``since`` updates after the warm start: replica 1 joins at
         once, the others one by one over ``join_steps`` (all at once when 0)."""
@@ -191,12 +200,15 @@ def simulate(cfg: SimConfig) -> SimResult:
         policy=cfg.base_policy,
         staleness_decay=cfg.staleness_decay,
         dc_lambda=cfg.dc_lambda,
+        lr_power=cfg.lr_power,
     )
     updater = Updater(rule, schedule, policy)
     warm_steps = math.ceil(cfg.warm_start * len(train_set) / cfg.batch_size) if warm else 0
     join_steps = math.ceil(cfg.join_over * len(train_set) / cfg.batch_size) if warm else 0
     staleness = StalenessModel(cfg, warm_steps, join_steps)
     history = [shard.clone() for _ in range(staleness.max_tau + 1)]  # ring: version % len
+    # dana: what each replica pulled after its last push (the look-ahead), by replica
+    pulled = [shard.clone() for _ in range(cfg.replicas)] if cfg.base_policy == "dana" else []
     wire = protocol.DTYPES[cfg.wire_dtype][0]
     scratch = None if wire is torch.float32 else torch.empty(replica.numel(), dtype=wire)
 
@@ -215,16 +227,27 @@ def simulate(cfg: SimConfig) -> SimResult:
     for version in range(math.ceil(cfg.examples / cfg.batch_size)):
         _, images, labels = next(batches)
         base = version - staleness.tau(version)
-        with torch.no_grad():
-            replica.copy_(history[base % len(history)])  # the weights this replica pulled
+        pusher = staleness.replica(version) if pulled else 0
+        with torch.no_grad():  # the weights this replica pulled
+            replica.copy_(pulled[pusher] if pulled else history[base % len(history)])
             rounded(replica)  # as they crossed the wire
         grads.zero_()
         forward_backward(model, images, labels)
         rounded(grads)  # as the push carries it
-        updater.apply(grads, examples_before=examples, staleness=version - base, base_version=base)
+        updater.apply(
+            grads,
+            examples_before=examples,
+            staleness=version - base,
+            base_version=base,
+            replica=pusher,
+        )
         examples += len(labels)
         history[(version + 1) % len(history)].copy_(shard)
         updater.pulled(version + 1)  # the pusher pulls the new version at once
+        if pulled:  # it pulls its look-ahead; at the warm start's end the others join
+            joining = range(cfg.replicas) if version + 1 == warm_steps else (pusher,)
+            for r in joining:
+                updater.pull_view(r, pulled[r])
         if examples > average_from:
             average.add(shard, version + 1)
         while budgets and examples >= budgets[0]:
@@ -324,6 +347,7 @@ def grid(args: argparse.Namespace) -> list[SimConfig]:
             staleness_histogram=histogram if n > 1 else (),
             staleness_decay=args.staleness_decay,
             dc_lambda=args.dc_lambda,
+            lr_power=args.lr_power,
             eval_examples=args.eval_examples,
             threads=args.threads,
             wire_dtype=wire,
@@ -430,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr-warmup-epochs", type=float, default=0.0)
     parser.add_argument("--staleness-decay", type=float, default=StalenessConfig.staleness_decay)
     parser.add_argument("--dc-lambda", type=float, default=StalenessConfig.dc_lambda)
+    parser.add_argument("--lr-power", type=float, default=StalenessConfig.lr_power)
     parser.add_argument("--staleness-from", default=None, help="a shard's /metrics text")
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument(

@@ -20,6 +20,20 @@ staleness 0, bit for bit, so one replica through the shards still reproduces
   delay τ shrinks the range of curvature that momentum SGD keeps stable about τ-fold
   (``bench/RESULTS.md``, the stability table); lowering the momentum alone does not
   win it back, the rate does. The simulator's winner, ``up``'s default.
+- ``async-momentum-stable``: the same momentum, and the rate scaled so that the
+  sharpest curvature momentum SGD keeps stable under the mean delay is the same as the
+  reference's at staleness 0: ``lr · S(τ̄, μ_e) / S(0, μ)``, where ``S(τ, μ)`` is the
+  largest ``lr·λ`` for which ``x ← x + μ(x − x₋₁) − lr·λ·x₋τ`` is stable (the roots of
+  its characteristic polynomial inside the unit circle; :func:`stable_range`). About
+  ``lr / (2.2 N)`` for N replicas in turn, where ``async-momentum-lr`` gives ``lr / N``.
+- ``dana``: DANA-Zero (Hakimi et al. 2019, "Taming momentum in a distributed
+  asynchronous environment"): every replica has its own momentum buffer on the shard,
+  ``v_r ← μ·v_r + g + λ·w; w ← w − lr·v_r`` for a push of replica r, and a replica
+  pulls where the weights will be when its next push lands, once every other replica
+  has applied its momentum once more: ``ŵ_r = w − lr·μ·Σ_{j≠r} v_j``. Momentum and rate
+  stay as configured (each replica's pushes move the weights as far per example as
+  the reference's steps); the look-ahead takes the delay's place. One replica: plain
+  momentum SGD, bit for bit. Memory: one slice per replica (exported).
 - ``lr-scale``: the learning rate divided by ``max(1, τ)`` (Zhang et al. 2016).
 - ``dc-asgd``: delay compensation, DC-ASGD-a (Zheng et al., ICML 2017):
   ``g + λ_t ⊙ g ⊙ g ⊙ (w_now − w_base)`` with ``λ_t = λ0 / √(MeanSquare_t + ε)`` and
@@ -36,15 +50,29 @@ whose base version is no longer kept is applied uncompensated and counted.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .rules import Momentum, Schedule, UpdateRule
 
-POLICIES = ("none", "async-momentum", "async-momentum-lr", "lr-scale", "dc-asgd", "gap-aware")
-MOMENTUM_POLICIES = ("async-momentum", "async-momentum-lr")  # they set the rule's momentum
+POLICIES = (
+    "none",
+    "async-momentum",
+    "async-momentum-lr",
+    "async-momentum-stable",
+    "lr-scale",
+    "dc-asgd",
+    "gap-aware",
+    "dana",
+)
+# they set the rule's momentum
+MOMENTUM_POLICIES = ("async-momentum", "async-momentum-lr", "async-momentum-stable")
+STABLE_MAX_DELAY = 256  # stable_range solves up to this delay, and scales as 1/(τ+1) past it
 MIN_MOMENTUM = -0.5  # floor of the asynchrony-aware momentum (32 replicas ask for −0.07)
 DC_EPS = 1e-7  # ε under DC-ASGD-a's square root (the paper's reference code)
 GAP_EPS = 1e-12  # keeps an element that never moved from dividing by zero
@@ -56,6 +84,7 @@ class StalenessConfig:
 
     policy: str = "none"
     staleness_decay: float = 0.9  # running mean staleness: weight of the past per push
+    lr_power: float = 1.0  # async-momentum-lr: the rate divided by (τ̄ + 1) ** lr_power
     dc_lambda: float = 2.0  # DC-ASGD-a's λ0 (the paper's choice for CIFAR-10)
     dc_decay: float = 0.95  # DC-ASGD-a's m, the MeanSquare decay
     gap_decay: float = 0.99  # gap-aware: decay of the running mean update size C
@@ -126,6 +155,8 @@ class Updater:
     def __init__(self, rule: UpdateRule, schedule: Schedule, cfg: StalenessConfig) -> None:
         if cfg.policy in MOMENTUM_POLICIES and not isinstance(rule, Momentum):
             raise ValueError(f"the {cfg.policy} policy needs --rule momentum or nesterov")
+        if cfg.policy == "dana" and (not isinstance(rule, Momentum) or rule.nesterov):
+            raise ValueError("the dana policy needs --rule momentum")
         self.rule = rule
         self.schedule = schedule
         self.cfg = cfg
@@ -141,13 +172,22 @@ class Updater:
         self.work = torch.empty(size) if cfg.keeps_history else None
         self.previous = torch.empty(size) if cfg.policy == "gap-aware" else None
         self.last = Applied(lr=schedule.lr_at(0), momentum=self.base_momentum)
+        # dana: each replica's momentum buffer, and their sum (None until a 2nd replica)
+        self.velocities: dict[int, torch.Tensor] = {}
+        self.velocity_sum: torch.Tensor | None = None
 
     def pulled(self, version: int) -> None:
         if self.history is not None:
             self.history.remember(version, self.weights)
 
     def apply(
-        self, grad: torch.Tensor, *, examples_before: int, staleness: int, base_version: int
+        self,
+        grad: torch.Tensor,
+        *,
+        examples_before: int,
+        staleness: int,
+        base_version: int,
+        replica: int = 0,
     ) -> Applied:
         """One push: adjust for its staleness, step the rule. ``grad`` is read only."""
         d = self.cfg.staleness_decay
@@ -159,22 +199,66 @@ class Updater:
             applied.momentum = self._async_momentum()
             self.rule.optimizer.param_groups[0]["momentum"] = applied.momentum
             if policy == "async-momentum-lr":
-                applied.lr = lr / (self.mean_staleness + 1.0)
+                applied.lr = lr / (self.mean_staleness + 1.0) ** self.cfg.lr_power
+            elif policy == "async-momentum-stable" and self.mean_staleness > 0:
+                applied.lr = lr * stable_share(self.mean_staleness, applied.momentum, self.base_momentum)
         elif policy == "lr-scale":
             applied.lr = lr / max(1, staleness)
         elif policy == "dc-asgd":
             grad = self._dc_asgd(grad, staleness, base_version, applied)
         elif policy == "gap-aware":
             grad = self._gap_aware(grad, staleness, base_version, applied)
+        elif policy == "dana":
+            self._dana_select(replica)
         if self.previous is not None:
             self.previous.copy_(self.weights)
         self.rule.apply(grad, applied.lr)
+        if policy == "dana":
+            self._dana_keep(replica)
         if self.previous is not None:  # gap-aware's C: running mean size of one update
             g = self.cfg.gap_decay
             step = self.previous.sub_(self.weights).abs_()
             self.mean_step.mul_(g).add_(step, alpha=1 - g)
         self.last = applied
         return applied
+
+    def _dana_select(self, replica: int) -> None:
+        """Put ``replica``'s momentum buffer in the rule; take it out of the sum."""
+        state = self.rule.optimizer.state[self.rule.param]
+        mine = self.velocities.get(replica)
+        if mine is None and self.velocities:
+            mine = self.velocities[replica] = torch.zeros_like(self.weights)
+        if self.velocity_sum is not None and mine is not None:
+            self.velocity_sum.sub_(mine)
+        if mine is None:
+            state.pop("momentum_buffer", None)  # the first replica: torch starts it from g
+        else:
+            state["momentum_buffer"] = mine
+
+    def _dana_keep(self, replica: int) -> None:
+        """Keep the buffer the step updated (or created) as ``replica``'s; add it back."""
+        mine = self.rule.optimizer.state[self.rule.param]["momentum_buffer"]
+        self.velocities[replica] = mine
+        if len(self.velocities) > 1:
+            if self.velocity_sum is None:
+                self.velocity_sum = torch.zeros_like(self.weights)
+                for v in self.velocities.values():
+                    self.velocity_sum.add_(v)
+            else:
+                self.velocity_sum.add_(mine)
+
+    def pull_view(self, replica: int, out: torch.Tensor) -> torch.Tensor:
+        """The weights ``replica`` should compute its next gradient on, into ``out``:
+        for dana the look-ahead ``w − lr·μ·Σ_{j≠r} v_j``; else the weights."""
+        out.copy_(self.weights)
+        if self.cfg.policy != "dana" or self.velocity_sum is None:
+            return out
+        scale = -self.last.lr * self.base_momentum
+        out.add_(self.velocity_sum, alpha=scale)
+        mine = self.velocities.get(replica)
+        if mine is not None:
+            out.sub_(mine, alpha=scale)
+        return out
 
     def _async_momentum(self) -> float:
         implicit = self.mean_staleness / (self.mean_staleness + 1.0)
@@ -230,6 +314,45 @@ class Updater:
         for name, buf in (("dc_mean_square", self.mean_square), ("gap_mean_step", self.mean_step)):
             if buf is not None and name in tensors:
                 buf.copy_(tensors[name])
+
+
+@functools.lru_cache(maxsize=4096)
+def stable_range(delay: int, momentum: float) -> float:
+    """The largest ``a = lr·λ`` for which ``x ← x + μ(x − x₋₁) − a·x₋τ`` is stable.
+
+    Stable means every root of the characteristic polynomial ``z^{τ+1} − (1+μ)z^τ +
+    μz^{τ−1} + a`` (``z² − (1+μ−a)z + μ`` at τ = 0) lies inside the unit circle; found by
+    bisection on ``a`` (the roots leave the circle once, as ``a`` grows from 0). At τ = 0
+    it is ``2(1 + μ)``, the textbook bound of heavy-ball momentum. Past
+    ``STABLE_MAX_DELAY`` it scales as ``1/(τ + 1)``, as it does well before that.
+    """
+    if delay > STABLE_MAX_DELAY:
+        return stable_range(STABLE_MAX_DELAY, momentum) * (STABLE_MAX_DELAY + 1) / (delay + 1)
+    if delay == 0:
+        return 2.0 * (1.0 + momentum)
+    coeffs = np.zeros(delay + 2)
+    coeffs[0], coeffs[1], coeffs[2] = 1.0, -(1.0 + momentum), momentum
+
+    def stable(a: float) -> bool:
+        coeffs[-1] = a + (momentum if delay == 1 else 0.0)
+        return float(np.abs(np.roots(coeffs)).max()) < 1.0
+
+    low, high = 0.0, 2.0 * (1.0 + abs(momentum))
+    for _ in range(40):  # 2^-40 of the bracket: far below what a rate needs
+        middle = (low + high) / 2
+        low, high = (middle, high) if stable(middle) else (low, middle)
+    return low
+
+
+def stable_share(mean_delay: float, momentum: float, base_momentum: float) -> float:
+    """``S(τ̄, μ_e) / S(0, μ)``: the rate's share that keeps the stable range of the
+    reference; ``τ̄`` fractional, linear between the delays on either side. ``μ_e`` is
+    rounded to 1e-3 so that the solved ranges are cached."""
+    momentum = round(momentum, 3)
+    below = math.floor(mean_delay)
+    frac = mean_delay - below
+    s = (1 - frac) * stable_range(below, momentum) + frac * stable_range(below + 1, momentum)
+    return s / stable_range(0, base_momentum)
 
 
 def _relative(change: torch.Tensor, grad: torch.Tensor) -> float:
