@@ -74,7 +74,6 @@ POLICY_SPECS = (
     "async-momentum+warm",
     "async-momentum-lr+warm",
     "async-momentum-stable+warm",
-    "dana+warm",
 )
 
 
@@ -162,12 +161,6 @@ class StalenessModel:
             return min(since, self.rng.choices(self.taus, self.weights)[0])
         return min(since, self.active(since) - 1)
 
-    def replica(self, step: int) -> int:
-        """Which replica pushes update ``step`` (round robin after the warm start)."""
-        if self.taus or self.join_steps > 0:
-            raise ValueError("the replicas' order is known for round robin only")
-        return 0 if step < self.warm_steps else (step - self.warm_steps) % self.cfg.replicas
-
     def active(self, since: int) -> int:
         """Replicas pushing ``since`` updates after the warm start: replica 1 joins at
         once, the others one by one over ``join_steps`` (all at once when 0)."""
@@ -207,8 +200,6 @@ def simulate(cfg: SimConfig) -> SimResult:
     join_steps = math.ceil(cfg.join_over * len(train_set) / cfg.batch_size) if warm else 0
     staleness = StalenessModel(cfg, warm_steps, join_steps)
     history = [shard.clone() for _ in range(staleness.max_tau + 1)]  # ring: version % len
-    # dana: what each replica pulled after its last push (the look-ahead), by replica
-    pulled = [shard.clone() for _ in range(cfg.replicas)] if cfg.base_policy == "dana" else []
     wire = protocol.DTYPES[cfg.wire_dtype][0]
     scratch = None if wire is torch.float32 else torch.empty(replica.numel(), dtype=wire)
 
@@ -227,27 +218,16 @@ def simulate(cfg: SimConfig) -> SimResult:
     for version in range(math.ceil(cfg.examples / cfg.batch_size)):
         _, images, labels = next(batches)
         base = version - staleness.tau(version)
-        pusher = staleness.replica(version) if pulled else 0
-        with torch.no_grad():  # the weights this replica pulled
-            replica.copy_(pulled[pusher] if pulled else history[base % len(history)])
+        with torch.no_grad():
+            replica.copy_(history[base % len(history)])  # the weights this replica pulled
             rounded(replica)  # as they crossed the wire
         grads.zero_()
         forward_backward(model, images, labels)
         rounded(grads)  # as the push carries it
-        updater.apply(
-            grads,
-            examples_before=examples,
-            staleness=version - base,
-            base_version=base,
-            replica=pusher,
-        )
+        updater.apply(grads, examples_before=examples, staleness=version - base, base_version=base)
         examples += len(labels)
         history[(version + 1) % len(history)].copy_(shard)
         updater.pulled(version + 1)  # the pusher pulls the new version at once
-        if pulled:  # it pulls its look-ahead; at the warm start's end the others join
-            joining = range(cfg.replicas) if version + 1 == warm_steps else (pusher,)
-            for r in joining:
-                updater.pull_view(r, pulled[r])
         if examples > average_from:
             average.add(shard, version + 1)
         while budgets and examples >= budgets[0]:

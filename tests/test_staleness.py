@@ -11,9 +11,12 @@ from distbelief.server.rules import Schedule, make_rule
 from distbelief.server.staleness import (
     MIN_MOMENTUM,
     POLICIES,
+    STABLE_MAX_DELAY,
     StalenessConfig,
     Updater,
     WeightHistory,
+    stable_range,
+    stable_share,
 )
 
 SIZE = 1000
@@ -84,12 +87,67 @@ def test_async_momentum_lr_also_divides_the_rate_by_the_mean_staleness_plus_one(
         ref.grad = g.clone()
         opt.step()
     assert torch.allclose(up.weights, ref.detach(), rtol=1e-6, atol=1e-7)
+    root = updater("async-momentum-lr", w0, staleness_decay=0.0, lr_power=0.5)  # the simulator's
+    assert root.apply(g, examples_before=0, staleness=3, base_version=0).lr == pytest.approx(0.05)
     with pytest.raises(ValueError, match="async-momentum-lr policy needs --rule momentum"):
         Updater(
             make_rule("adagrad", torch.zeros(8), weight_decay=0.0, momentum=0.0),
             Schedule(lr=0.1),
             StalenessConfig(policy="async-momentum-lr"),
         )
+
+
+def _grows(a: float, delay: int, momentum: float, steps: int = 20_000) -> bool:
+    """Run ``x ← x + μ(x − x₋₁) − a·x₋τ`` from a unit kick: does it blow up?"""
+    xs = [0.0] * (delay + 1) + [1.0]
+    for _ in range(steps):
+        xs.append(xs[-1] + momentum * (xs[-1] - xs[-2]) - a * xs[-1 - delay])
+        if abs(xs[-1]) > 1e6:
+            return True
+    return False  # bounded after 20,000 steps: below the range it decays geometrically
+
+
+@pytest.mark.parametrize(("delay", "momentum"), [(0, 0.9), (1, 0.9), (3, 0.15), (15, -0.04)])
+def test_stable_range_is_where_the_delayed_momentum_recurrence_stops_being_stable(delay, momentum):
+    s = stable_range(delay, momentum)
+    assert not _grows(0.97 * s, delay, momentum) and _grows(1.03 * s, delay, momentum)
+
+
+def test_stable_range_known_values_and_its_extrapolation():
+    assert stable_range(0, 0.9) == pytest.approx(3.8) and stable_range(0, 0.0) == 2.0
+    # the stability table of bench/RESULTS.md
+    assert stable_range(1, 0.9) == pytest.approx(0.10, abs=0.005)
+    assert stable_range(3, 0.0) == pytest.approx(0.445, abs=0.005)
+    assert stable_range(31, 0.15) == pytest.approx(0.042, abs=0.001)
+    far = STABLE_MAX_DELAY * 4
+    top = stable_range(STABLE_MAX_DELAY, 0.0)
+    assert stable_range(far, 0.0) == pytest.approx(top * (STABLE_MAX_DELAY + 1) / (far + 1))
+    assert stable_share(0.0, MU, MU) == 1.0  # no delay: the whole rate, exactly
+
+
+def test_async_momentum_stable_scales_the_rate_to_keep_the_stable_range():
+    torch.manual_seed(0)
+    w0 = torch.randn(SIZE)
+    up = updater("async-momentum-stable", w0, staleness_decay=0.5)
+    ref = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.SGD([ref], lr=0.1, momentum=MU, weight_decay=WD)
+    mean = 0.0
+    for tau, g in zip([0, 3, 3, 1, 7, 0], grads(6), strict=True):
+        mean = 0.5 * mean + 0.5 * tau
+        momentum = max(MIN_MOMENTUM, MU - mean / (mean + 1))
+        applied = up.apply(g, examples_before=0, staleness=tau, base_version=0)
+        assert applied.momentum == pytest.approx(momentum)
+        # the sharpest stable curvature at this delay and momentum = the reference's
+        lo, frac = int(mean), mean - int(mean)
+        s = (1 - frac) * stable_range(lo, round(momentum, 3)) + frac * stable_range(
+            lo + 1, round(momentum, 3)
+        )
+        assert applied.lr / 0.1 == pytest.approx(s / (2 * (1 + MU)))
+        assert tau == 0 or applied.lr < 0.1 / (mean + 1)  # below async-momentum-lr's rate
+        opt.param_groups[0].update(lr=applied.lr, momentum=applied.momentum)
+        ref.grad = g.clone()
+        opt.step()
+    assert torch.allclose(up.weights, ref.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_lr_scale_divides_the_rate_by_the_staleness():

@@ -139,11 +139,20 @@ STALENESS_SPECS = [
         "--staleness-policy",
         dict(
             type=click.Choice(
-                ["none", "async-momentum", "async-momentum-lr", "lr-scale", "dc-asgd", "gap-aware"]
+                [
+                    "none",
+                    "async-momentum",
+                    "async-momentum-lr",
+                    "async-momentum-stable",
+                    "lr-scale",
+                    "dc-asgd",
+                    "gap-aware",
+                ]
             ),
             default="none",
             help="How shards adjust a stale push: none (plain Downpour), async-momentum, "
-            "async-momentum-lr, lr-scale, dc-asgd or gap-aware (docs/staleness.md).",
+            "async-momentum-lr, async-momentum-stable, lr-scale, dc-asgd or gap-aware "
+            "(docs/staleness.md).",
         ),
     ),
     (
