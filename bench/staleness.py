@@ -101,6 +101,7 @@ class SimConfig:
     staleness_decay: float = StalenessConfig.staleness_decay  # async-momentum's running mean
     dc_lambda: float = StalenessConfig.dc_lambda
     lr_power: float = StalenessConfig.lr_power
+    join_ramp_epochs: float = StalenessConfig.join_ramp_epochs
     eval_examples: int = 1000
     threads: int | None = None
     wire_dtype: str = "f32"  # what pulled weights and pushed gradients are rounded to
@@ -194,6 +195,7 @@ def simulate(cfg: SimConfig) -> SimResult:
         staleness_decay=cfg.staleness_decay,
         dc_lambda=cfg.dc_lambda,
         lr_power=cfg.lr_power,
+        join_ramp_epochs=cfg.join_ramp_epochs,
     )
     updater = Updater(rule, schedule, policy)
     warm_steps = math.ceil(cfg.warm_start * len(train_set) / cfg.batch_size) if warm else 0
@@ -328,6 +330,7 @@ def grid(args: argparse.Namespace) -> list[SimConfig]:
             staleness_decay=args.staleness_decay,
             dc_lambda=args.dc_lambda,
             lr_power=args.lr_power,
+            join_ramp_epochs=args.join_ramp_epochs,
             eval_examples=args.eval_examples,
             threads=args.threads,
             wire_dtype=wire,
@@ -435,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--staleness-decay", type=float, default=StalenessConfig.staleness_decay)
     parser.add_argument("--dc-lambda", type=float, default=StalenessConfig.dc_lambda)
     parser.add_argument("--lr-power", type=float, default=StalenessConfig.lr_power)
+    parser.add_argument("--join-ramp-epochs", type=float, default=StalenessConfig.join_ramp_epochs)
     parser.add_argument("--staleness-from", default=None, help="a shard's /metrics text")
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument(

@@ -76,6 +76,9 @@ class StalenessConfig:
     policy: str = "none"
     staleness_decay: float = 0.9  # running mean staleness: weight of the past per push
     lr_power: float = 1.0  # async-momentum-lr: the rate divided by (τ̄ + 1) ** lr_power
+    # async-momentum-lr: over this share of an epoch after the first stale push, the rate
+    # rises from async-momentum-stable's to its own (0: from the first stale push on)
+    join_ramp_epochs: float = 0.0
     dc_lambda: float = 2.0  # DC-ASGD-a's λ0 (the paper's choice for CIFAR-10)
     dc_decay: float = 0.95  # DC-ASGD-a's m, the MeanSquare decay
     gap_decay: float = 0.99  # gap-aware: decay of the running mean update size C
@@ -86,6 +89,8 @@ class StalenessConfig:
             raise ValueError(
                 f"unknown staleness policy {self.policy!r}; known: {', '.join(POLICIES)}"
             )
+        if not self.join_ramp_epochs >= 0:
+            raise ValueError(f"join ramp epochs must be 0 or more, got {self.join_ramp_epochs}")
         for name in ("staleness_decay", "dc_decay", "gap_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must lie in [0, 1)")
@@ -161,6 +166,7 @@ class Updater:
         self.work = torch.empty(size) if cfg.keeps_history else None
         self.previous = torch.empty(size) if cfg.policy == "gap-aware" else None
         self.last = Applied(lr=schedule.lr_at(0), momentum=self.base_momentum)
+        self.joined_at: int | None = None  # examples when the first stale push came
 
     def pulled(self, version: int) -> None:
         if self.history is not None:
@@ -179,7 +185,7 @@ class Updater:
             applied.momentum = self._async_momentum()
             self.rule.optimizer.param_groups[0]["momentum"] = applied.momentum
             if policy == "async-momentum-lr":
-                applied.lr = lr / (self.mean_staleness + 1.0) ** self.cfg.lr_power
+                applied.lr = lr * self._lr_share(examples_before, staleness, applied.momentum)
             elif policy == "async-momentum-stable" and self.mean_staleness > 0:
                 applied.lr = lr * stable_share(
                     self.mean_staleness, applied.momentum, self.base_momentum
@@ -199,6 +205,21 @@ class Updater:
             self.mean_step.mul_(g).add_(step, alpha=1 - g)
         self.last = applied
         return applied
+
+    def _lr_share(self, examples: int, staleness: int, momentum: float) -> float:
+        """async-momentum-lr's share of the rate, ramped from the stable share after
+        the others join (``join_ramp_epochs``)."""
+        share = 1.0 / (self.mean_staleness + 1.0) ** self.cfg.lr_power
+        if self.joined_at is None and staleness > 0:
+            self.joined_at = examples
+        if self.cfg.join_ramp_epochs <= 0 or self.joined_at is None:
+            return share
+        ramp = self.cfg.join_ramp_epochs * self.schedule.dataset_size
+        progress = (examples - self.joined_at) / ramp
+        if progress >= 1 or self.mean_staleness == 0:
+            return share
+        stable = stable_share(self.mean_staleness, momentum, self.base_momentum)
+        return stable + (share - stable) * max(0.0, progress)
 
     def _async_momentum(self) -> float:
         implicit = self.mean_staleness / (self.mean_staleness + 1.0)
@@ -242,6 +263,8 @@ class Updater:
     def state(self) -> dict[str, torch.Tensor]:
         """The policy's running statistics, for checkpoints (empty for stateless ones)."""
         out = {"mean_staleness": torch.tensor([self.mean_staleness], dtype=torch.float64)}
+        if self.joined_at is not None:
+            out["joined_at"] = torch.tensor([self.joined_at], dtype=torch.float64)
         if self.mean_square is not None:
             out["dc_mean_square"] = self.mean_square
         if self.mean_step is not None:
@@ -251,6 +274,8 @@ class Updater:
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         if "mean_staleness" in tensors:
             self.mean_staleness = float(tensors["mean_staleness"][0])
+        if "joined_at" in tensors:
+            self.joined_at = int(tensors["joined_at"][0])
         for name, buf in (("dc_mean_square", self.mean_square), ("gap_mean_step", self.mean_step)):
             if buf is not None and name in tensors:
                 buf.copy_(tensors[name])

@@ -71,22 +71,32 @@ def test_async_momentum_subtracts_the_implicit_momentum_of_the_mean_staleness():
     assert slow.mean_staleness == pytest.approx(3.0)
 
 
-def test_async_momentum_lr_also_divides_the_rate_by_the_mean_staleness_plus_one():
+def _replay_against_torch_sgd(policy: str, rate_share) -> torch.Tensor:
+    """Push staleness 0, 3, 3, 1, 7, 0 (running mean with decay 0.5) through ``policy``;
+    each push's momentum is async-momentum's and its rate ``0.1 · rate_share(mean,
+    momentum)``; the weights are torch's SGD stepped with those. Returns w0."""
     torch.manual_seed(0)
     w0 = torch.randn(SIZE)
-    up = updater("async-momentum-lr", w0, staleness_decay=0.5)
+    up = updater(policy, w0, staleness_decay=0.5)
     ref = torch.nn.Parameter(w0.clone())
     opt = torch.optim.SGD([ref], lr=0.1, momentum=MU, weight_decay=WD)
     mean = 0.0
     for tau, g in zip([0, 3, 3, 1, 7, 0], grads(6), strict=True):
         mean = 0.5 * mean + 0.5 * tau
+        momentum = max(MIN_MOMENTUM, MU - mean / (mean + 1))
         applied = up.apply(g, examples_before=0, staleness=tau, base_version=0)
-        assert applied.lr == pytest.approx(0.1 / (mean + 1))
-        assert applied.momentum == pytest.approx(max(MIN_MOMENTUM, MU - mean / (mean + 1)))
+        assert applied.momentum == pytest.approx(momentum)
+        assert applied.lr == pytest.approx(0.1 * rate_share(mean, momentum))
         opt.param_groups[0].update(lr=applied.lr, momentum=applied.momentum)
         ref.grad = g.clone()
         opt.step()
     assert torch.allclose(up.weights, ref.detach(), rtol=1e-6, atol=1e-7)
+    return w0
+
+
+def test_async_momentum_lr_also_divides_the_rate_by_the_mean_staleness_plus_one():
+    w0 = _replay_against_torch_sgd("async-momentum-lr", lambda mean, _: 1 / (mean + 1))
+    g = grads(1)[0]
     root = updater("async-momentum-lr", w0, staleness_decay=0.0, lr_power=0.5)  # the simulator's
     assert root.apply(g, examples_before=0, staleness=3, base_version=0).lr == pytest.approx(0.05)
     with pytest.raises(ValueError, match="async-momentum-lr policy needs --rule momentum"):
@@ -126,28 +136,44 @@ def test_stable_range_known_values_and_its_extrapolation():
 
 
 def test_async_momentum_stable_scales_the_rate_to_keep_the_stable_range():
-    torch.manual_seed(0)
-    w0 = torch.randn(SIZE)
-    up = updater("async-momentum-stable", w0, staleness_decay=0.5)
-    ref = torch.nn.Parameter(w0.clone())
-    opt = torch.optim.SGD([ref], lr=0.1, momentum=MU, weight_decay=WD)
-    mean = 0.0
-    for tau, g in zip([0, 3, 3, 1, 7, 0], grads(6), strict=True):
-        mean = 0.5 * mean + 0.5 * tau
-        momentum = max(MIN_MOMENTUM, MU - mean / (mean + 1))
-        applied = up.apply(g, examples_before=0, staleness=tau, base_version=0)
-        assert applied.momentum == pytest.approx(momentum)
+    def share(mean: float, momentum: float) -> float:
         # the sharpest stable curvature at this delay and momentum = the reference's
-        lo, frac = int(mean), mean - int(mean)
-        s = (1 - frac) * stable_range(lo, round(momentum, 3)) + frac * stable_range(
-            lo + 1, round(momentum, 3)
-        )
-        assert applied.lr / 0.1 == pytest.approx(s / (2 * (1 + MU)))
-        assert tau == 0 or applied.lr < 0.1 / (mean + 1)  # below async-momentum-lr's rate
-        opt.param_groups[0].update(lr=applied.lr, momentum=applied.momentum)
-        ref.grad = g.clone()
-        opt.step()
-    assert torch.allclose(up.weights, ref.detach(), rtol=1e-6, atol=1e-7)
+        lo, frac, m = int(mean), mean - int(mean), round(momentum, 3)
+        s = (1 - frac) * stable_range(lo, m) + frac * stable_range(lo + 1, m)
+        assert mean == 0 or s / (2 * (1 + MU)) < 1 / (mean + 1)  # below async-momentum-lr's
+        return s / (2 * (1 + MU))
+
+    _replay_against_torch_sgd("async-momentum-stable", share)
+
+
+def test_async_momentum_lr_ramps_up_from_the_stable_rate_after_the_join():
+    up = updater("async-momentum-lr", torch.zeros(SIZE), staleness_decay=0.0, join_ramp_epochs=0.5)
+    g = grads(1)[0]
+    assert up.apply(g, examples_before=0, staleness=0, base_version=0).lr == 0.1
+    assert up.apply(g, examples_before=30, staleness=0, base_version=0).lr == 0.1
+    momentum = MU - 3 / 4
+    stable = 0.1 * stable_share(3.0, momentum, MU)
+    # the first stale push at 40 examples: the ramp (0.5 × 100 examples) starts there
+    assert up.apply(g, examples_before=40, staleness=3, base_version=0).lr == pytest.approx(stable)
+    halfway = up.apply(g, examples_before=65, staleness=3, base_version=0).lr
+    assert halfway == pytest.approx((stable + 0.1 / 4) / 2)
+    assert up.apply(g, examples_before=90, staleness=3, base_version=0).lr == pytest.approx(0.1 / 4)
+    assert up.state()["joined_at"].item() == 40  # kept in checkpoints
+    again = updater(
+        "async-momentum-lr", torch.zeros(SIZE), staleness_decay=0.0, join_ramp_epochs=0.5
+    )
+    again.load_state(up.state())
+    assert again.apply(g, examples_before=65, staleness=3, base_version=0).lr == pytest.approx(
+        halfway
+    )
+
+
+def test_the_cli_offers_every_policy():
+    from distbelief.cli.options import STALENESS_SPECS
+
+    # the CLI keeps its own list so that `--help` does not import torch; it must match
+    choice = dict(STALENESS_SPECS)["--staleness-policy"]["type"]
+    assert tuple(choice.choices) == POLICIES
 
 
 def test_lr_scale_divides_the_rate_by_the_staleness():
