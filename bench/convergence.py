@@ -6,9 +6,9 @@ In one run, on the demo set, each for ``--seconds`` of training on the same mach
 - ``distbelief serve --shards 2`` + ``distbelief average`` + ``distbelief work --cpu N``
   (real subprocesses) for each N in ``--replicas`` and each staleness policy in
   ``--policies`` (``none`` is plain Downpour; ``+warm`` adds ``work --warm-start`` and
-  ``serve --lr-warmup-epochs``, as in ``bench.staleness``); the averager keeps the
-  Polyak average of the iterates from ``--polyak-from`` of the run on (estimated in
-  epochs from the reference trainer's speed).
+  ``serve --lr-warmup-epochs --join-ramp-epochs``, as in ``bench.staleness``); the
+  averager keeps the Polyak average of the iterates from ``--polyak-from`` of the run
+  on (estimated in epochs from the reference trainer's speed).
 
 Every ``--snapshot-every-s`` the weights (the shards', the averager's) are copied;
 after all runs every snapshot is evaluated on ``--eval-examples`` held-out images,
@@ -45,7 +45,12 @@ from bench.common import (
     stderr_tail,
 )
 from bench.staleness import policy_flags
-from distbelief.cli import DEMO_LR_WARMUP_EPOCHS, DEMO_POLICY_SPEC, DEMO_WARM_START
+from distbelief.cli import (
+    DEMO_JOIN_RAMP_EPOCHS,
+    DEMO_LR_WARMUP_EPOCHS,
+    DEMO_POLICY_SPEC,
+    DEMO_WARM_START,
+)
 from distbelief.client import ClientConfig, ParameterClient, ServerRefused, probe_stats
 from distbelief.data import evaluate, iterate_batches, load_dataset
 from distbelief.launcher import free_port_run
@@ -131,7 +136,9 @@ def async_run(
     layout = Layout.of(build_model(MODEL, args.num_classes), MODEL)
     hyper = ["--lr", str(args.lr), "--momentum", str(args.momentum)]
     hyper += ["--weight-decay", str(args.weight_decay), "--seed", str(args.seed)]
-    serve_flags, work_flags = policy_flags(policy, args.warm_start, args.lr_warmup_epochs)
+    serve_flags, work_flags = policy_flags(
+        policy, args.warm_start, args.lr_warmup_epochs, args.join_ramp_epochs
+    )
     name = f"{replicas} replicas, {policy}"
     shards_run, polyak_run = Run(f"async, {name}"), Run(f"Polyak, {name}")
     classes = ["--num-classes", str(args.num_classes)]
@@ -258,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--warm-start", type=float, default=DEMO_WARM_START)
     parser.add_argument("--lr-warmup-epochs", type=float, default=DEMO_LR_WARMUP_EPOCHS)
+    parser.add_argument("--join-ramp-epochs", type=float, default=DEMO_JOIN_RAMP_EPOCHS)
     parser.add_argument("--polyak-from", type=float, default=0.5, help="fraction of the run")
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument("--data", default="demo", help="demo; synthetic has 1000 classes")

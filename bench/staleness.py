@@ -10,8 +10,10 @@ but computes the gradient of update ``t`` on the weights of version ``t − τ``
 - or ``τ`` drawn from a staleness histogram a real run exported
   (``--staleness-from`` a shard's ``/metrics`` text: ``distbelief_shard_staleness``);
 - with ``+warm`` after a policy, replica 0 trains alone (``τ = 0``) for
-  ``--warm-start`` of the first epoch, and the shards warm the rate up linearly over
-  ``--lr-warmup-epochs``, as ``distbelief up --warm-start … --lr-warmup-epochs …``.
+  ``--warm-start`` of the first epoch, the shards warm the rate up linearly over
+  ``--lr-warmup-epochs``, and async-momentum-lr ramps its rate up from the stable
+  policy's over ``--join-ramp-epochs`` after the join, as ``distbelief up
+  --warm-start … --lr-warmup-epochs … --join-ramp-epochs …``.
 - with ``--wire-dtypes f32,bf16``, each run also as over a wire of that type: the
   weights a replica pulls and the gradient it pushes rounded to it, as
   ``work --wire-dtype`` sends them (the shard keeps and updates f32);
@@ -57,6 +59,7 @@ from distbelief.server.staleness import StalenessConfig, Updater
 
 from bench.common import machine
 from distbelief import protocol
+from distbelief.cli import DEMO_JOIN_RAMP_EPOCHS
 from distbelief.data import evaluate, iterate_batches, load_dataset
 from distbelief.layout import Layout, flatten_into
 from distbelief.models import build_model
@@ -195,7 +198,7 @@ def simulate(cfg: SimConfig) -> SimResult:
         staleness_decay=cfg.staleness_decay,
         dc_lambda=cfg.dc_lambda,
         lr_power=cfg.lr_power,
-        join_ramp_epochs=cfg.join_ramp_epochs,
+        join_ramp_epochs=cfg.join_ramp_epochs if warm else 0.0,
     )
     updater = Updater(rule, schedule, policy)
     warm_steps = math.ceil(cfg.warm_start * len(train_set) / cfg.batch_size) if warm else 0
@@ -289,12 +292,15 @@ def read_histogram(path: str) -> tuple[tuple[int, float], ...]:
     return tuple((t, c / total) for t, c in out)
 
 
-def policy_flags(spec: str, warm_start: float, lr_warmup_epochs: float) -> tuple[list, list]:
+def policy_flags(
+    spec: str, warm_start: float, lr_warmup_epochs: float, join_ramp_epochs: float
+) -> tuple[list, list]:
     """The ``serve`` and ``work`` flags of a policy spec such as ``async-momentum+warm``."""
     serve_flags = ["--staleness-policy", spec.removesuffix("+warm")]
     work_flags: list[str] = []
     if spec.endswith("+warm"):
         serve_flags += ["--lr-warmup-epochs", str(lr_warmup_epochs)]
+        serve_flags += ["--join-ramp-epochs", str(join_ramp_epochs)]
         work_flags += ["--warm-start", str(warm_start)]
     return serve_flags, work_flags
 
@@ -438,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--staleness-decay", type=float, default=StalenessConfig.staleness_decay)
     parser.add_argument("--dc-lambda", type=float, default=StalenessConfig.dc_lambda)
     parser.add_argument("--lr-power", type=float, default=StalenessConfig.lr_power)
-    parser.add_argument("--join-ramp-epochs", type=float, default=StalenessConfig.join_ramp_epochs)
+    parser.add_argument("--join-ramp-epochs", type=float, default=DEMO_JOIN_RAMP_EPOCHS)
     parser.add_argument("--staleness-from", default=None, help="a shard's /metrics text")
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument(

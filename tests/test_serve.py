@@ -15,7 +15,7 @@ import pytest
 import torch
 from distbelief.server.shard import initial_weights
 
-from distbelief.cli import DEMO_STALENESS_POLICY
+from distbelief.cli import DEMO_JOIN_RAMP_EPOCHS, DEMO_STALENESS_POLICY
 from distbelief.client import ClientConfig, ParameterClient, ServerRefused
 from distbelief.layout import Layout
 from distbelief.models import build_model
@@ -52,6 +52,8 @@ def test_one_worker_through_two_shards_reproduces_torch_sgd(procs, rule, policy,
         policy,
         "--lr-warmup-epochs",
         str(warmup),
+        "--join-ramp-epochs",  # up's; only async-momentum-lr reads it, after a stale push
+        str(DEMO_JOIN_RAMP_EPOCHS),
         "--num-classes",
         str(NUM_CLASSES),
         "--seed",

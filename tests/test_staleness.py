@@ -311,6 +311,52 @@ def test_dc_asgd_shard_compensates_a_stale_push_and_exports_it(procs):
     assert float(values["distbelief_shard_weight_history_misses_total"]) == 0
 
 
+def test_a_shard_ramps_async_momentum_lr_up_from_the_stable_rate_after_the_join(procs):
+    from distbelief.client import ClientConfig, ParameterClient, probe_stats
+    from distbelief.layout import Layout
+    from distbelief.models import build_model
+
+    lr, examples, dataset = 0.01, 8, 64
+    addresses = procs.serve(
+        2, "--num-classes", "10", "--staleness-policy", "async-momentum-lr", "--lr", str(lr),
+        "--join-ramp-epochs", "0.5", "--dataset-size", str(dataset),
+    )  # fmt: skip
+    layout = Layout.of(build_model("googlenet", 10), "googlenet")
+    cfg = dict(servers=tuple(addresses), timeout_s=20, retries=1)
+    a = ParameterClient(ClientConfig(worker="a", **cfg), layout)
+    b = ParameterClient(ClientConfig(worker="b", **cfg), layout)
+    weights, grad = torch.empty(layout.total), torch.full((layout.total,), 1e-4)
+    for c in (a, b):
+        c.connect()
+        c.pull(weights)  # both at version 0
+    taus, rates = [], []
+    for c in (b, a, b, a, b, a, b, a, b):  # b first (fresh), then a stale push: the join
+        taus.append(c.push(grad, examples=examples)[0].staleness)
+        rates.append(probe_stats(addresses, 10)[0]["effective_lr"])
+        c.pull(weights)
+    a.close()
+    b.close()
+
+    def replay(ramp: float) -> list[float]:
+        """The same pushes through the shard's own Updater, in this process."""
+        rule = make_rule("momentum", torch.zeros(4), weight_decay=0.0, momentum=0.9)
+        cfg = StalenessConfig(policy="async-momentum-lr", join_ramp_epochs=ramp)
+        up = Updater(rule, Schedule(lr=lr, dataset_size=dataset), cfg)
+        return [
+            up.apply(torch.zeros(4), examples_before=examples * i, staleness=t, base_version=0).lr
+            for i, t in enumerate(taus)
+        ]
+
+    assert taus[0] == 0 and all(t > 0 for t in taus[1:]), taus
+    assert rates == pytest.approx(replay(0.5), rel=1e-9)
+    plain = replay(0.0)
+    # the ramp (32 examples from the join at 8) holds the rate below async-momentum-lr's
+    # and meets it at 40 examples: the sixth push on
+    assert rates[0] == plain[0] == lr
+    assert all(r < p for r, p in zip(rates[1:5], plain[1:5], strict=True)), (rates, plain)
+    assert rates[5:] == pytest.approx(plain[5:], rel=1e-9)
+
+
 def test_warm_start_holds_the_other_replicas_back_until_replica_0_has_trained(procs, tmp_path):
     import json
 

@@ -15,6 +15,7 @@ from distbelief.cli import average, evaluate, keys, serve, status, train, up, wo
 from distbelief.cli.options import DOWNPOUR_SPECS, RULE_SPECS, STALENESS_SPECS
 from distbelief.cli.up import (
     DEMO_EPOCHS,
+    DEMO_JOIN_RAMP_EPOCHS,
     DEMO_LR,
     DEMO_LR_WARMUP_EPOCHS,
     DEMO_POLICY_SPEC,
@@ -24,6 +25,7 @@ from distbelief.cli.up import (
 
 __all__ = [
     "DEMO_EPOCHS",
+    "DEMO_JOIN_RAMP_EPOCHS",
     "DEMO_LR",
     "DEMO_LR_WARMUP_EPOCHS",
     "DEMO_POLICY_SPEC",

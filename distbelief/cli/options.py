@@ -156,6 +156,16 @@ STALENESS_SPECS = [
         ),
     ),
     (
+        "--join-ramp-epochs",
+        dict(
+            type=click.FloatRange(min=0),
+            default=0.0,
+            help="async-momentum-lr: over this share of an epoch after the first stale push "
+            "(the others joining), raise the rate from async-momentum-stable's to its own "
+            "(0: none).",
+        ),
+    ),
+    (
         "--dc-lambda",
         dict(
             type=click.FloatRange(min=0),
@@ -186,6 +196,7 @@ def staleness_config(kw: dict):
 
     return StalenessConfig(
         policy=kw.pop("staleness_policy"),
+        join_ramp_epochs=kw.pop("join_ramp_epochs"),
         dc_lambda=kw.pop("dc_lambda"),
         history=kw.pop("weight_history"),
     )

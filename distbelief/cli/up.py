@@ -28,6 +28,7 @@ DEMO_LR = 0.005
 # chosen by measurement (bench/RESULTS.md, "staleness")
 DEMO_STALENESS_POLICY = "async-momentum-lr"
 DEMO_WARM_START = 0.2
+DEMO_JOIN_RAMP_EPOCHS = 0.2  # the rate ramps up from the stable policy's after the join
 DEMO_LR_WARMUP_EPOCHS = 0.0
 # the same default as a policy spec of bench.staleness and bench.convergence
 DEMO_POLICY_SPEC = DEMO_STALENESS_POLICY + ("+warm" if DEMO_WARM_START else "")
@@ -42,7 +43,9 @@ def up_downpour_options(f):
 
 
 def up_staleness_options(f):
-    return staleness_options(f, staleness_policy=DEMO_STALENESS_POLICY)
+    return staleness_options(
+        f, staleness_policy=DEMO_STALENESS_POLICY, join_ramp_epochs=DEMO_JOIN_RAMP_EPOCHS
+    )
 
 
 @click.command()
@@ -139,7 +142,8 @@ def up(
     serve_args = _flags(
         kw,
         *("rule", "lr", "momentum", "weight_decay", "lr_decay", "lr_decay_epochs"),
-        *("lr_warmup_epochs", "staleness_policy", "dc_lambda", "weight_history"),
+        *("lr_warmup_epochs", "staleness_policy", "join_ramp_epochs", "dc_lambda"),
+        "weight_history",
     )
     serve_args += ["--dataset-size", str(kw["dataset_size"] or len(train_set))]
     if checkpoint_dir:
