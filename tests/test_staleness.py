@@ -265,12 +265,28 @@ def test_linear_warmup_reaches_the_base_rate_and_then_steps_as_before():
 # -- real processes ----------------------------------------------------------------
 
 
+def _two_clients_at_version_0(servers, value: float):
+    """Clients "a" and "b" of the 10-class GoogLeNet on ``servers``, both having pulled
+    version 0, with a weights buffer and a gradient of ``value`` everywhere."""
+    from distbelief.client import ClientConfig, ParameterClient
+    from distbelief.layout import Layout
+    from distbelief.models import build_model
+
+    layout = Layout.of(build_model("googlenet", 10), "googlenet")
+    cfg = dict(servers=tuple(servers), timeout_s=20, retries=1)
+    a = ParameterClient(ClientConfig(worker="a", **cfg), layout)
+    b = ParameterClient(ClientConfig(worker="b", **cfg), layout)
+    weights, grad = torch.empty(layout.total), torch.full((layout.total,), value)
+    for c in (a, b):
+        c.connect()
+        c.pull(weights)
+    return a, b, weights, grad
+
+
 def test_dc_asgd_shard_compensates_a_stale_push_and_exports_it(procs):
     import urllib.request
 
-    from distbelief.client import ClientConfig, ParameterClient, probe_stats
-    from distbelief.layout import Layout
-    from distbelief.models import build_model
+    from distbelief.client import probe_stats
 
     from .conftest import free_port
 
@@ -283,15 +299,8 @@ def test_dc_asgd_shard_compensates_a_stale_push_and_exports_it(procs):
         1, "--num-classes", "10", "--staleness-policy", "dc-asgd", "--weight-history", "4",
         "--metrics-port", str(metrics_port), name="serve-metrics",
     )  # fmt: skip
-    layout = Layout.of(build_model("googlenet", 10), "googlenet")
     for servers in (addresses, metric_addr):
-        cfg = dict(servers=tuple(servers), timeout_s=20, retries=1)
-        a = ParameterClient(ClientConfig(worker="a", **cfg), layout)
-        b = ParameterClient(ClientConfig(worker="b", **cfg), layout)
-        weights, grad = torch.empty(layout.total), torch.full((layout.total,), 1e-3)
-        for c in (a, b):
-            c.connect()
-            c.pull(weights)  # both at version 0
+        a, b, weights, grad = _two_clients_at_version_0(servers, 1e-3)
         assert [r.staleness for r in b.push(grad, examples=8)] == [0] * len(servers)
         assert [r.staleness for r in a.push(grad, examples=8)] == [1] * len(servers)
         a.close()
@@ -312,23 +321,14 @@ def test_dc_asgd_shard_compensates_a_stale_push_and_exports_it(procs):
 
 
 def test_a_shard_ramps_async_momentum_lr_up_from_the_stable_rate_after_the_join(procs):
-    from distbelief.client import ClientConfig, ParameterClient, probe_stats
-    from distbelief.layout import Layout
-    from distbelief.models import build_model
+    from distbelief.client import probe_stats
 
     lr, examples, dataset = 0.01, 8, 64
     addresses = procs.serve(
         2, "--num-classes", "10", "--staleness-policy", "async-momentum-lr", "--lr", str(lr),
         "--join-ramp-epochs", "0.5", "--dataset-size", str(dataset),
     )  # fmt: skip
-    layout = Layout.of(build_model("googlenet", 10), "googlenet")
-    cfg = dict(servers=tuple(addresses), timeout_s=20, retries=1)
-    a = ParameterClient(ClientConfig(worker="a", **cfg), layout)
-    b = ParameterClient(ClientConfig(worker="b", **cfg), layout)
-    weights, grad = torch.empty(layout.total), torch.full((layout.total,), 1e-4)
-    for c in (a, b):
-        c.connect()
-        c.pull(weights)  # both at version 0
+    a, b, weights, grad = _two_clients_at_version_0(addresses, 1e-4)
     taus, rates = [], []
     for c in (b, a, b, a, b, a, b, a, b):  # b first (fresh), then a stale push: the join
         taus.append(c.push(grad, examples=examples)[0].staleness)
