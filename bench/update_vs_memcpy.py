@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from distbelief.server.rules import make_rule
+from distbelief.server.rules import Schedule, make_rule
+from distbelief.server.staleness import StalenessConfig, Updater
 
 from bench.common import googlenet_layout, median_time, ratio_line
 
@@ -30,11 +31,29 @@ def update_times(size: int, rule: str, reps: int) -> tuple[float, float]:
     return copy_s, apply_s
 
 
+def policy_times(size: int, reps: int) -> tuple[float, float]:
+    """Median ``copy_`` time and median time of one push through the shard's whole
+    update (``Updater``) with up's policy inside its join ramp (staleness 1)."""
+    src, dst = torch.randn(size), torch.empty(size)
+    grad = torch.randn(size) * 1e-6
+    rule = make_rule("momentum", torch.randn(size), weight_decay=2e-4, momentum=0.9)
+    cfg = StalenessConfig(policy="async-momentum-lr", join_ramp_epochs=0.2)
+    up = Updater(rule, Schedule(lr=0.01, dataset_size=10**9), cfg)  # the ramp never ends
+    copy_s = median_time(lambda: dst.copy_(src), reps)
+    apply_s = median_time(
+        lambda: up.apply(grad, examples_before=32, staleness=1, base_version=0), reps
+    )
+    return copy_s, apply_s
+
+
 def run(size: int, reps: int) -> None:
     mb = size * 4 / 1e6
     for rule in RULES:
         copy_s, apply_s = update_times(size, rule, reps)
         print(ratio_line(f"update rule {rule} over {mb:.0f} MB", "memcpy", copy_s, "rule", apply_s))
+    copy_s, apply_s = policy_times(size, reps)
+    label = f"up's policy (async-momentum-lr in its join ramp) over {mb:.0f} MB"
+    print(ratio_line(label, "memcpy", copy_s, "policy + rule", apply_s))
 
 
 def main(argv: list[str] | None = None) -> int:

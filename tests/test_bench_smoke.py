@@ -53,8 +53,9 @@ def test_ps_vs_zmq_and_update_vs_memcpy(capsys):
     assert ps_vs_zmq.main(flags) == 0
     assert update_vs_memcpy.main(["--num-classes", "10", "--reps", "1"]) == 0
     out = capsys.readouterr().out
-    assert len(ratios(out)) == 6, out  # 2 transports × 2 echoes, 2 rules
+    assert len(ratios(out)) == 7, out  # 2 transports × 2 echoes, 2 rules, up's policy
     assert "pull+push, 4 shard(s), f32, tcp" in out and "update rule adagrad" in out
+    assert "up's policy (async-momentum-lr in its join ramp)" in out
     # shared memory has no ZeroMQ counterpart: it is held against the TCP echo
     assert "pull+push, 4 shard(s), f32, shm: raw zmq echo over tcp" in out
 
