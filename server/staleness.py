@@ -77,7 +77,7 @@ class StalenessConfig:
     staleness_decay: float = 0.9  # running mean staleness: weight of the past per push
     lr_power: float = 1.0  # async-momentum-lr: the rate divided by (τ̄ + 1) ** lr_power
     # async-momentum-lr: over this share of an epoch after the first stale push, the rate
-    # rises from async-momentum-stable's to its own (0: from the first stale push on)
+    # rises from async-momentum-stable's to its own (0: no ramp, its own rate at once)
     join_ramp_epochs: float = 0.0
     dc_lambda: float = 2.0  # DC-ASGD-a's λ0 (the paper's choice for CIFAR-10)
     dc_decay: float = 0.95  # DC-ASGD-a's m, the MeanSquare decay
