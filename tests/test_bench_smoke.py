@@ -44,8 +44,10 @@ def test_ps_throughput_command_runs_and_prints_ratios():
         timeout=240,
         check=True,
     ).stdout
-    assert len(ratios(out)) == 6, out  # 1 and 2 shards × two echo baselines, two rules
+    # 1 and 2 shards × two echo baselines, two rules, up's policy
+    assert len(ratios(out)) == 7, out
     assert "raw zmq echo over ipc (plain malloc)" in out and "memcpy" in out
+    assert "up's policy (async-momentum-lr in its join ramp)" in out
 
 
 def test_ps_vs_zmq_and_update_vs_memcpy(capsys):
