@@ -22,6 +22,10 @@ but computes the gradient of update ``t`` on the weights of version ``t − τ``
   ``--polyak-from`` of the budget on, evaluated beside the iterate at each budget
   from there: the model ``up`` serves for inference, and a steadier figure than one
   snapshot of an asynchronous iterate;
+- with ``--fresh-gradients``, every gradient is computed on the newest weights while
+  the policy is still told the staleness the replicas would have had: the policy's
+  rate and momentum without the delay, which separates what the delay costs from what
+  the policy's smaller steps cost (an experiment; no real replica can do this);
 - with ``--join-over J`` as well, replica 1 joins when the warm start ends and the
   others one by one over the next ``J`` of the first epoch (an experiment on the join
   shock; ``work`` has no such flag: ``bench/RESULTS.md`` says why).
@@ -109,6 +113,7 @@ class SimConfig:
     threads: int | None = None
     wire_dtype: str = "f32"  # what pulled weights and pushed gradients are rounded to
     polyak_from: float = 0.5  # share of the budget after which versions enter the average
+    fresh_gradients: bool = False  # gradients on the newest weights, the policy told τ
 
     @property
     def base_policy(self) -> str:
@@ -223,8 +228,9 @@ def simulate(cfg: SimConfig) -> SimResult:
     for version in range(math.ceil(cfg.examples / cfg.batch_size)):
         _, images, labels = next(batches)
         base = version - staleness.tau(version)
+        pulled = version if cfg.fresh_gradients else base
         with torch.no_grad():
-            replica.copy_(history[base % len(history)])  # the weights this replica pulled
+            replica.copy_(history[pulled % len(history)])  # the weights this replica pulled
             rounded(replica)  # as they crossed the wire
         grads.zero_()
         forward_backward(model, images, labels)
@@ -341,6 +347,7 @@ def grid(args: argparse.Namespace) -> list[SimConfig]:
             threads=args.threads,
             wire_dtype=wire,
             polyak_from=args.polyak_from,
+            fresh_gradients=args.fresh_gradients,
         )  # fmt: skip
         for n, policy, lr, momentum, seed, wire in itertools.product(
             _numbers(args.replicas, int),
@@ -364,10 +371,11 @@ def summarise(runs: list[dict], target: float) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         c = run["config"]
-        key = (c["replicas"], c["policy"], c["wire_dtype"], c["lr"], c["momentum"])
+        fresh = c.get("fresh_gradients", False)
+        key = (c["replicas"], c["policy"], c["wire_dtype"], fresh, c["lr"], c["momentum"])
         groups.setdefault(key, []).append(run)
     best: dict[tuple, dict] = {}
-    for (n, policy, wire, lr, momentum), group in groups.items():
+    for (n, policy, wire, fresh, lr, momentum), group in groups.items():
         curves = [r["curve"] for r in group]
         averages = [r.get("polyak") or [] for r in group]
         final = statistics.mean(c[-1][1] for c in curves)
@@ -376,6 +384,7 @@ def summarise(runs: list[dict], target: float) -> list[dict]:
             "replicas": n,
             "policy": policy,
             "wire_dtype": wire,
+            "fresh_gradients": fresh,
             "lr": lr,
             "momentum": momentum,
             "seeds": len(group),
@@ -390,9 +399,13 @@ def summarise(runs: list[dict], target: float) -> list[dict]:
             "to_target": statistics.mean(reach) if None not in reach else None,
             "reached": sum(r is not None for r in reach),
         }
-        if (n, policy, wire) not in best or final > best[(n, policy, wire)]["top1"][-1]:
-            best[(n, policy, wire)] = row
-    rows = sorted(best.values(), key=lambda r: (r["replicas"], r["policy"], r["wire_dtype"]))
+        which = (n, policy, wire, fresh)
+        if which not in best or final > best[which]["top1"][-1]:
+            best[which] = row
+    rows = sorted(
+        best.values(),
+        key=lambda r: (r["replicas"], r["policy"], r["wire_dtype"], r["fresh_gradients"]),
+    )
     ones = [r for r in rows if r["replicas"] == 1]
     reference = next((r for r in ones if r["wire_dtype"] == "f32"), ones[0] if ones else None)
     for row in rows:  # at equal examples: the same budget
@@ -420,6 +433,7 @@ def print_table(rows: list[dict], target: float) -> None:
         polyak = f"{r['polyak'][-1]:.1%}" if r["polyak"] else "—"
         polyak_ratio = f"{r['polyak_ratio']:.2f}" if r["polyak_ratio"] is not None else "—"
         wire = "" if r["wire_dtype"] == "f32" else f", {r['wire_dtype']} wire"
+        wire += ", fresh gradients" if r["fresh_gradients"] and r["replicas"] > 1 else ""
         print(
             f"| {r['replicas']} | {r['policy']}{wire} | {r['lr']:g}, {r['momentum']:g} | {cells} "
             f"± {r['top1_sd']:.1%} | {ratio} | {polyak} | {polyak_ratio} | "
@@ -445,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dc-lambda", type=float, default=StalenessConfig.dc_lambda)
     parser.add_argument("--lr-power", type=float, default=StalenessConfig.lr_power)
     parser.add_argument("--join-ramp-epochs", type=float, default=DEMO_JOIN_RAMP_EPOCHS)
+    parser.add_argument(
+        "--fresh-gradients",
+        action="store_true",
+        help="gradients on the newest weights, the policy told the replicas' staleness",
+    )
     parser.add_argument("--staleness-from", default=None, help="a shard's /metrics text")
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument(

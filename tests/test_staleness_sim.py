@@ -32,6 +32,23 @@ def test_one_replica_is_the_reference_trainer_bit_for_bit():
     assert not torch.equal(stale.weights, ref.weights)  # staleness changes the run
 
 
+def test_fresh_gradients_leave_only_the_policys_rate_and_momentum():
+    ref = simulate(SimConfig(replicas=1, examples=STEPS * BATCH, batch_size=BATCH, seed=3, **HP))
+    run = dict(replicas=4, examples=STEPS * BATCH, batch_size=BATCH, seed=3, **HP)
+    # plain Downpour ignores τ: with every gradient on the newest weights, the reference
+    plain = simulate(SimConfig(policy="none", fresh_gradients=True, **run))
+    assert torch.equal(plain.weights, ref.weights)
+    # a policy told τ = 3 still lowers its rate and momentum: another run, and not the
+    # delayed one
+    fresh = simulate(SimConfig(policy="async-momentum-lr", fresh_gradients=True, **run))
+    delayed = simulate(SimConfig(policy="async-momentum-lr", **run))
+    assert not torch.equal(fresh.weights, ref.weights)
+    assert not torch.equal(fresh.weights, delayed.weights)
+    # smaller steps: it moved less from the start than the reference did
+    initial = simulate(SimConfig(examples=0, batch_size=BATCH, seed=3, **HP)).weights
+    assert (fresh.weights - initial).norm() < (ref.weights - initial).norm()
+
+
 def test_the_polyak_average_is_the_mean_of_the_versions_after_its_start():
     cfg = SimConfig(examples=STEPS * BATCH, batch_size=BATCH, seed=3, budgets=(32, 64), **HP)
     run = simulate(cfg)  # polyak_from 0.5: the versions after 48 examples, steps 7 to 12
