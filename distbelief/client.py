@@ -68,6 +68,13 @@ log = logging.getLogger(__name__)
 # enough for a link's bandwidth-delay product up to about 10 Gbit/s × 0.4 ms, small
 # enough that the slices of a push leave one after the other (bench/wire.py)
 SEND_BUFFER_BYTES = 256 * 1024
+# A push's next slice leaves beside the last one when that one, to another host, has
+# taken SLOW_SLICE times as long as at the fastest rate seen (ParameterClient._may_leave);
+# at most MAX_LEAVING at once. Slices under MIN_TIMED_BYTES leave through the kernel's
+# buffer too fast to time the link by.
+SLOW_SLICE = 1.5
+MAX_LEAVING = 2
+MIN_TIMED_BYTES = 4 * SEND_BUFFER_BYTES
 
 
 def default_worker_id() -> str:
@@ -147,6 +154,20 @@ class PushResult:
 
 
 @dataclass
+class _Leaving:
+    """A staggered payload on its way out of its socket."""
+
+    server: int
+    tracker: zmq.MessageTracker
+    started: float
+    nbytes: int
+
+
+def _nbytes(frame: Any) -> int:
+    return frame.nbytes if hasattr(frame, "nbytes") else len(frame)
+
+
+@dataclass
 class _Pending:
     rid: int
     header: bytes
@@ -176,6 +197,8 @@ class ParameterClient:
         self._scratch: list[torch.Tensor | None] = [None] * len(cfg.servers)
         self.segment: shm.Segment | None = None  # shared with the servers in self.shared
         self.send_order = list(range(len(cfg.servers)))  # of a push's slices (connect())
+        self.hosts = [host_of(a) for a in cfg.servers]
+        self.fastest_bytes_per_s = 0.0  # of a staggered slice leaving its socket
         self.shared = [False] * len(cfg.servers)
         self.dtypes = [wire_dtype_for(cfg.wire_dtype, a) for a in cfg.servers]
 
@@ -429,18 +452,45 @@ class ParameterClient:
             )
         pending: dict[int, _Pending] = {}
         done: dict[int, tuple[dict[str, Any], list[zmq.Frame]]] = {}
-        leaving: zmq.MessageTracker | None = None  # the last staggered payload, until sent
+        leaving: list[_Leaving] = []  # staggered payloads not yet out of their sockets
         while queued or pending:
-            while queued and (leaving is None or leaving.done):
+            while queued and self._may_leave(leaving, queued[0][0]):
                 i, p = queued.pop(0)
-                tracker = self._send(i, p, time.monotonic(), track=stagger and bool(p.payload))
+                now = time.monotonic()
+                tracker = self._send(i, p, now, track=stagger and bool(p.payload))
                 pending[i] = p
-                leaving = tracker if tracker is not None and queued else None
+                if tracker is not None and queued:
+                    leaving.append(_Leaving(i, tracker, now, sum(map(_nbytes, p.payload))))
             if pending:
                 self._poll_once(pending, done, max_wait_s=0.001 if queued else None)
             elif queued:
                 time.sleep(0.001)
         return done
+
+    def _may_leave(self, leaving: list[_Leaving], following: int) -> bool:
+        """Whether the next staggered slice (to server ``following``) may leave: once
+        the last one has left its socket; or beside it, when that one has taken
+        ``SLOW_SLICE`` times as long as at the fastest rate seen and goes to another
+        host: its host's link is shared with another replica's upload, and ours has
+        room for a second one (two replicas' uploads would otherwise move from host to
+        host together at half the rate: bench/RESULTS.md, wire). Never more than
+        ``MAX_LEAVING`` at once."""
+        now = time.monotonic()
+        for item in [x for x in leaving if x.tracker.done]:
+            leaving.remove(item)
+            if item.nbytes >= MIN_TIMED_BYTES:
+                rate = item.nbytes / max(now - item.started, 1e-6)
+                self.fastest_bytes_per_s = max(self.fastest_bytes_per_s, rate)
+        if not leaving:
+            return True
+        last = leaving[-1]
+        return beside_slow_slice(
+            in_flight=len(leaving),
+            same_host=self.hosts[last.server] == self.hosts[following],
+            elapsed_s=now - last.started,
+            nbytes=last.nbytes,
+            fastest_bytes_per_s=self.fastest_bytes_per_s,
+        )
 
     def _send(
         self, i: int, p: _Pending, now: float, track: bool = False
@@ -530,11 +580,28 @@ def staggered_order(servers: tuple[str, ...], arrival: int) -> list[int]:
     one after the other then start their uploads on different hosts."""
     by_host: dict[str, list[int]] = defaultdict(list)
     for i, address in enumerate(servers):
-        by_host[address.rsplit(":", 1)[0] if address.startswith("tcp://") else "local"].append(i)
+        by_host[host_of(address)].append(i)
     rounds = max(len(group) for group in by_host.values())
     order = [g[r] for r in range(rounds) for g in by_host.values() if r < len(g)]
     first = arrival % len(order)
     return order[first:] + order[:first]
+
+
+def beside_slow_slice(
+    *, in_flight: int, same_host: bool, elapsed_s: float, nbytes: int, fastest_bytes_per_s: float
+) -> bool:
+    """Whether the next slice of a push leaves beside ``in_flight`` ones still leaving,
+    the last of which has taken ``elapsed_s`` for its ``nbytes``: only to another host,
+    only once that one has taken ``SLOW_SLICE`` times as long as at the fastest rate
+    seen (none seen yet: no), and never past ``MAX_LEAVING``."""
+    if in_flight >= MAX_LEAVING or same_host or fastest_bytes_per_s <= 0:
+        return False  # on the same host a second upload would only share its link
+    return elapsed_s > SLOW_SLICE * nbytes / fastest_bytes_per_s
+
+
+def host_of(address: str) -> str:
+    """The host part of a server's address (``local`` for ipc and in-process ones)."""
+    return address.rsplit(":", 1)[0] if address.startswith("tcp://") else "local"
 
 
 def _same_buffer(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -24,7 +24,14 @@ import pytest
 
 from bench import netbed
 from bench.netbed import NetBed
-from distbelief.client import probe_stats
+from distbelief.client import (
+    MAX_LEAVING,
+    SLOW_SLICE,
+    beside_slow_slice,
+    host_of,
+    probe_stats,
+    staggered_order,
+)
 
 START_TIMEOUT_S = 120.0  # three cold `import torch`es on 2 cores
 RUN_TIMEOUT_S = 240.0
@@ -201,3 +208,29 @@ def test_a_replica_on_a_slow_link_trains_at_the_links_speed(tmp_path):
     floor = (2 + (SLOW_STEPS - 1)) * link_s
     bound = (2 + (SLOW_STEPS - 1) * 1.5) * link_s
     assert 0.9 * floor <= status["exchange_s"] <= 1.3 * bound + 1.0, (status, link_s)
+
+
+def test_a_slices_order_takes_hosts_in_turn_from_the_replicas_arrival():
+    servers = tuple(f"tcp://10.0.0.{h}:{5570 + k}" for h in (1, 2) for k in range(2))
+    assert staggered_order(servers, 0) == [0, 2, 1, 3]  # host 1, host 2, host 1, host 2
+    assert staggered_order(servers, 1) == [2, 1, 3, 0]  # the next replica starts on host 2
+    assert host_of(servers[2]) == "tcp://10.0.0.2" and host_of("ipc:///tmp/s.sock") == "local"
+
+
+def test_a_second_slice_leaves_only_beside_a_slow_one_to_another_host():
+    """Two replicas' uploads meeting on one shard host each get half its link: then the
+    next slice, to another host, may leave beside the slow one (bench/RESULTS.md, wire)."""
+    rate = 125e6  # 1 Gbit/s: 8 MB in 64 ms
+    slow = dict(elapsed_s=0.2, nbytes=8_000_000, fastest_bytes_per_s=rate)
+    on_time = dict(elapsed_s=0.08, nbytes=8_000_000, fastest_bytes_per_s=rate)
+    assert beside_slow_slice(in_flight=1, same_host=False, **slow)
+    assert not beside_slow_slice(in_flight=1, same_host=False, **on_time)  # under 1.5×
+    assert not beside_slow_slice(in_flight=1, same_host=True, **slow)  # the same link
+    assert not beside_slow_slice(in_flight=MAX_LEAVING, same_host=False, **slow)
+    # no slice timed yet: nothing to compare with, one at a time
+    unknown = dict(slow, fastest_bytes_per_s=0.0)
+    assert not beside_slow_slice(in_flight=1, same_host=False, **unknown)
+    # the threshold is SLOW_SLICE times the time at the fastest rate
+    edge = SLOW_SLICE * 8_000_000 / rate
+    assert beside_slow_slice(in_flight=1, same_host=False, **dict(slow, elapsed_s=edge * 1.01))
+    assert not beside_slow_slice(in_flight=1, same_host=False, **dict(slow, elapsed_s=edge * 0.99))
