@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from distbelief.workers.replica import ReplicaConfig, replica_batches
+from distbelief.workers.supervisor import oversubscribed
 
 from distbelief.client import probe_stats
 from distbelief.data import load_dataset
@@ -338,3 +339,12 @@ def test_a_gradient_with_nan_is_not_pushed_to_any_shard_and_is_counted(procs):
         assert not torch.equal(replica.weights, before)
     finally:
         replica.client.close()
+
+
+def test_more_cpu_replicas_than_cores_are_warned_about():
+    message = oversubscribed(["cpu"] * 4, cores=2)
+    assert message is not None and message.startswith("4 CPU replicas on 2 core(s)")
+    assert "Prefer --cpu 2" in message
+    assert oversubscribed(["cpu"] * 2, cores=2) is None
+    # GPU replicas do not count: they keep one core each for feeding the device
+    assert oversubscribed(["cuda:0", "cuda:1", "cpu"], cores=1) is None

@@ -102,7 +102,12 @@ def work(
 
     from distbelief.tuning import available_cores
     from distbelief.workers.replica import ReplicaConfig
-    from distbelief.workers.supervisor import DeviceError, plan_devices, run_replicas
+    from distbelief.workers.supervisor import (
+        DeviceError,
+        oversubscribed,
+        plan_devices,
+        run_replicas,
+    )
     from distbelief.workers.supervisor import threads_per_replica as threads_for
 
     if sum(x is not None for x in (gpu, gpu_ids, cpu)) > 1:
@@ -176,6 +181,9 @@ def work(
             "as the compute they would hide behind, and on 2 cores it was slower than "
             "without (bench/RESULTS.md, overhead). It pays on GPUs or with spare cores."
         )
+    crowded = oversubscribed(devices, available_cores())
+    if crowded:
+        logging.getLogger("distbelief.work").warning(crowded)
     code, summaries = run_replicas(
         configs,
         max_restarts=max_restarts,
