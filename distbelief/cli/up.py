@@ -5,6 +5,7 @@ The ``DEMO_*`` constants are up's defaults; it hands its flags on to ``serve``,
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -134,6 +135,13 @@ def up(
             plan_devices(gpu=gpu, gpu_ids=None, cpu=None)
         except DeviceError as exc:
             raise click.ClickException(str(exc)) from None
+    else:
+        from distbelief.tuning import available_cores
+        from distbelief.workers.supervisor import oversubscribed
+
+        crowded = oversubscribed(["cpu"] * (cpu or 2), available_cores())
+        if crowded:
+            logging.getLogger("distbelief.up").warning(crowded)
     ctx = click.get_current_context()
     if kw["rule"] == "adagrad" and ctx.get_parameter_source("staleness_policy") == (
         click.core.ParameterSource.DEFAULT
