@@ -72,7 +72,7 @@ SEND_BUFFER_BYTES = 256 * 1024
 # taken SLOW_SLICE times as long as at the fastest rate seen (ParameterClient._may_leave);
 # at most MAX_LEAVING at once. Slices under MIN_TIMED_BYTES leave through the kernel's
 # buffer too fast to time the link by.
-SLOW_SLICE = 1.5
+SLOW_SLICE = 1.25
 MAX_LEAVING = 2
 MIN_TIMED_BYTES = 4 * SEND_BUFFER_BYTES
 
