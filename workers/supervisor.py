@@ -59,13 +59,12 @@ def plan_devices(*, gpu: int | None, gpu_ids: str | None, cpu: int | None) -> li
 
 def threads_per_replica(devices: list[str]) -> int:
     """Divide this host's cores among CPU replicas (GPU replicas keep one core each)."""
-    num_cpu = sum(1 for d in devices if d == "cpu")
-    return max(1, available_cores() // max(1, num_cpu))
+    return max(1, available_cores() // max(1, devices.count("cpu")))
 
 
 def oversubscribed(devices: list[str], cores: int) -> str | None:
     """A warning when a host gets more CPU replicas than cores, else None."""
-    num_cpu = sum(1 for d in devices if d == "cpu")
+    num_cpu = devices.count("cpu")
     if num_cpu <= cores:
         return None
     return (

@@ -135,13 +135,6 @@ def up(
             plan_devices(gpu=gpu, gpu_ids=None, cpu=None)
         except DeviceError as exc:
             raise click.ClickException(str(exc)) from None
-    else:
-        from distbelief.tuning import available_cores
-        from distbelief.workers.supervisor import oversubscribed
-
-        crowded = oversubscribed(["cpu"] * (cpu or 2), available_cores())
-        if crowded:
-            logging.getLogger("distbelief.up").warning(crowded)
     ctx = click.get_current_context()
     if kw["rule"] == "adagrad" and ctx.get_parameter_source("staleness_policy") == (
         click.core.ParameterSource.DEFAULT
@@ -157,6 +150,13 @@ def up(
     if checkpoint_dir:
         serve_args += ["--checkpoint-dir", checkpoint_dir]
     replicas = gpu or cpu or 2
+    if not gpu:
+        from distbelief.tuning import available_cores
+        from distbelief.workers.supervisor import oversubscribed
+
+        crowded = oversubscribed(["cpu"] * replicas, available_cores())
+        if crowded:
+            logging.getLogger("distbelief.up").warning(crowded)
     steps = kw["steps"] or int((kw["epochs"] or 1.0) * (len(train_set) // (batch_size * replicas)))
     start = int(average_from * steps * replicas / kw["push_every"])  # shard versions
     work_args = _flags(
