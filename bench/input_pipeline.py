@@ -227,11 +227,11 @@ def replica_from_jpegs(args: argparse.Namespace, folder: Path, num_classes: int)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", default=None, help="where the JPEG folder is kept")
-    parser.add_argument("--images", type=int, default=1000, help="training images to build")
+    parser.add_argument("--images", type=int, default=3000, help="training images to build")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64, help="loader-alone batches")
-    parser.add_argument("--batches", type=int, default=12, help="timed batches per loader run")
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per loader run")
     workers = "1,2,4" if available_cores() >= 4 else "1,2"
     parser.add_argument("--workers", default=workers, help="worker counts to compare")
     parser.add_argument("--reps", type=int, default=3)
@@ -241,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="decode,loader,replica", help="decode, loader, replica")
     args = parser.parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if (args.batches + 1) * args.batch_size > args.images:
+        parser.error(  # the baseline's DataLoader gives one epoch
+            f"--batches {args.batches} + 1 of {args.batch_size} need --images ≥ "
+            f"{(args.batches + 1) * args.batch_size}, got {args.images}"
+        )
     if not parts <= {"decode", "loader", "replica"}:
         parser.error(f"--parts: choose from decode, loader, replica; got {args.parts!r}")
     torch.set_num_threads(1)  # the consumer as in a GPU replica (`work` gives those 1 thread)

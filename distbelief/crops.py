@@ -189,8 +189,9 @@ def crop_image(data: bytes, row: Tensor, *, size: int, augmentation: Augmentatio
     crops of large photos decode at a fraction of the cost without losing output
     resolution. The box is cut from the pixels in place and resized by torch's uint8
     kernels (channels last, as Pillow lays pixels out) with a random interpolation:
-    bilinear, bicubic (antialiased when shrinking) or nearest; with bicubic drawn a third
-    of the time it costs what Pillow's bilinear ``resize(box=)`` does (``bench.input_pipeline``).
+    bilinear, bicubic (antialiased when shrinking) or nearest (the pixels picked by
+    ``nearest_indices``, twice as fast); 0.8 ms an image at 224 px, less than Pillow's
+    bilinear ``resize(box=)`` (``bench.input_pipeline``).
     """
     values = row.tolist()
     with Image.open(io.BytesIO(data)) as image:  # reads the header only
@@ -213,8 +214,13 @@ def crop_image(data: bytes, row: Tensor, *, size: int, augmentation: Augmentatio
     y0, x0 = min(round(top * sy), pixels.shape[0] - 1), min(round(left * sx), pixels.shape[1] - 1)
     h_px = max(1, min(round(h * sy), pixels.shape[0] - y0))
     w_px = max(1, min(round(w * sx), pixels.shape[1] - x0))
-    crop = decoded[y0 : y0 + h_px, x0 : x0 + w_px].permute(2, 0, 1).unsqueeze(0)
     name = INTERPOLATIONS[_interpolation(values)].value
+    if name == "nearest":  # the pixels F.interpolate would pick, picked from the
+        # decoded rows: twice as fast as it is on channels-last uint8
+        rows = nearest_indices(h_px, size).add_(y0)
+        cols = nearest_indices(w_px, size).add_(x0)
+        return decoded.index_select(0, rows).index_select(1, cols).permute(2, 0, 1).contiguous()
+    crop = decoded[y0 : y0 + h_px, x0 : x0 + w_px].permute(2, 0, 1).unsqueeze(0)
     out = F.interpolate(
         crop.contiguous(memory_format=torch.channels_last),
         size=(size, size),
@@ -222,6 +228,13 @@ def crop_image(data: bytes, row: Tensor, *, size: int, augmentation: Augmentatio
         antialias=name != "nearest",
     )
     return out[0].contiguous()
+
+
+def nearest_indices(length: int, size: int) -> Tensor:
+    """The source pixels ``F.interpolate(mode="nearest")`` takes to resize ``length``
+    pixels to ``size``: ``floor(i · length / size)``, computed in float32 as torch does."""
+    scale = torch.tensor(length / size, dtype=torch.float32)
+    return (torch.arange(size, dtype=torch.float32) * scale).floor_().long().clamp_(max=length - 1)
 
 
 def eval_image(image: Image.Image, *, size: int) -> Tensor:
@@ -349,17 +362,19 @@ def finish_batch(
     (with ``draws``) the colour distortion and the flips, batched on the device, then
     normalised. Without ``draws``, the images as they are."""
     pixels = images.to(device, non_blocking=True)
-    colour = draws is not None and augmentation.color
+    d = None if draws is None else draws.to(device, non_blocking=True)
+    if draws is not None and augmentation.flip:
+        # on the uint8 pixels, a quarter of float32's bytes, into a new batch (the
+        # caller's stays as it was); a mirror commutes with everything below. One flip
+        # an image and a stack: a twentieth of the time of indexed copies on a CPU.
+        mirror = (draws[:, DRAW_FLIP] < 0.5).tolist()  # the draws are on the host
+        pixels = torch.stack([p.flip(-1) if m else p for p, m in zip(pixels, mirror, strict=True)])
+    colour = d is not None and augmentation.color
     # one pass to float: to [0, 1] for the colour distortion, else straight to the
     # normalised form ((x / 255 − mean) / std, the subtraction below)
     x = torch.mul(pixels, 1.0 / 255.0 if colour else 1.0 / (255.0 * PIXEL_STD))
-    if draws is not None:
-        d = draws.to(device, non_blocking=True)
-        if colour:
-            x = photometric_batch(x, d, _mean_gray(pixels)).div_(PIXEL_STD)
-        if augmentation.flip:
-            mirror = (d[:, DRAW_FLIP] < 0.5).nonzero().squeeze(1)
-            x[mirror] = x[mirror].flip(-1)
+    if colour:
+        x = photometric_batch(x, d, _mean_gray(pixels)).div_(PIXEL_STD)
     return x.sub_(PIXEL_MEAN / PIXEL_STD)
 
 

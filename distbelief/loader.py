@@ -11,9 +11,10 @@ batch number on, as ``(epoch, images, labels)`` on the replica's device:
   as uint8 (a quarter of float32's bytes through shared memory), pinned when the
   device is a GPU. The colour distortion, the flips and the normalisation run on the
   whole batch on the device (``crops.finish_batch``), after a non-blocking copy. On a
-  CPU that is about 0.35 ms an image at 224 px (0.9 with the colour distortion), 1%
-  of a CPU replica's step; finishing in the loader processes instead would send
-  float32 through shared memory, four times the bytes (``bench/RESULTS.md``).
+  CPU that is about 0.16 ms an image at 224 px (0.44 with the colour distortion), under
+  1% of a CPU replica's step, on huge pages (``distbelief/__init__.py``; four times
+  that without); finishing in the loader processes instead would send float32 through
+  shared memory, four times the bytes (``bench/RESULTS.md``).
 
 The batches are the same bit for bit whatever K is: which batch comes next is fixed by
 the stream, and every random choice for a sample by (seed, epoch, index)

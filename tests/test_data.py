@@ -19,6 +19,7 @@ from distbelief.crops import (
     crop_image,
     eval_image,
     finish_batch,
+    nearest_indices,
     photometric_batch,
 )
 from distbelief.data import (
@@ -319,6 +320,18 @@ def test_crop_image_follows_its_draws_and_decodes_large_crops_smaller(
     assert modes == {0, 1, 2}  # bilinear, bicubic and nearest all drawn
 
 
+@pytest.mark.parametrize("length", [1, 17, 31, 32, 33, 64, 100, 224, 333, 375, 448, 500])
+@pytest.mark.parametrize("size", [8, 32, 224])
+def test_nearest_crops_pick_the_pixels_interpolate_picks(length: int, size: int) -> None:
+    """``crop_image`` cuts nearest-neighbour crops by indexing; the same pixels as
+    ``F.interpolate(mode="nearest")``, which it used before and still uses for the rest."""
+    pixels = torch.randint(0, 256, (1, 3, length, length + 7), dtype=torch.uint8)
+    ours = pixels[0].index_select(1, nearest_indices(length, size))
+    ours = ours.index_select(2, nearest_indices(length + 7, size))
+    resized = torch.nn.functional.interpolate(pixels, size=(size, size), mode="nearest")[0]
+    assert torch.equal(ours, resized)
+
+
 def test_the_colour_twist_is_colorjitters_steps_where_none_leaves_the_range() -> None:
     from torchvision.transforms.v2 import functional as TF
 
@@ -353,6 +366,7 @@ def test_crop_batch_and_finish_batch_are_set_by_the_draws() -> None:
         photometric_batch(grey, draws[:4]).std(dim=1), torch.zeros(4, 8, 8), atol=1e-5
     )
     images = (x * 255).to(torch.uint8)
+    kept = images.clone()
     plain = finish_batch(images, None, PAPER_AUGMENTATION)
     assert torch.allclose(plain, (images.float() / 255 - 0.5) / 0.25, atol=1e-6)
     flips_only = finish_batch(images, draws, DEMO_AUGMENTATION)
@@ -360,6 +374,7 @@ def test_crop_batch_and_finish_batch_are_set_by_the_draws() -> None:
     assert bool((mirrored | (flips_only == plain).flatten(1).all(1)).all())
     assert 0 < int(mirrored.sum()) < 16
     assert not torch.equal(finish_batch(images, draws, PAPER_AUGMENTATION), flips_only)
+    assert torch.equal(images, kept)  # the flips went into a new batch
     with pytest.raises(ValueError, match=f"{DRAWS}"):
         sample_crop_boxes(3, 10, 10, draws=torch.rand(3, 5))
 
