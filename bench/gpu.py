@@ -17,9 +17,11 @@ d. one replica fed by the loader from a JPEG folder that ``bench.jpegs`` generat
    ImageNet, by ``work``'s loader processes: ``--loader-workers``, default work's
    own): images/s as a ratio to (b) and to (a), and the share of its time it waited
    for data (``data_wait_s`` / ``seconds`` of its summary).
+e. as d, with ``work --decode device``: the loader processes only read the files; the
+   replica decodes each batch on its device (nvJPEG, batched) and crops it there.
 
 Targets: one replica ≥ 0.9× the local loop's images/s with the loader feeding it
-(d against a); the replica waits for data < 5% of its time.
+(d or e against a); the replica waits for data < 5% of its time.
 
 The replicas' figures are steady-state figures where the run allows: ``work``'s own
 ``images_per_s`` counts from the first step, so it includes the first pull, the
@@ -31,7 +33,7 @@ steps after the first status) falls back to the whole run and says so. On the CP
 ``--amp`` does nothing in ``work``, so only f32 runs there.
 
 Usage: ``python -m bench.gpu [--device cuda|cpu] [--image-size 224] [--batch-size 128]
-[--steps 100] [--reps 1] [--precisions fp32,bf16] [--parts a,b,c,d] [--replicas 2,4]
+[--steps 100] [--reps 1] [--precisions fp32,bf16] [--parts a,b,c,d,e] [--replicas 2,4]
 [--shards 1] [--loader-workers K] [--jpeg-images 500] [--budget-s 450]``
 
 On a GPU machine (one H200; about 5 minutes by estimate, not yet measured)::
@@ -75,8 +77,8 @@ MIN_STEADY_STEPS = 10  # fewer steps after the first status: use the whole run i
 TARGET_ONE_REPLICA = 0.9
 TARGET_DATA_WAIT = 0.05
 JPEG_DIR = Path(__file__).resolve().parent / "out" / "jpegs"
-PARTS = ("a", "b", "c", "d")
-NEEDS = {"b": "a", "c": "a", "d": "b"}  # a part's ratios are taken to this part's figure
+PARTS = ("a", "b", "c", "d", "e")
+NEEDS = {"b": "a", "c": "a", "d": "b", "e": "b"}  # a part's ratios are taken to this part's figure
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class Run:
     replicas: int
     precision: str  # fp32, or bf16: work --amp bf16
     data: str  # synthetic, or a folder
-    loader: tuple[str, ...] = ()  # --loader-workers K, where asked for
+    loader: tuple[str, ...] = ()  # --loader-workers K, where asked for; --decode device
 
 
 # -- a. the local loop ---------------------------------------------------------------
@@ -150,7 +152,7 @@ def _local_loop(args: argparse.Namespace, precision: str) -> float:
     return args.steps * args.batch_size / (time.perf_counter() - began)
 
 
-# -- b, c, d. replicas through the shards --------------------------------------------
+# -- b, c, d, e. replicas through the shards --------------------------------------------
 
 
 def device_flags(args: argparse.Namespace, replicas: int) -> list[str]:
@@ -313,8 +315,9 @@ def measure_once(args: argparse.Namespace, setup: Setup, part: str, precision: s
     """One measurement: images/s of the local loop (a), or what a `work` run measured."""
     if part == "a":
         return local_images_per_s(args, precision)
-    if part == "d":
-        run = Run(replicas=n, precision=precision, data=setup.jpegs, loader=setup.loader)
+    if part in ("d", "e"):
+        decode = ("--decode", "device") if part == "e" else ()
+        run = Run(replicas=n, precision=precision, data=setup.jpegs, loader=setup.loader + decode)
     else:
         run = Run(replicas=n, precision=precision, data="synthetic")
     return work_images_per_s(args, setup.servers, run)
@@ -383,24 +386,30 @@ def report(args: argparse.Namespace, results: dict) -> list[str]:
         for n in args.replicas if "c" in args.parts else ():
             name, runs = f"c. {n} replicas sharing {on}, {p}", results[("c", p, n)]
             lines.append(_versus(name, "local loop", local, f"{n} replicas in all", runs))
-        if "d" in args.parts:
-            lines += report_loader(p, local, results[("b", p, 1)], results[("d", p, 1)])
+        for part in ("d", "e"):
+            if part in args.parts:
+                synthetic = results[("b", p, 1)]
+                lines += report_loader(part, p, local, synthetic, results[(part, p, 1)])
     return lines
 
 
-def report_loader(precision: str, local: float, synthetic: list, runs: list) -> list[str]:
-    """Part d: the loader's images/s against synthetic data and the local loop; its wait."""
-    name = f"d. 1 replica fed by the loader (JPEGs), {precision}"
+def report_loader(
+    part: str, precision: str, local: float, synthetic: list, runs: list
+) -> list[str]:
+    """Parts d and e: the loader's images/s against synthetic data and the local loop;
+    the replica's wait for data."""
+    where = "decoded by the loader" if part == "d" else "decoded on the device"
+    name = f"{part}. 1 replica fed by the loader (JPEGs {where}), {precision}"
     lines = [
         _versus(name, "synthetic data", _median(synthetic), "JPEG folder", runs),
         _versus(name, "local loop", local, "JPEG folder", runs, TARGET_ONE_REPLICA),
     ]
     shares = [r.data_wait_share for r in runs]
     if any(s is None for s in shares):
-        lines.append(f"d. data wait, {precision}: n/a (this build does not report it)")
+        lines.append(f"{part}. data wait, {precision}: n/a (this build does not report it)")
     else:
         lines.append(
-            f"d. data wait, {precision}: {statistics.median(shares):.1%} of the replica's "
+            f"{part}. data wait, {precision}: {statistics.median(shares):.1%} of the replica's "
             f"seconds (target < {TARGET_DATA_WAIT:.0%})"
         )
     return lines
@@ -412,15 +421,16 @@ def with_shards(args: argparse.Namespace, body):
     One ``serve`` for the whole script: every ``work`` run starts fresh replicas
     against it, as replicas come and go against long-lived shards; it saves the
     shards' start-up per run (seconds on 2 cores)."""
-    jpegs = jpeg_folder(args) if "d" in args.parts else ""
-    loader = tuple(loader_flags(args)) if "d" in args.parts else ()
+    reads = {"d", "e"} & set(args.parts)
+    jpegs = jpeg_folder(args) if reads else ""
+    loader = tuple(loader_flags(args)) if reads else ()
     serve_flags = ("--num-classes", str(args.num_classes), "--lr", str(LR))
     with shards(args.shards, *serve_flags, transport="shm") as servers:
         return body(args, Setup(servers, jpegs, loader))
 
 
 def jpeg_folder(args: argparse.Namespace) -> str:
-    """The JPEG folder part d reads, built (or found) now; prints what it holds."""
+    """The JPEG folder parts d and e read, built (or found) now; prints what it holds."""
     classes = min(10, args.num_classes)
     per_class = math.ceil(args.jpeg_images / classes)
     began = time.perf_counter()
@@ -448,9 +458,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset")
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--replicas", default="2,4", help="c: replicas sharing the device")
-    parser.add_argument("--loader-workers", type=int, default=None, help="work's, for d")
+    parser.add_argument("--loader-workers", type=int, default=None, help="work's, for d and e")
     parser.add_argument("--jpeg-dir", default=str(JPEG_DIR), help="kept; rebuilt on change")
-    parser.add_argument("--jpeg-images", type=int, default=500, help="train images for d")
+    parser.add_argument("--jpeg-images", type=int, default=500, help="train images for d, e")
     parser.add_argument("--budget-s", type=float, default=450.0, help="no new rep after this")
     return parser
 
@@ -472,7 +482,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     asked = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not asked or asked - set(PARTS):
         parser.error(f"--parts: choose from {', '.join(PARTS)}, got {args.parts!r}")
-    for part in ("d", "c", "b"):  # d needs b, which needs a
+    for part in ("e", "d", "c", "b"):  # d and e need b, which needs a
         if part in asked:
             asked.add(NEEDS[part])
     args.parts = [p for p in PARTS if p in asked]
@@ -482,7 +492,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--replicas: comma-separated counts, got {args.replicas!r}")
     if "c" in args.parts and (not args.replicas or min(args.replicas) < 1):
         parser.error("--replicas: give at least one count ≥ 1")
-    if "d" in args.parts and args.jpeg_images < args.batch_size:
+    if {"d", "e"} & set(args.parts) and args.jpeg_images < args.batch_size:
         parser.error("--jpeg-images must hold at least one batch")
     return args
 

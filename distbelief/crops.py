@@ -25,11 +25,12 @@ scale so that no statistics of the data set are needed).
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -181,6 +182,17 @@ def _draws(n: int, draws: Tensor | None, generator: torch.Generator | None) -> T
     return draws
 
 
+def _training_box(
+    height: int, width: int, values: Sequence[float], augmentation: Augmentation
+) -> tuple[float, float, float, float]:
+    """The training crop's box (``crop_box``), or the whole image with crops off."""
+    if augmentation.crop_scale is None:
+        return 0.0, 0.0, float(height), float(width)
+    return crop_box(
+        height, width, values, scale=augmentation.crop_scale, ratio=augmentation.crop_ratio
+    )
+
+
 def crop_image(data: bytes, row: Tensor, *, size: int, augmentation: Augmentation) -> Tensor:
     """One image's training crop: uint8 3×size×size from its encoded bytes and its draws.
 
@@ -196,12 +208,7 @@ def crop_image(data: bytes, row: Tensor, *, size: int, augmentation: Augmentatio
     values = row.tolist()
     with Image.open(io.BytesIO(data)) as image:  # reads the header only
         width, height = image.size
-        if augmentation.crop_scale is None:
-            top, left, h, w = 0.0, 0.0, float(height), float(width)
-        else:
-            top, left, h, w = crop_box(
-                height, width, values, scale=augmentation.crop_scale, ratio=augmentation.crop_ratio
-            )
+        top, left, h, w = _training_box(height, width, values, augmentation)
         if image.format == "JPEG":
             image.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
         if image.mode != "RGB":
@@ -211,23 +218,86 @@ def crop_image(data: bytes, row: Tensor, *, size: int, augmentation: Augmentatio
         warnings.simplefilter("ignore", UserWarning)
         decoded = torch.from_numpy(pixels)
     sy, sx = pixels.shape[0] / height, pixels.shape[1] / width  # 1, or the DCT scale
-    y0, x0 = min(round(top * sy), pixels.shape[0] - 1), min(round(left * sx), pixels.shape[1] - 1)
-    h_px = max(1, min(round(h * sy), pixels.shape[0] - y0))
-    w_px = max(1, min(round(w * sx), pixels.shape[1] - x0))
-    name = INTERPOLATIONS[_interpolation(values)].value
+    box = _pixel_box(pixels.shape[0], pixels.shape[1], (top * sy, left * sx, h * sy, w * sx))
+    return _cut(decoded, box, size, INTERPOLATIONS[_interpolation(values)].value)
+
+
+def _pixel_box(
+    height: int, width: int, box: tuple[float, float, float, float]
+) -> tuple[int, int, int, int]:
+    """A crop box (top, left, h, w) in pixels of an image of ``height`` × ``width``,
+    rounded and kept inside it, at least one pixel each way."""
+    top, left, h, w = box
+    y0, x0 = min(round(top), height - 1), min(round(left), width - 1)
+    return y0, x0, max(1, min(round(h), height - y0)), max(1, min(round(w), width - x0))
+
+
+def _cut(pixels: Tensor, box: tuple[int, int, int, int], size: int, name: str) -> Tensor:
+    """``box`` (top, left, h, w) of H×W×3 uint8 ``pixels`` (any strides) resized to uint8
+    3×size×size by interpolation ``name``: torch's uint8 kernels on a CPU (channels
+    last, as decoded pixels lie), floats rounded back to pixels on another device."""
+    y0, x0, h, w = box
     if name == "nearest":  # the pixels F.interpolate would pick, picked from the
         # decoded rows: twice as fast as it is on channels-last uint8
-        rows = nearest_indices(h_px, size).add_(y0)
-        cols = nearest_indices(w_px, size).add_(x0)
-        return decoded.index_select(0, rows).index_select(1, cols).permute(2, 0, 1).contiguous()
-    crop = decoded[y0 : y0 + h_px, x0 : x0 + w_px].permute(2, 0, 1).unsqueeze(0)
-    out = F.interpolate(
-        crop.contiguous(memory_format=torch.channels_last),
-        size=(size, size),
-        mode=name,
-        antialias=name != "nearest",
-    )
+        rows = nearest_indices(h, size).add_(y0).to(pixels.device)
+        cols = nearest_indices(w, size).add_(x0).to(pixels.device)
+        return pixels.index_select(0, rows).index_select(1, cols).permute(2, 0, 1).contiguous()
+    crop = pixels[y0 : y0 + h, x0 : x0 + w].permute(2, 0, 1).unsqueeze(0)
+    if pixels.device.type == "cpu":
+        crop = crop.contiguous(memory_format=torch.channels_last)
+    else:
+        crop = crop.float()
+    out = F.interpolate(crop, size=(size, size), mode=name, antialias=True)
+    if out.dtype != torch.uint8:
+        out = out.round_().clamp_(0, 255).to(torch.uint8)
     return out[0].contiguous()
+
+
+class EncodedImages(NamedTuple):
+    """A batch of image files as they are on disk, for decoding on the device: their
+    bytes end to end (uint8), where each one ends (int64) and the data set's indices of
+    the images, in batch order."""
+
+    data: Tensor
+    ends: Tensor
+    indices: Tensor
+
+    @classmethod
+    def of(cls, files: Sequence[bytes], indices: Tensor) -> EncodedImages:
+        ends = torch.tensor(list(itertools.accumulate(map(len, files))), dtype=torch.int64)
+        data = torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8)
+        return cls(data, ends, indices)
+
+    def files(self) -> list[Tensor]:
+        ends = self.ends.tolist()
+        return [self.data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def decode_crops(
+    encoded: EncodedImages,
+    draws: Tensor,
+    *,
+    size: int,
+    augmentation: Augmentation,
+    device: torch.device | str,
+) -> Tensor:
+    """Training crops of a batch of JPEG files, decoded on ``device`` in one call
+    (torchvision.io's ``decode_jpeg``: nvJPEG's batched decoder on a GPU, libjpeg-turbo
+    on a CPU), cut and resized there: uint8 B×3×size×size on ``device``. The same boxes
+    and interpolations as ``crop_image``, from the whole decoded image (no DCT scaling).
+    Raises RuntimeError for a file that is not a JPEG or does not decode."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # deprecated in torchvision 0.29 for TorchCodec's
+        warnings.simplefilter("ignore", DeprecationWarning)
+        images = decode_jpeg(encoded.files(), mode=ImageReadMode.RGB, device=device)
+    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device)
+    for k, (image, values) in enumerate(zip(images, draws.tolist(), strict=True)):
+        _, height, width = image.shape
+        box = _pixel_box(height, width, _training_box(height, width, values, augmentation))
+        name = INTERPOLATIONS[_interpolation(values)].value
+        out[k] = _cut(image.permute(1, 2, 0), box, size, name)  # H×W×3, as Pillow's
+    return out
 
 
 def nearest_indices(length: int, size: int) -> Tensor:

@@ -46,6 +46,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,8 +62,10 @@ from distbelief.crops import (
     PIXEL_MEAN,
     PIXEL_STD,
     Augmentation,
+    EncodedImages,
     crop_batch,
     crop_image,
+    decode_crops,
     eval_crops,
     eval_image,
     evaluate,
@@ -103,6 +106,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+DECODE_ON = ("loader", "device")  # where a folder's training JPEGs are decoded
 SYNTHETIC_SIZES = {"train": 100_000, "val": 1_000}
 SYNTHETIC_POOL = 16  # distinct random images a synthetic set cycles through
 
@@ -135,8 +139,8 @@ class _Batches:
     def batch(self, indices: Tensor, draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Normalised float32 images and labels of ``indices``; augmented with ``draws``
         (``sample_draws``), the evaluation view without."""
-        images, labels = self.fetch(indices, draws)
-        return finish_batch(images, draws, self.augmentation), labels
+        _, images, labels = _finish(self, (0, *self.fetch(indices, draws), draws), "cpu")
+        return images, labels
 
 
 class ArrayDataset(_Batches):
@@ -504,16 +508,27 @@ class FolderDataset(_Batches):
 
     ``fetch`` decodes the images: with draws, the training crop of each
     (``crops.crop_image``, under ``augmentation``); without, the evaluation view
-    (``crops.eval_image``); uint8 either way. Classes are the sub-folders of
-    ``ROOT/train`` when it exists (else of the split), in sorted order. Raises
-    DataError for a missing folder or one without images, and for an image that
-    cannot be decoded (naming the file).
+    (``crops.eval_image``); uint8 either way. With ``decode="device"`` it leaves
+    training images undecoded (``crops.EncodedImages``, the files' bytes) and
+    ``decode`` turns them into the same crops on the device that trains
+    (``crops.decode_crops``). Classes are the sub-folders of ``ROOT/train`` when it
+    exists (else of the split), in sorted order. Raises DataError for a missing folder
+    or one without images, and for an image that cannot be decoded (naming the file).
     """
 
     def __init__(
-        self, root: str | Path, split: str, *, image_size: int, augmentation: Augmentation
+        self,
+        root: str | Path,
+        split: str,
+        *,
+        image_size: int,
+        augmentation: Augmentation,
+        decode: str = "loader",
     ) -> None:
         _check_split(split)
+        if decode not in DECODE_ON:
+            raise DataError(f"decode must be one of {', '.join(DECODE_ON)}, got {decode!r}")
+        self.decode_on = decode
         root = Path(root)
         layout = f"{root}/{split}/<class>/*.jpg"
         _check_folder(root, f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
@@ -537,9 +552,21 @@ class FolderDataset(_Batches):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def fetch(self, indices: Tensor, draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Decoded uint8 N×3×S×S images of ``indices`` and their labels."""
+    def fetch(
+        self, indices: Tensor, draws: Tensor | None = None
+    ) -> tuple[Tensor | EncodedImages, Tensor]:
+        """Decoded uint8 N×3×S×S images of ``indices`` and their labels (training
+        images with ``decode="device"``: their files, for ``decode``)."""
         idx = torch.as_tensor(indices, dtype=torch.long).view(-1)
+        if draws is not None and self.decode_on == "device":
+            files = []
+            for i in idx.tolist():
+                path = self.folder.samples[i][0]
+                try:
+                    files.append(Path(path).read_bytes())
+                except OSError as exc:
+                    raise DataError(f"cannot read image {path}: {exc}") from exc
+            return EncodedImages.of(files, idx), self.labels[idx]
         size = self.image_size
         images = torch.empty(len(idx), 3, size, size, dtype=torch.uint8)
         for k, i in enumerate(idx.tolist()):
@@ -556,6 +583,25 @@ class FolderDataset(_Batches):
             except (OSError, SyntaxError, ValueError, RuntimeError) as exc:  # bad files
                 raise DataError(f"cannot decode image {path}: {exc}") from exc
         return images, self.labels[idx]
+
+    def decode(self, encoded: EncodedImages, draws: Tensor, device: torch.device | str) -> Tensor:
+        """Training crops (uint8, on ``device``) of the files ``fetch`` left undecoded."""
+        kw: dict[str, Any] = dict(size=self.image_size, augmentation=self.augmentation)
+        try:
+            return decode_crops(encoded, draws, device=device, **kw)
+        except RuntimeError as exc:  # find the file, to name it
+            files = encoded.files()
+            for k, i in enumerate(encoded.indices.tolist()):
+                one = EncodedImages.of([files[k].numpy().tobytes()], encoded.indices[k : k + 1])
+                try:
+                    decode_crops(one, draws[k : k + 1], device=device, **kw)
+                except RuntimeError as bad:
+                    path = self.folder.samples[i][0]
+                    raise DataError(
+                        f"cannot decode image {path} on {device} (--decode device reads "
+                        f"JPEG files only): {bad}"
+                    ) from bad
+            raise DataError(f"cannot decode a batch on {device}: {exc}") from exc
 
     def eval_images(self, indices: Tensor) -> tuple[list[Tensor], Tensor]:
         """Whole decoded images (normalised 3×H×W, sizes vary) and labels, for ``eval_crops``."""
@@ -625,6 +671,7 @@ def load_dataset(
     num_classes: int | None = None,
     augmentation: Augmentation | None = None,
     seed: int = 0,
+    decode: str = "loader",
 ) -> Dataset:
     """The ``split`` ("train" or "val") of ``source``: "demo", "synthetic" or a folder path.
 
@@ -632,12 +679,15 @@ def load_dataset(
     count (and must match it when given). ``augmentation`` is what training batches
     get: by default ``default_augmentation(source)`` for train, none for val.
     Synthetic data is never augmented; its train split has 100000 examples, val
-    1000. ``seed`` seeds the demo and synthetic generators. Raises DataError for a
-    bad source or split.
+    1000. ``seed`` seeds the demo and synthetic generators. ``decode``: where a
+    folder's training JPEGs are decoded, "loader" (its processes, Pillow) or "device"
+    (``FolderDataset``). Raises DataError for a bad source, split or decode.
     """
     _check_split(split)
     if image_size < 1:
         raise DataError(f"image_size must be positive, got {image_size}")
+    if decode != "loader" and source in ("demo", "synthetic"):
+        raise DataError(f"--decode {decode} decodes JPEG files: it needs a folder, not {source}")
     if augmentation is None:
         augmentation = default_augmentation(source) if split == "train" else NO_AUGMENTATION
     if source == "demo":
@@ -659,7 +709,11 @@ def load_dataset(
     if not source:
         raise DataError("data source is empty (expected demo, synthetic or a folder path)")
     dataset = FolderDataset(
-        Path(source).expanduser(), split, image_size=image_size, augmentation=augmentation
+        Path(source).expanduser(),
+        split,
+        image_size=image_size,
+        augmentation=augmentation,
+        decode=decode,
     )
     if num_classes is not None and num_classes != dataset.num_classes:
         raise DataError(
@@ -816,6 +870,8 @@ class ChunkStream:
 
 def _finish(dataset: Dataset, item, device: torch.device | str) -> tuple[int, Tensor, Tensor]:
     epoch, images, labels, draws = item
+    if isinstance(images, EncodedImages):  # a folder's files, to be decoded on the device
+        images = dataset.decode(images, draws, device)  # type: ignore[union-attr]
     x = finish_batch(images, draws, dataset.augmentation, device)
     return epoch, x, labels.to(device, non_blocking=True)
 

@@ -68,6 +68,7 @@ class TrainConfig:
     batch_size: int = 64
     augmentation: Augmentation | None = None  # None: the data source's default
     loader_workers: int = 0  # processes decoding batches ahead of the loop
+    decode: str = "loader"  # where a folder's training JPEGs are decoded: loader | device
     steps: int | None = None
     epochs: float | None = None  # used when steps is None; default 1 epoch
     lr: float = 0.01
@@ -121,7 +122,12 @@ def train_reference(cfg: TrainConfig, *, show_progress: bool = True) -> TrainRes
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_set = load_dataset(
-        cfg.data, "train", image_size=cfg.image_size, seed=cfg.seed, augmentation=cfg.augmentation
+        cfg.data,
+        "train",
+        image_size=cfg.image_size,
+        seed=cfg.seed,
+        augmentation=cfg.augmentation,
+        decode=cfg.decode,
     )
     val_set = load_dataset(cfg.data, "val", image_size=cfg.image_size, seed=cfg.seed)
     batches = Loader(

@@ -126,6 +126,39 @@ def test_a_restarted_replica_resumes_mid_epoch_where_it_stopped() -> None:
     assert same(again, whole[stop:]) and again[0][0] == 1
 
 
+def test_decoding_on_the_device_gives_the_loaders_crops(photo_folder: Path, tmp_path: Path) -> None:
+    """``--decode device`` (here the CPU: the same code, torchvision.io's decoder on
+    the replica's device): the loader processes only read the files, the training
+    process decodes and crops the batch. At 96 px no crop of these photos (at most 160
+    pixels a side) is twice the output, so Pillow's DCT scaling never acts on the
+    loader's side and both decode the same libjpeg: the same batches bit for bit, with
+    0 or 2 loader processes."""
+    kw = dict(batch_size=4, seed=3, rank=1, world=2)
+    pillow = load_dataset(str(photo_folder), "train", image_size=96)
+    device = load_dataset(str(photo_folder), "train", image_size=96, decode="device")
+    in_loader = take(pillow, 5, **kw)
+    assert same(take(device, 5, **kw), in_loader)
+    assert same(take(device, 5, workers=2, **kw), in_loader)
+    item = device.fetch(torch.arange(3), sample_draws(0, 0, torch.arange(3)))[0]
+    assert item.data.dtype == torch.uint8 and len(item.ends) == 3  # files, not pixels
+    # at 32 px Pillow decodes large crops at a DCT scale; the device the whole image
+    small = load_dataset(str(photo_folder), "train", image_size=32)
+    small_device = load_dataset(str(photo_folder), "train", image_size=32, decode="device")
+    a, b = take(small, 1, **kw)[0][1], take(small_device, 1, **kw)[0][1]
+    assert 0 < float((a - b).abs().mean()) < 0.25  # normalised units: under 16 of 255
+    # a file that is not a JPEG is named; an in-memory set has nothing to decode
+    odd = tmp_path / "odd"
+    for c in ("ant", "bee"):
+        (odd / "train" / c).mkdir(parents=True)
+        Image.new("RGB", (40, 30), (9, 9, 9)).save(odd / "train" / c / "0.jpg", quality=90)
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(odd / "train" / "bee" / "1.png")
+    png = load_dataset(str(odd), "train", image_size=32, decode="device")
+    with pytest.raises(DataError, match=r"cannot decode image .*1\.png .*JPEG files only"):
+        take(png, 1, batch_size=3, seed=0)
+    with pytest.raises(DataError, match="needs a folder, not demo"):
+        load_dataset("demo", "train", image_size=32, decode="device")
+
+
 def test_data_wait_is_counted(photo_folder: Path) -> None:
     train = load_dataset(str(photo_folder), "train", image_size=32)
     with Loader(train, batch_size=4, seed=0, workers=1) as loader:
@@ -159,7 +192,7 @@ def test_default_loader_workers() -> None:
 
 def test_up_passes_the_input_flags_it_was_given_on_to_work() -> None:
     given = {"crop_scale": "0.35,1", "crop_ratio": None, "flip": False, "color_jitter": True}
-    flags = input_flags(given | {"loader_workers": 2})
+    flags = input_flags(given | {"loader_workers": 2, "decode": "device"})
     assert flags == [
         "--crop-scale",
         "0.35,1",
@@ -167,19 +200,24 @@ def test_up_passes_the_input_flags_it_was_given_on_to_work() -> None:
         "--color-jitter",
         "--loader-workers",
         "2",
+        "--decode",
+        "device",
     ]
     assert input_flags(dict.fromkeys(given)) == []  # nothing set: work's own defaults
 
 
 def test_bad_augmentation_flags_are_one_line_errors(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "distbelief", "work", "--servers", "tcp://127.0.0.1:1"]
-    for flags, message in (
-        (["--crop-scale", "0.5,0.1"], "need 0 < MIN ≤ MAX"),
-        (["--crop-ratio", "wide"], "expected MIN,MAX"),
-        (["--loader-workers", "-1"], "-1 is not in the range x>=0"),
+    for flags, message, code in (
+        (["--crop-scale", "0.5,0.1"], "need 0 < MIN ≤ MAX", 2),
+        (["--crop-ratio", "wide"], "expected MIN,MAX", 2),
+        (["--loader-workers", "-1"], "-1 is not in the range x>=0", 2),
+        (["--decode", "gpu"], "'gpu' is not one of 'loader', 'device'", 2),
+        # a setting each flag allows, not together: refused as the data are checked
+        (["--decode", "device"], "--decode device decodes JPEG files: it needs a folder", 1),
     ):
         proc = subprocess.run(cmd + flags, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert proc.returncode == code and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
     # a config file's setting meets the same check (`up` passes these flags on to `work`)
     config = tmp_path / "cluster.toml"

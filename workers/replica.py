@@ -74,6 +74,7 @@ class ReplicaConfig:
     batch_size: int = 32
     augmentation: Augmentation | None = None  # None: the data source's default
     loader_workers: int = 0  # processes decoding ahead of the training loop
+    decode: str = "loader"  # where a folder's training JPEGs are decoded: loader | device
     fetch_every: int = 1
     push_every: int = 1
     wire_dtype: str = "auto"  # bf16 with shards on other hosts, f32 on this one
@@ -169,6 +170,7 @@ class Replica:
             num_classes=cfg.num_classes if cfg.data == "synthetic" else None,
             seed=cfg.seed,
             augmentation=cfg.augmentation,
+            decode=cfg.decode,
         )
         # the loader's processes start before any socket or thread of this one exists; a
         # dispatched replica's start once shard 0 has handed it its first chunk

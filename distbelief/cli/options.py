@@ -291,11 +291,19 @@ INPUT_FLAGS = (
     ("flip", "--flip", "--no-flip"),
     ("color_jitter", "--color-jitter", "--no-color-jitter"),
     ("loader_workers", "--loader-workers", None),
+    ("decode", "--decode", None),
 )
 
 
 def input_options(f):
     """How training batches are made: the augmentation and the loader processes."""
+    f = option(
+        "--decode",
+        type=click.Choice(["loader", "device"]),
+        default=None,
+        help="Where a folder's training JPEGs are decoded: in the loader processes (Pillow; "
+        "the default) or on the replica's device, a batch at a time (nvJPEG on a GPU).",
+    )(f)
     f = option(
         "--loader-workers",
         type=click.IntRange(min=0),

@@ -34,6 +34,7 @@ def train(as_json, threads, **kw) -> None:
     setup_logging("train")
     kw = {k: v for k, v in kw.items() if k != "rule"}
     kw["augmentation"] = augmentation_config(kw)
+    kw["decode"] = kw["decode"] or "loader"
     if kw["loader_workers"] is None:  # the same default as one CPU replica's
         kw["loader_workers"] = default_loader_workers(kw["data"], device="cpu", replicas=1, cores=1)
     try:

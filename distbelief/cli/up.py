@@ -125,7 +125,9 @@ def up(
         kw["epochs"] = None  # --steps replaces the demo's default epochs
     setup_logging("up")
     try:
-        train_set = load_dataset(data, "train", image_size=image_size, seed=seed)
+        train_set = load_dataset(
+            data, "train", image_size=image_size, seed=seed, decode=kw["decode"] or "loader"
+        )
     except DataError as exc:
         raise click.ClickException(str(exc)) from None
     if gpu:

@@ -121,6 +121,7 @@ def work(
 
     augmentation = augmentation_config(kw)
     loader_workers = kw.pop("loader_workers")
+    kw["decode"] = kw["decode"] or "loader"
     world = total_replicas or first_replica + len(devices)
     if first_replica + len(devices) > world:
         raise click.UsageError(
@@ -131,9 +132,13 @@ def work(
     # error here, not a crash and restarts in every replica), and against the classifier
     # as soon as its class count is known: given, or after asking.
     train_set = None
-    if kw["data"] != "synthetic":  # its labels are drawn for the classifier
+    # (synthetic labels are drawn for the classifier; load_dataset refuses --decode
+    # device for it)
+    if kw["data"] != "synthetic" or kw["decode"] != "loader":
         try:
-            train_set = load_dataset(kw["data"], "train", image_size=kw["image_size"])
+            train_set = load_dataset(
+                kw["data"], "train", image_size=kw["image_size"], decode=kw["decode"]
+            )
         except DataError as exc:
             raise click.ClickException(str(exc)) from None
         if len(train_set) // world < kw["batch_size"]:  # the smallest share, the last one's
