@@ -235,14 +235,16 @@ def measure_allreduce(args, hw: int, size: int, tmp: Path) -> float:
 
 
 def replica_images_per_s(args, tmp: Path, rate_mbit: float | None, flags: list[str]) -> dict:
-    """``work`` (with ``flags``) against ``serve --shards 2``: over a rate-limited link
-    between two hosts, or (``rate_mbit`` None) both on this host's loopback."""
-    steps = args.replica_steps
+    """``work`` (with ``flags``) against ``serve --shards --replica-shards``: over a
+    rate-limited link between two hosts, or (``rate_mbit`` None) both on this host's
+    loopback."""
+    steps, count = args.replica_steps, args.replica_shards
     work = ["--cpu", "1", "--data", "synthetic", "--num-classes", "10"]
     work += ["--image-size", "32", "--batch-size", "32", "--push-every", "4", "--fetch-every", "4"]
     work += ["--steps", str(steps), "--metrics-port", "0", "--no-shared-memory"]
     work += ["--max-restarts", "0", "--log-level", "WARNING", *flags]
-    serve = ["--shards", "2", "--num-classes", "10", "--metrics-port", "0", "--threads", "1"]
+    serve = ["--shards", str(count), "--num-classes", "10", "--metrics-port", "0"]
+    serve += ["--threads", "1"]
     serve += ["--log-level", "WARNING"]
     status_dir = tmp / f"status-{rate_mbit}-{time.monotonic_ns()}"
     distbelief = [sys.executable, "-m", "distbelief"]
@@ -250,8 +252,8 @@ def replica_images_per_s(args, tmp: Path, rate_mbit: float | None, flags: list[s
         from bench.common import random_port_start
         from distbelief.launcher import free_port_run
 
-        port = free_port_run(2, random_port_start())
-        servers = [f"tcp://127.0.0.1:{port + i}" for i in range(2)]
+        port = free_port_run(count, random_port_start())
+        servers = [f"tcp://127.0.0.1:{port + i}" for i in range(count)]
         shard = subprocess.Popen(
             [*distbelief, "serve", *serve, "--port", str(port)],
             stdout=subprocess.DEVNULL,
@@ -280,7 +282,7 @@ def replica_images_per_s(args, tmp: Path, rate_mbit: float | None, flags: list[s
     else:
         with NetBed(["ps", "w"], rate_mbit=rate_mbit) as bed:
             bed.popen("ps", [*distbelief, "serve", *serve, "--bind", "0.0.0.0"], tmp / "serve.log")
-            servers = [f"tcp://{bed.addresses['ps']}:{PORT + i}" for i in range(2)]
+            servers = [f"tcp://{bed.addresses['ps']}:{PORT + i}" for i in range(count)]
             _wait_answer(servers, bed.started)
             proc = bed.popen(
                 "w",
@@ -345,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-hosts", default="1,2,4")
     parser.add_argument("--parts", default="exchange,allreduce,replica")
     parser.add_argument("--replica-steps", type=int, default=80)
+    parser.add_argument("--replica-shards", type=int, default=2, help="serve --shards, replica")
     parser.add_argument("--replica-variants", default=",".join(REPLICA_VARIANTS))
     args = parser.parse_args(argv)
     if args.command == "exchange":
