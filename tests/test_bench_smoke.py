@@ -16,6 +16,7 @@ from bench import (
     convergence,
     dispatch,
     input_pipeline,
+    noise_scale,
     overhead,
     profile_exchange,
     ps_vs_ddp,
@@ -149,3 +150,13 @@ def test_wire_on_the_network_test_bed():
         out.stdout
     )
     assert len(ratios(out.stdout)) == 1 and "on loopback" in out.stdout
+
+
+def test_noise_scale(capsys):
+    flags = ["--at", "0,64", "--batches", "3", "--batch-size", "8"]
+    assert noise_scale.main(flags) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [r[1].strip() for r in rows] == ["0", "64"], out
+    assert all(float(r[4]) > 0 for r in rows), out  # tr(Σ): the batches' gradients differ
+
