@@ -159,4 +159,3 @@ def test_noise_scale(capsys):
     rows = [line.split("|") for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
     assert [r[1].strip() for r in rows] == ["0", "64"], out
     assert all(float(r[4]) > 0 for r in rows), out  # tr(Σ): the batches' gradients differ
-
