@@ -4,12 +4,13 @@ In one run, on a generated ImageNet-like JPEG folder (``bench/jpegs.py``: photo-
 images, about 500×375, built once and kept):
 
 0. **Decoders**, one process, per image: Pillow decoding the whole JPEG, Pillow with
-   ``draft`` at the scale our training crop allows (``crops.crop_image``), and
-   torchvision.io's ``decode_jpeg`` (libjpeg-turbo) of the file's bytes; at
-   ``--image-size`` and at a quarter of it, where ``draft`` has room to act. Then
-   decode and crop together: Pillow's ``resize`` with a box (bilinear, as
-   ``RandomResizedCrop`` on a PIL image) against ours (``crops.crop_image``: the crop
-   resized by torch's uint8 kernels, random interpolation).
+   ``draft`` at the scale our training crop allows, torchvision.io's ``decode_jpeg``
+   and simplejpeg's (both libjpeg-turbo, as Pillow) of the file's bytes; ``draft`` at
+   ``--image-size`` and at a quarter of it, where it has room to act. Then decode and
+   crop together: Pillow's ``resize`` with a box (bilinear, as ``RandomResizedCrop``
+   on a PIL image) against ours (``crops.crop_image``: simplejpeg at the DCT scale
+   ``draft`` would pick, the crop resized by torch's uint8 kernels, random
+   interpolation).
 1. **Loader alone**, ``--image-size`` (224) training batches ready for the model in
    this process, ``--reps`` times each, interleaved, for each worker count:
    - the baseline, pytorch/examples' ``imagenet/main.py``: ``ImageFolder`` with
@@ -105,6 +106,7 @@ def decoders(args: argparse.Namespace, folder: Path) -> None:
 
 
 def _decoders(args: argparse.Namespace, folder: Path) -> None:
+    import simplejpeg
     from PIL import Image
     from torchvision.io import decode_jpeg, read_file
 
@@ -134,6 +136,10 @@ def _decoders(args: argparse.Namespace, folder: Path) -> None:
         for path in files:
             decode_jpeg(read_file(str(path)))
 
+    def simple() -> None:
+        for path in files:
+            simplejpeg.decode_jpeg(path.read_bytes(), colorspace="RGB")
+
     def pil_crop() -> None:  # what pytorch/examples' RandomResizedCrop does to a photo
         for path, row in zip(files, rows, strict=True):
             with Image.open(path) as image:
@@ -156,7 +162,7 @@ def _decoders(args: argparse.Namespace, folder: Path) -> None:
     print(f"decode + crop to {size} px, Pillow (decode, resize with a box): {pillow:.2f} ms/image")
     ours = ms(our_crop)
     print(
-        f"decode + crop to {size} px, ours (Pillow decode, torch uint8 resize): "
+        f"decode + crop to {size} px, ours (simplejpeg decode, torch uint8 resize): "
         f"{ours:.2f} ms/image, {pillow / ours:.2f}× Pillow's speed"
     )
 
@@ -164,6 +170,7 @@ def _decoders(args: argparse.Namespace, folder: Path) -> None:
     print(f"decode, Pillow, whole image: {base:.2f} ms/image")
     for name, run in (
         ("torchvision.io decode_jpeg, whole image", turbo),
+        ("simplejpeg, whole image (what ours uses)", simple),
         (f"Pillow draft for crops to {args.image_size} px", draft(args.image_size)),
         (f"Pillow draft for crops to {args.image_size // 4} px", draft(args.image_size // 4)),
     ):

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
+import simplejpeg
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -196,30 +197,80 @@ def _training_box(
 def crop_image(data: bytes, row: Tensor, *, size: int, augmentation: Augmentation) -> Tensor:
     """One image's training crop: uint8 3×size×size from its encoded bytes and its draws.
 
-    Pillow decodes; a JPEG at the smallest DCT scale (1/2, 1/4, 1/8: ``draft``) that
-    leaves the crop box (``crop_box``) at least ``size`` pixels wide and high, so large
-    crops of large photos decode at a fraction of the cost without losing output
-    resolution. The box is cut from the pixels in place and resized by torch's uint8
-    kernels (channels last, as Pillow lays pixels out) with a random interpolation:
-    bilinear, bicubic (antialiased when shrinking) or nearest (the pixels picked by
-    ``nearest_indices``, twice as fast); 0.8 ms an image at 224 px, less than Pillow's
-    bilinear ``resize(box=)`` (``bench.input_pipeline``).
+    A JPEG is decoded by simplejpeg (libjpeg-turbo) at the smallest DCT scale (1/2, 1/4,
+    1/8) that leaves the crop box (``crop_box``) at least ``size`` pixels wide and high,
+    so large crops of large photos decode at a fraction of the cost without losing
+    output resolution: the scale Pillow's ``draft`` would choose, and the same pixels as
+    Pillow's decoder (libjpeg-turbo too) in a quarter less time, since nothing copies
+    them after decoding (``bench.input_pipeline``; ``tests/test_data.py``). Other
+    formats, and JPEGs simplejpeg refuses (CMYK), go through Pillow. The box is cut from
+    the pixels in place and resized by torch's uint8 kernels (channels last, as decoded
+    pixels lie) with a random interpolation: bilinear, bicubic (antialiased when
+    shrinking) or nearest (the pixels picked by ``nearest_indices``, twice as fast).
     """
     values = row.tolist()
-    with Image.open(io.BytesIO(data)) as image:  # reads the header only
-        width, height = image.size
-        top, left, h, w = _training_box(height, width, values, augmentation)
-        if image.format == "JPEG":
-            image.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        pixels = np.asarray(image)  # no copy: only the crop below is copied
+    pixels = _decode_jpeg(data, size, values, augmentation)
+    if pixels is None:
+        pixels = _decode_pillow(data, size, values, augmentation)
+    decoded, (height, width) = pixels
+    top, left, h, w = _training_box(height, width, values, augmentation)
     with warnings.catch_warnings():  # read only, and torch only reads it
         warnings.simplefilter("ignore", UserWarning)
-        decoded = torch.from_numpy(pixels)
-    sy, sx = pixels.shape[0] / height, pixels.shape[1] / width  # 1, or the DCT scale
-    box = _pixel_box(pixels.shape[0], pixels.shape[1], (top * sy, left * sx, h * sy, w * sx))
+        decoded = torch.from_numpy(decoded)
+    sy, sx = decoded.shape[0] / height, decoded.shape[1] / width  # 1, or the DCT scale
+    box = _pixel_box(decoded.shape[0], decoded.shape[1], (top * sy, left * sx, h * sy, w * sx))
     return _cut(decoded, box, size, INTERPOLATIONS[_interpolation(values)].value)
+
+
+def _draft_size(
+    height: int, width: int, size: int, values: Sequence[float], augmentation: Augmentation
+) -> tuple[int, int]:
+    """The smallest decoded size (width, height) that leaves the training crop of this
+    image at least ``size`` pixels each way."""
+    _, _, h, w = _training_box(height, width, values, augmentation)
+    return math.ceil(width * size / w), math.ceil(height * size / h)
+
+
+def dct_scale(height: int, width: int, draft: tuple[int, int]) -> int:
+    """The DCT scale denominator Pillow's ``draft`` picks for a JPEG of this size asked
+    for at least ``draft`` (width, height): the largest of 8, 4, 2, 1 it allows."""
+    allowed = min(width // draft[0], height // draft[1])
+    return max((s for s in (8, 4, 2, 1) if s <= allowed), default=1)
+
+
+Decoded = tuple[np.ndarray, tuple[int, int]]  # H'×W'×3 uint8 pixels, the image's (H, W)
+# JPEG colour spaces simplejpeg turns into the RGB Pillow gives; CMYK it converts
+# differently (off by one here and there), so CMYK goes through Pillow
+SIMPLEJPEG_COLOURS = ("YCbCr", "Gray", "RGB")
+
+
+def _decode_jpeg(
+    data: bytes, size: int, values: Sequence[float], augmentation: Augmentation
+) -> Decoded | None:
+    """A JPEG's pixels at its DCT scale, by simplejpeg; None where it cannot."""
+    try:
+        height, width, colours, _ = simplejpeg.decode_jpeg_header(data)
+        if colours not in SIMPLEJPEG_COLOURS:
+            return None
+        s = dct_scale(height, width, _draft_size(height, width, size, values, augmentation))
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", min_width=-(-width // s), min_height=-(-height // s)
+        )
+    except ValueError:  # not a JPEG, or one libjpeg-turbo cannot read
+        return None
+    return pixels, (height, width)
+
+
+def _decode_pillow(
+    data: bytes, size: int, values: Sequence[float], augmentation: Augmentation
+) -> Decoded:
+    with Image.open(io.BytesIO(data)) as image:  # reads the header only
+        width, height = image.size
+        if image.format == "JPEG":
+            image.draft("RGB", _draft_size(height, width, size, values, augmentation))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return np.asarray(image), (height, width)
 
 
 def _pixel_box(

@@ -680,7 +680,7 @@ def load_dataset(
     get: by default ``default_augmentation(source)`` for train, none for val.
     Synthetic data is never augmented; its train split has 100000 examples, val
     1000. ``seed`` seeds the demo and synthetic generators. ``decode``: where a
-    folder's training JPEGs are decoded, "loader" (its processes, Pillow) or "device"
+    folder's training JPEGs are decoded, "loader" (its processes) or "device"
     (``FolderDataset``). Raises DataError for a bad source, split or decode.
     """
     _check_split(split)

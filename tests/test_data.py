@@ -302,17 +302,21 @@ def test_crop_image_follows_its_draws_and_decodes_large_crops_smaller(
     assert not torch.equal(
         first, crop_image(data, rows[1], size=32, augmentation=PAPER_AUGMENTATION)
     )
-    # A whole-image "crop" of 400×300 to 32 px: Pillow decodes at 1/8 scale (draft);
-    # a full decode then the same resize gives nearly the same picture.
-    whole = Augmentation(crop_scale=None, flip=False, color=False)
-    drafted = []
+    # A whole-image "crop" of 400×300 to 32 px decodes at 1/8 scale (at least 32×32
+    # for the whole image: 50×38); a full decode then the same resize gives nearly the
+    # same picture.
     from PIL.JpegImagePlugin import JpegImageFile
 
-    monkeypatch.setattr(JpegImageFile, "draft", lambda self, mode, size: drafted.append(size))
-    full = crop_image(data, rows[0], size=32, augmentation=whole)  # decoded whole
-    assert drafted == [(32, 32)]  # at least 32×32 for the whole image: 1/8 scale, 50×38
-    monkeypatch.undo()
+    import distbelief.crops as crops
+
+    whole = Augmentation(crop_scale=None, flip=False, color=False)
+    decoded = crops._decode_jpeg(data, 32, rows[0].tolist(), whole)
+    assert decoded is not None and decoded[0].shape == (38, 50, 3)
     small = crop_image(data, rows[0], size=32, augmentation=whole)
+    monkeypatch.setattr(crops, "_decode_jpeg", lambda *a: None)  # Pillow, no draft:
+    monkeypatch.setattr(JpegImageFile, "draft", lambda self, mode, size: None)
+    full = crop_image(data, rows[0], size=32, augmentation=whole)  # decoded whole
+    monkeypatch.undo()
     assert (small.float() - full.float()).abs().mean() < 12
     with Image.open(tmp_path / "a.jpg") as image:
         assert eval_image(image, size=24).shape == (3, 24, 24)
@@ -330,6 +334,47 @@ def test_nearest_crops_pick_the_pixels_interpolate_picks(length: int, size: int)
     ours = ours.index_select(2, nearest_indices(length + 7, size))
     resized = torch.nn.functional.interpolate(pixels, size=(size, size), mode="nearest")[0]
     assert torch.equal(ours, resized)
+
+
+def test_simplejpeg_crops_are_pillows_crops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JPEGs are decoded by simplejpeg at the DCT scale Pillow's ``draft`` would pick:
+    the same pixels as Pillow's decoder, so the same crops, at every scale (1/1 to 1/8
+    at 16 and 64 px from photos up to 600 pixels a side); grey JPEGs too. CMYK JPEGs and other
+    formats go through Pillow."""
+    import distbelief.crops as crops
+
+    rng = np.random.default_rng(3)
+    files = []
+    for k, (h, w) in enumerate([(375, 500), (600, 410), (90, 140), (260, 260), (33, 47)]):
+        ramp = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+        pixels = (ramp + rng.normal(0, 25, (h, w, 3))).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{k}.jpg", quality=85)
+        files.append(tmp_path / f"{k}.jpg")
+    Image.fromarray(pixels[..., 0]).save(tmp_path / "grey.jpg")
+    Image.fromarray(pixels).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(pixels).save(tmp_path / "plain.png")
+    files += [tmp_path / "grey.jpg", tmp_path / "cmyk.jpg", tmp_path / "plain.png"]
+    rows = sample_draws(5, 0, torch.arange(12))
+    scales = set()
+    for path in files:
+        data = path.read_bytes()
+        for size in (16, 64):
+            ours = [crop_image(data, r, size=size, augmentation=PAPER_AUGMENTATION) for r in rows]
+            for r in rows:
+                decoded = crops._decode_jpeg(data, size, r.tolist(), PAPER_AUGMENTATION)
+                assert (decoded is None) == (path.stem in ("plain", "cmyk")), path
+                if decoded is not None:
+                    height, rows_out = decoded[1][0], decoded[0].shape[0]
+                    scales.add(next(s for s in (1, 2, 4, 8) if -(-height // s) == rows_out))
+            with monkeypatch.context() as m:  # Pillow for every file
+                m.setattr(crops, "_decode_jpeg", lambda *a: None)
+                pillow = [
+                    crop_image(data, r, size=size, augmentation=PAPER_AUGMENTATION) for r in rows
+                ]
+            assert all(torch.equal(a, b) for a, b in zip(ours, pillow, strict=True)), path
+    assert scales == {1, 2, 4, 8}, scales
 
 
 def test_the_colour_twist_is_colorjitters_steps_where_none_leaves_the_range() -> None:

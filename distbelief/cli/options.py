@@ -301,8 +301,8 @@ def input_options(f):
         "--decode",
         type=click.Choice(["loader", "device"]),
         default=None,
-        help="Where a folder's training JPEGs are decoded: in the loader processes (Pillow; "
-        "the default) or on the replica's device, a batch at a time (nvJPEG on a GPU).",
+        help="Where a folder's training JPEGs are decoded: in the loader processes (the "
+        "default) or on the replica's device, a batch at a time (nvJPEG on a GPU).",
     )(f)
     f = option(
         "--loader-workers",
