@@ -212,8 +212,7 @@ def crop_image(data: bytes, row: Tensor, *, size: int, augmentation: Augmentatio
     pixels = _decode_jpeg(data, size, values, augmentation)
     if pixels is None:
         pixels = _decode_pillow(data, size, values, augmentation)
-    decoded, (height, width) = pixels
-    top, left, h, w = _training_box(height, width, values, augmentation)
+    decoded, (height, width), (top, left, h, w) = pixels
     with warnings.catch_warnings():  # read only, and torch only reads it
         warnings.simplefilter("ignore", UserWarning)
         decoded = torch.from_numpy(decoded)
@@ -222,13 +221,13 @@ def crop_image(data: bytes, row: Tensor, *, size: int, augmentation: Augmentatio
     return _cut(decoded, box, size, INTERPOLATIONS[_interpolation(values)].value)
 
 
-def _draft_size(
+def _draft(
     height: int, width: int, size: int, values: Sequence[float], augmentation: Augmentation
-) -> tuple[int, int]:
-    """The smallest decoded size (width, height) that leaves the training crop of this
-    image at least ``size`` pixels each way."""
-    _, _, h, w = _training_box(height, width, values, augmentation)
-    return math.ceil(width * size / w), math.ceil(height * size / h)
+) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """The training crop's box in this image, and the smallest decoded size (width,
+    height) that leaves it at least ``size`` pixels each way."""
+    box = _training_box(height, width, values, augmentation)
+    return box, (math.ceil(width * size / box[3]), math.ceil(height * size / box[2]))
 
 
 def dct_scale(height: int, width: int, draft: tuple[int, int]) -> int:
@@ -238,7 +237,8 @@ def dct_scale(height: int, width: int, draft: tuple[int, int]) -> int:
     return max((s for s in (8, 4, 2, 1) if s <= allowed), default=1)
 
 
-Decoded = tuple[np.ndarray, tuple[int, int]]  # H'×W'×3 uint8 pixels, the image's (H, W)
+# H'×W'×3 uint8 pixels, the image's (H, W) and the crop box in it (top, left, h, w)
+Decoded = tuple[np.ndarray, tuple[int, int], tuple[float, float, float, float]]
 # JPEG colour spaces simplejpeg turns into the RGB Pillow gives; CMYK it converts
 # differently (off by one here and there), so CMYK goes through Pillow
 SIMPLEJPEG_COLOURS = ("YCbCr", "Gray", "RGB")
@@ -252,13 +252,14 @@ def _decode_jpeg(
         height, width, colours, _ = simplejpeg.decode_jpeg_header(data)
         if colours not in SIMPLEJPEG_COLOURS:
             return None
-        s = dct_scale(height, width, _draft_size(height, width, size, values, augmentation))
+        box, draft = _draft(height, width, size, values, augmentation)
+        s = dct_scale(height, width, draft)
         pixels = simplejpeg.decode_jpeg(
             data, colorspace="RGB", min_width=-(-width // s), min_height=-(-height // s)
         )
     except ValueError:  # not a JPEG, or one libjpeg-turbo cannot read
         return None
-    return pixels, (height, width)
+    return pixels, (height, width), box
 
 
 def _decode_pillow(
@@ -266,11 +267,12 @@ def _decode_pillow(
 ) -> Decoded:
     with Image.open(io.BytesIO(data)) as image:  # reads the header only
         width, height = image.size
+        box, draft = _draft(height, width, size, values, augmentation)
         if image.format == "JPEG":
-            image.draft("RGB", _draft_size(height, width, size, values, augmentation))
+            image.draft("RGB", draft)
         if image.mode != "RGB":
             image = image.convert("RGB")
-        return np.asarray(image), (height, width)
+        return np.asarray(image), (height, width), box
 
 
 def _pixel_box(
@@ -483,18 +485,18 @@ def finish_batch(
     (with ``draws``) the colour distortion and the flips, batched on the device, then
     normalised. Without ``draws``, the images as they are."""
     pixels = images.to(device, non_blocking=True)
-    d = None if draws is None else draws.to(device, non_blocking=True)
     if draws is not None and augmentation.flip:
         # on the uint8 pixels, a quarter of float32's bytes, into a new batch (the
         # caller's stays as it was); a mirror commutes with everything below. One flip
         # an image and a stack: a twentieth of the time of indexed copies on a CPU.
         mirror = (draws[:, DRAW_FLIP] < 0.5).tolist()  # the draws are on the host
         pixels = torch.stack([p.flip(-1) if m else p for p, m in zip(pixels, mirror, strict=True)])
-    colour = d is not None and augmentation.color
+    colour = draws is not None and augmentation.color
     # one pass to float: to [0, 1] for the colour distortion, else straight to the
     # normalised form ((x / 255 − mean) / std, the subtraction below)
     x = torch.mul(pixels, 1.0 / 255.0 if colour else 1.0 / (255.0 * PIXEL_STD))
     if colour:
+        d = draws.to(device, non_blocking=True)
         x = photometric_batch(x, d, _mean_gray(pixels)).div_(PIXEL_STD)
     return x.sub_(PIXEL_MEAN / PIXEL_STD)
 
