@@ -106,8 +106,14 @@ class ClientConfig:
     wire_dtype: str = "f32"
     curve: str | None = None  # a key folder: CURVE on every socket
     shared_memory: bool = False  # payloads through /dev/shm with servers on this host
+    # a stage of a split replica: only these ranges [lo, hi) of the flat vector, held
+    # end to end in the caller's buffers, pushed as pieces of the replica ``group``'s step
+    ranges: tuple[tuple[int, int], ...] | None = None
+    group: str | None = None
 
     def __post_init__(self) -> None:
+        if self.ranges is not None and (not self.ranges or not self.group):
+            raise ValueError("a client of some ranges needs at least one range and a group")
         if not self.servers:
             raise ValueError("no servers given (expected tcp://host:port,...)")
         for address in self.servers:
@@ -201,6 +207,8 @@ class ParameterClient:
         self.fastest_bytes_per_s = 0.0  # of a staggered slice leaving its socket
         self.shared = [False] * len(cfg.servers)
         self.dtypes = [wire_dtype_for(cfg.wire_dtype, a) for a in cfg.servers]
+        # with cfg.ranges: server -> its pieces (lo, hi, where they lie in our buffers)
+        self.pieces: dict[int, list[tuple[int, int, int]]] = {}
 
     # -- public verbs ----------------------------------------------------------------
 
@@ -233,6 +241,9 @@ class ParameterClient:
             )
         self.versions = [s.version for s in self.info]
         self.send_order = staggered_order(self.cfg.servers, replies[0][0].get("arrival", 0))
+        if self.cfg.ranges is not None:
+            self.pieces = cut_ranges(self.cfg.ranges, [(s.start, s.stop) for s in self.info])
+            return self.info  # pieces travel over the wire only
         if self.cfg.shared_memory and shm.available():
             self._offer_segments(fingerprint)
         return self.info
@@ -281,9 +292,9 @@ class ParameterClient:
         """Fill ``weights`` from every server; return their versions. Blocks."""
         self._need_info()
         requests = {}
-        for i, shared in enumerate(self.shared):
-            fields = {"shm": self.segment.name} if shared else {"dtype": self.dtypes[i]}
-            requests[i] = ("pull", fields, [])
+        for i in self._targets:
+            fields = {"shm": self.segment.name} if self.shared[i] else {"dtype": self.dtypes[i]}
+            requests[i] = ("pull", fields | self._ranges_of(i), [])
         replies = self._exchange(requests)
         for i, (header, payload) in replies.items():
             self._take_weights(i, header.get("dtype"), payload, weights)
@@ -299,13 +310,17 @@ class ParameterClient:
                 weights[info.start : info.stop].copy_(self.segment.weights[info.start : info.stop])
             return
         body = payload[0].buffer if len(payload) == 1 else b""
+        pieces = self.pieces.get(i, [(info.start, info.stop, info.start)])
         if dtype not in protocol.DTYPES or len(body) != protocol.wire_bytes(
-            dtype, info.stop - info.start
+            dtype, sum(hi - lo for lo, hi, _ in pieces)
         ):
             raise ServerRefused(
                 i, info.address, "bad_size", "weights in the reply have the wrong size"
             )
-        weights[info.start : info.stop].copy_(protocol.from_wire(body, dtype))
+        values, seen = protocol.from_wire(body, dtype), 0
+        for lo, hi, at in pieces:
+            weights[at : at + hi - lo].copy_(values[seen : seen + hi - lo])
+            seen += hi - lo
 
     def _note_version(self, i: int, version: int) -> None:
         if version < self.versions[i]:
@@ -330,8 +345,8 @@ class ParameterClient:
         self._need_info()
         self.seq += 1
         requests = {}
-        for i, info in enumerate(self.info):
-            dtype = self.dtypes[i]
+        for i in self._targets:
+            info, dtype = self.info[i], self.dtypes[i]
             fields = {
                 "worker": self.cfg.worker,
                 "seq": self.seq,
@@ -343,6 +358,10 @@ class ParameterClient:
                 fields["progress"] = progress
             if pull_into is not None:
                 fields["pull"] = "f32" if self.shared[i] else dtype
+            if i in self.pieces:
+                fields |= self._ranges_of(i) | {"group": self.cfg.group}
+                requests[i] = ("push", fields, [self._encode(i, self._gather(i, grads))])
+                continue
             values = grads[info.start : info.stop]
             if not self.shared[i]:
                 requests[i] = ("push", fields, [self._encode(i, values)])
@@ -415,6 +434,21 @@ class ParameterClient:
     @property
     def _all(self) -> range:
         return range(len(self.cfg.servers))
+
+    @property
+    def _targets(self) -> list[int]:
+        """The servers pushes and pulls go to: those holding some of our ranges."""
+        return sorted(self.pieces) if self.cfg.ranges is not None else list(self._all)
+
+    def _ranges_of(self, i: int) -> dict[str, Any]:
+        if i not in self.pieces:
+            return {}
+        return {"ranges": [[lo, hi] for lo, hi, _ in self.pieces[i]]}
+
+    def _gather(self, i: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Server ``i``'s pieces of ``buffer`` end to end (a view when there is one)."""
+        parts = [buffer[at : at + hi - lo] for lo, hi, at in self.pieces[i]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _need_info(self) -> None:
         if not self.info:
@@ -572,6 +606,23 @@ class ParameterClient:
         )
         self._reopen(i)
         p.resend_at = now + backoff
+
+
+def cut_ranges(
+    ranges: tuple[tuple[int, int], ...], servers: list[tuple[int, int]]
+) -> dict[int, list[tuple[int, int, int]]]:
+    """Each server's share of ``ranges`` (laid end to end in a compact buffer): server
+    index -> ``[(lo, hi, offset in the compact buffer), ...]``, servers holding none
+    left out."""
+    pieces: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+    at = 0
+    for lo, hi in ranges:
+        for i, (start, stop) in enumerate(servers):
+            a, b = max(lo, start), min(hi, stop)
+            if a < b:
+                pieces[i].append((a, b, at + a - lo))
+        at += hi - lo
+    return dict(pieces)
 
 
 def staggered_order(servers: tuple[str, ...], arrival: int) -> list[int]:

@@ -184,6 +184,21 @@ class ShardMetrics:
             registry=r,
         )
         self._misses_seen = 0
+        # steps of replicas split into stages, pushed in pieces (server/pieces.py)
+        self.pieces = Counter(
+            p + "pieces",
+            "Pieces received: pushes with ranges, a stage's part of a replica step",
+            registry=r,
+        )
+        self.incomplete_steps = Counter(
+            p + "incomplete_steps",
+            "Steps pushed in pieces dropped unapplied: not every stage pushed within the "
+            "piece timeout",
+            registry=r,
+        )
+        self.open_steps = Gauge(
+            p + "open_steps", "Steps pushed in pieces waiting for more pieces now", registry=r
+        )
         # shard 0's data dispatcher (server/dispatch.py); zero on the other shards
         self.chunks = Counter(
             p + "chunks",
@@ -287,6 +302,42 @@ class WorkerMetrics:
             buckets=STALENESS_BUCKETS,
             registry=r,
         )
+        # a split replica (work --stages): each stage's figures, as its reports say
+        stage = ("stage",)
+        self.stage_compute = Gauge(
+            p + "stage_compute_seconds",
+            "Seconds of forward and backward passes of each stage",
+            stage,
+            registry=r,
+        )
+        self.stage_wait = Gauge(
+            p + "stage_wait_seconds",
+            "Seconds each stage waited at its cuts for activations or gradients",
+            stage,
+            registry=r,
+        )
+        self.stage_bytes = Gauge(
+            p + "stage_cut_bytes",
+            "Bytes each stage sent and received over its cuts",
+            (*stage, "direction"),
+            registry=r,
+        )
+        self.stage_parameters = Gauge(
+            p + "stage_parameters",
+            "Parameters each stage holds, pushes and pulls (its ranges)",
+            stage,
+            registry=r,
+        )
+
+    def observe_stages(self, reports: list[dict]) -> None:
+        """Set the stage gauges from the stages' reports (workers/pipeline.py)."""
+        for report in reports:
+            k = str(report["stage"])
+            self.stage_compute.labels(stage=k).set(report["compute_s"])
+            self.stage_wait.labels(stage=k).set(report["wait_s"])
+            self.stage_bytes.labels(stage=k, direction="sent").set(report["sent_bytes"])
+            self.stage_bytes.labels(stage=k, direction="received").set(report["received_bytes"])
+            self.stage_parameters.labels(stage=k).set(report["parameters"])
 
 
 @dataclass

@@ -25,10 +25,12 @@ servers always keep and update float32, the narrower types only save wire bytes.
              staggered pushes at that position)
              (without ``fingerprint``: nothing is checked; a client that does not know
              the model yet learns it here)
-- ``pull``   {dtype?, shm?} -> {version, dtype} + weights of the server's range
-             (with ``shm``: written into that shared-memory segment, no payload)
-- ``push``   {worker, seq, base_version, examples, dtype, shm?, progress?, pull?} +
-             gradient of the range (with ``shm``: read from that segment, no payload)
+- ``pull``   {dtype?, shm?, ranges?} -> {version, dtype} + weights of the server's range
+             (with ``shm``: written into that shared-memory segment, no payload; with
+             ``ranges``: the weights over those ranges only, concatenated)
+- ``push``   {worker, seq, base_version, examples, dtype, shm?, progress?, pull?,
+             ranges?, group?} + gradient of the range (with ``shm``: read from that
+             segment, no payload)
              -> {version, applied, staleness, revoked?, generation?, pull?}; a repeated
              (worker, seq) changes nothing. With ``pull`` (a dtype) the reply also
              carries the weights after the update, as a ``pull`` would (one round trip
@@ -37,6 +39,19 @@ servers always keep and update float32, the narrower types only save wire bytes.
              dispatcher once the push is applied; ``revoked`` lists the chunks named
              there that are no longer the worker's, ``generation`` the dispatcher's
              (``distbelief.server.dispatch``)
+
+``ranges`` ([[lo, hi], ...], at most ``MAX_RANGES``): absolute positions ``[lo, hi)`` of
+the flat vector, each inside the server's ``[start, stop)``, sorted ascending and not
+overlapping; the payload (of a push) or the reply's payload (of a pull, or of a push
+with ``pull``) is the concatenation of the values over those ranges, in order. Not
+with ``shm``. A push with ``ranges`` is a *piece* of the step ``(group, seq)``: one
+replica split into stages (model parallelism), each stage with its own ``worker``,
+pushes the gradient of its own layers, all numbering their pushes alike. The shard
+applies the step once, as one push, when its pieces cover its range, and only then
+answers every piece (a piece's reply waits for the others'); ``examples`` must agree,
+``base_version`` is the smallest, ``progress`` comes with at most one piece. A step
+whose pieces do not all arrive within the shard's ``piece_timeout_s`` is dropped,
+nothing of it applied, and every piece answered ``incomplete``.
 - ``chunk``  {worker, batch_size, until?, warm_examples?, release?, want?} (shard 0 only)
              -> {chunk, epoch, lo, hi, seed, size, left, replicas, warm_until}
              | {wait, ...} | {end}
@@ -62,6 +77,7 @@ MAX_HEADER_BYTES = 64 * 1024
 # msgpack decoding limits: a header is a small flat map; anything bigger is hostile.
 _MAX_STR = 4096
 _MAX_CONTAINER = 256
+MAX_RANGES = 64  # [lo, hi] pairs in one push's or pull's ``ranges`` (a stage's layers)
 
 OPS = ("hello", "pull", "push", "stats", "save", "chunk")
 ERRORS = (
@@ -70,6 +86,9 @@ ERRORS = (
     "unknown_op",
     "bad_size",  # payload frame count or byte size does not match the range and dtype
     "non_finite",  # gradient holds NaN or Inf
+    # a step split into pieces (push with ranges) whose pieces did not all arrive within
+    # the shard's piece timeout (a stage died or hung): nothing of it applied
+    "incomplete",
     "layout_mismatch",  # fingerprint differs: another model, class count or shard count
     "not_available",  # the server cannot do this (no checkpoint directory, ...)
     "internal",
@@ -106,6 +125,7 @@ REQUEST_FIELDS: dict[str, dict[str, Field]] = {
     "pull": {
         "dtype": Field(str, required=False, choices=tuple(DTYPES)),
         "shm": Field(str, required=False),
+        "ranges": Field(list, required=False),
     },
     "push": {
         "worker": Field(str),
@@ -116,6 +136,8 @@ REQUEST_FIELDS: dict[str, dict[str, Field]] = {
         "shm": Field(str, required=False),
         "progress": Field(list, required=False),
         "pull": Field(str, required=False, choices=tuple(DTYPES)),
+        "ranges": Field(list, required=False),
+        "group": Field(str, required=False),  # required with ranges (the shard checks)
     },
     "stats": {},
     "save": {},

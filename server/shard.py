@@ -3,6 +3,9 @@
 One thread owns all state: :func:`run_shard` polls a ROUTER socket and hands each
 request to :meth:`Shard.handle`, which returns the reply frames. Pushes are applied
 as soon as they arrive (asynchronous SGD: no barrier, no ordering across shards).
+A push with ``ranges`` is a piece of a replica step split into stages: it is parked
+(:mod:`.pieces`) until the step's pieces cover the shard, then the step is applied as
+one push and every piece answered through the service's outbox.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from distbelief.tuning import keep_freed_memory
 
 from .checkpoints import ShardCheckpointer
 from .dispatch import DispatchConfig, Dispatcher, parse_progress
+from .pieces import Assembler, Piece, Ranges, Step, parse_ranges
 from .rules import RULES, Schedule, make_rule
 from .service import Service, ServiceLoop, SnapshotPool, expect_payload, frame_bytes
 from .staleness import MOMENTUM_POLICIES, StalenessConfig, Updater
@@ -38,6 +42,9 @@ LIVENESS_CHECK_S = 1.0  # how often the loop looks for workers gone silent
 MAX_TRACKED_WORKERS = 4096  # bound on the (worker -> last seq) table for idempotent pushes
 STALENESS_WINDOW = 1024  # recent staleness values kept for p50/p95 in `stats`
 MAX_SEGMENTS = 256  # clients' shared-memory segments mapped at once (least recent unmapped)
+# workers in stats' push_bytes (the most recent): stats must fit one header (64 KiB,
+# msgpack maps of at most 256 entries)
+PUSH_BYTES_WORKERS = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +77,9 @@ class ShardConfig:
     ipc_dir: str | None = None  # also listen on ipc://<ipc_dir>/shard-<index>.sock
     shared_memory: bool = True  # answer pushes and pulls through clients' /dev/shm segments
     worker_timeout_s: float = 60.0  # a worker silent this long is forgotten
+    # a step split into pieces (stages) still incomplete this long after its first piece
+    # is dropped, nothing of it applied: a stage died or hangs
+    piece_timeout_s: float = 60.0
     chunk_batches: int = 8  # shard 0's dispatcher: batches of the asker's size per chunk
     chunk_lease_s: float = 60.0  # a chunk without progress this long is handed out again
 
@@ -90,6 +100,8 @@ class ShardConfig:
             )
         if self.worker_timeout_s <= 0:
             raise ValueError(f"worker timeout must be positive, got {self.worker_timeout_s}")
+        if self.piece_timeout_s <= 0:
+            raise ValueError(f"piece timeout must be positive, got {self.piece_timeout_s}")
         self.dispatch()  # checks the chunk settings
 
     def dispatch(self) -> DispatchConfig:
@@ -166,6 +178,14 @@ class Shard(Service):
         self.push_times: deque[float] = deque(maxlen=256)
         self.counts = {"pushes": 0, "duplicates": 0, "pulls": 0}
         self.hellos = 0  # clients connected (hello with a fingerprint): `arrival` in hello
+        self.assembler = Assembler(
+            start=self.start,
+            size=self.size,
+            padding=self.padding,
+            index=cfg.index,
+            timeout_s=cfg.piece_timeout_s,
+        )
+        self.push_bytes: OrderedDict[str, int] = OrderedDict()  # worker -> payload bytes
         self.metrics = ShardMetrics(new_registry("shard"))
         self.metrics.parameters.set(self.size)
         self.publish()
@@ -236,16 +256,36 @@ class Shard(Service):
         return segment
 
     def _on_pull(self, header: dict, payload: list) -> list[Any]:
+        ranges = self._ranges(header)
         expect_payload(payload, 0)
-        dtype, frames = self._weights_out(header.get("shm"), header.get("dtype", "f32"))
+        dtype, frames = self._weights_out(header.get("shm"), header.get("dtype", "f32"), ranges)
         return [protocol.reply(header["rid"], version=self.version, dtype=dtype), *frames]
 
-    def _weights_out(self, shm: str | None, dtype: str) -> tuple[str, list[Any]]:
+    def _ranges(self, header: dict) -> Ranges | None:
+        """A push's or pull's ``ranges``, checked against this shard's range and made
+        relative to its start; None without."""
+        if "ranges" not in header:
+            return None
+        if "shm" in header:
+            raise ProtocolError("bad_field", "ranges travel over the wire only, not with shm")
+        if header["op"] == "push" and "group" not in header:
+            raise ProtocolError(
+                "bad_field",
+                "a push with ranges needs 'group': the replica whose stages share the step",
+            )
+        return parse_ranges(header["ranges"], self.start, self.stop, self.cfg.index)
+
+    def _weights_out(
+        self, shm: str | None, dtype: str, ranges: Ranges | None = None
+    ) -> tuple[str, list[Any]]:
         """The weights as a ``pull`` (or a push with ``pull``) answers them: written into
-        the client's segment (no frame, f32) or a frame of ``dtype``."""
+        the client's segment (no frame, f32) or a frame of ``dtype``, over ``ranges`` only
+        when given."""
         if shm:
             self._segment(shm).weights[self.start : self.stop].copy_(self.weights)
             dtype, frames = "f32", []
+        elif ranges is not None:
+            frames = [self.snapshots.gathered(self.weights, ranges, dtype)]
         else:
             # a snapshot, not a view: the send is zero-copy and the next push changes it
             frames = [self.snapshots.frame(self.weights, dtype)]
@@ -254,21 +294,10 @@ class Shard(Service):
         self.metrics.pulls.inc()
         return dtype, frames
 
-    def _on_push(self, header: dict, payload: list) -> list[Any]:
+    def _on_push(self, header: dict, payload: list) -> list[Any] | None:
         began = time.perf_counter()
-        dtype, shm = header["dtype"], header.get("shm")
-        expect_payload(payload, 0 if shm else 1)
-        if shm and dtype != "f32":
-            raise ProtocolError("bad_field", "a push through shared memory is f32")
-        if not shm:
-            body = frame_bytes(payload[0])
-            expected = protocol.wire_bytes(dtype, self.size)
-            if len(body) != expected:
-                raise ProtocolError(
-                    "bad_size",
-                    f"gradient of {len(body)} bytes; shard {self.cfg.index} holds {self.size} "
-                    f"parameters = {expected} bytes as {dtype}",
-                )
+        ranges = self._ranges(header)
+        body = self._push_body(header, payload, ranges)
         worker, seq = header["worker"], header["seq"]
         progress = None
         if self.dispatcher is not None and "progress" in header:
@@ -278,37 +307,158 @@ class Shard(Service):
         if seq <= self.last_seq.get(worker, -1):
             self.counts["duplicates"] += 1
             self.metrics.duplicates.inc()
-            return self._push_reply(header, applied=False, staleness=staleness)
-        if shm:  # the client's f32 gradient, read in place
-            grad = self._segment(shm).grads[self.start : self.stop]
-        elif dtype == "f32":
-            grad = protocol.from_wire(body, dtype)
+            return self._push_reply(header, applied=False, staleness=staleness, ranges=ranges)
+        if ranges is not None:
+            return self._take_piece(header, ranges, body, progress, began)
+        if body is None:  # through shared memory: the client's f32 gradient, read in place
+            grad = self._segment(header["shm"]).grads[self.start : self.stop]
+        elif header["dtype"] == "f32":
+            grad = protocol.from_wire(body, "f32")
         else:
-            grad = self.grad.copy_(protocol.from_wire(body, dtype))
+            grad = self.grad.copy_(protocol.from_wire(body, header["dtype"]))
         _check_finite(grad)
-        applied = self.updater.apply(
+        staleness, revoked = self._apply(
             grad,
-            examples_before=self.examples,
-            staleness=staleness,
             base_version=header["base_version"],
+            examples=header["examples"],
+            pushed_by=[(worker, seq)],
+            progress=(worker, progress) if progress else None,
+            began=began,
+        )
+        return self._push_reply(header, applied=True, staleness=staleness, revoked=revoked)
+
+    def _push_body(self, header: dict, payload: list, ranges: Ranges | None) -> Any:
+        """The push's gradient bytes, checked against its range and dtype; None through
+        shared memory."""
+        dtype, shm = header["dtype"], header.get("shm")
+        expect_payload(payload, 0 if shm else 1)
+        if shm and dtype != "f32":
+            raise ProtocolError("bad_field", "a push through shared memory is f32")
+        if shm:
+            return None
+        body = frame_bytes(payload[0])
+        count = self.size if ranges is None else sum(hi - lo for lo, hi in ranges)
+        expected = protocol.wire_bytes(dtype, count)
+        if len(body) != expected:
+            holds = f"shard {self.cfg.index} holds {self.size}"
+            if ranges is not None:
+                holds = f"its ranges hold {count}"
+            raise ProtocolError(
+                "bad_size",
+                f"gradient of {len(body)} bytes; {holds} parameters = {expected} bytes as {dtype}",
+            )
+        self.push_bytes[header["worker"]] = self.push_bytes.pop(header["worker"], 0) + len(body)
+        if len(self.push_bytes) > PUSH_BYTES_WORKERS:
+            self.push_bytes.popitem(last=False)
+        return body
+
+    def _take_piece(
+        self, header: dict, ranges: Ranges, body: Any, progress: list | None, began: float
+    ) -> list[Any] | None:
+        """A stage's piece of the step ``(group, seq)``: parked (None) until the step's
+        pieces cover the shard; then the step is applied once, the parked pieces are
+        answered through the outbox and this one's reply returned."""
+        step = self.assembler.find(header["group"], header["seq"])
+        parked = step.piece_of(header["worker"]) if step is not None else None
+        if parked is not None:  # a retry, from a reopened socket: answer it there, later
+            parked.header, parked.identity = header, self.requester
+            return None
+        piece = Piece(header=header, ranges=ranges, identity=self.requester)
+        values = protocol.from_wire(body, header["dtype"])
+        step = self.assembler.add(piece, values, progress)
+        self.metrics.pieces.inc()
+        self.metrics.open_steps.set(len(self.assembler.steps))
+        if not self.assembler.complete(step):
+            return None
+        try:
+            self._check_step_finite(step, piece)
+            staleness, revoked = self._apply(
+                step.grad,
+                base_version=step.base_version,
+                examples=step.examples,
+                pushed_by=[(p.worker, p.header["seq"]) for p in step.pieces],
+                progress=step.progress,
+                began=began,
+            )
+        finally:  # applied or refused, the step is over
+            self.assembler.close(step)
+            self.metrics.open_steps.set(len(self.assembler.steps))
+        return self._answer_step(step, piece, staleness, revoked)
+
+    def _check_step_finite(self, step: Step, current: Piece) -> None:
+        """Refuse a step whose assembled gradient is not finite: the parked pieces through
+        the outbox, ``current`` by the exception."""
+        try:
+            _check_finite(step.grad)
+        except ProtocolError as exc:
+            log.warning("step %d of replica group %s: %s", step.seq, step.group, exc.message)
+            for piece in step.pieces:
+                if piece is not current:
+                    self.refuse_later(piece.identity, piece.header["rid"], exc)
+            raise
+
+    def _answer_step(
+        self, step: Step, current: Piece, staleness: int, revoked: list[int]
+    ) -> list[Any]:
+        """Queue the replies of the parked pieces of an applied step; return ``current``'s.
+        Each carries the weights over its own ranges when it asked for them."""
+        reply: list[Any] = []
+        for piece in step.pieces:
+            carried = step.progress is not None and step.progress[0] == piece.worker
+            frames = self._push_reply(
+                piece.header,
+                applied=True,
+                staleness=staleness,
+                revoked=revoked if carried else None,
+                ranges=piece.ranges,
+            )
+            if piece is current:
+                reply = frames
+            else:
+                self.answer_later(piece.identity, frames)
+        return reply
+
+    def _apply(
+        self,
+        grad: torch.Tensor,
+        *,
+        base_version: int,
+        examples: int,
+        pushed_by: list[tuple[str, int]],
+        progress: tuple[str, list] | None,
+        began: float,
+    ) -> tuple[int, list[int]]:
+        """Apply one replica step's (finite) gradient and count it once; return its
+        staleness and the chunks the dispatcher revoked."""
+        staleness = max(0, self.version - base_version)
+        applied = self.updater.apply(
+            grad, examples_before=self.examples, staleness=staleness, base_version=base_version
         )
         self.metrics.observe_update(applied, self.updater)
         if self.padding:
             self.weights[-self.padding :] = 0  # whatever a client sent for it
-        self._count_push(worker, seq, header["examples"], staleness)
-        revoked = self.dispatcher.progress(worker, progress) if progress else []
+        for worker, seq in pushed_by:  # every stage's (worker, seq): its retries are duplicates
+            self._remember_push(worker, seq)
+        self._count_push(examples, staleness)
+        revoked = self.dispatcher.progress(*progress) if progress else []
         self.metrics.apply_seconds.observe(time.perf_counter() - began)
-        return self._push_reply(header, applied=True, staleness=staleness, revoked=revoked)
+        return staleness, revoked
 
     def _push_reply(
-        self, header: dict, *, applied: bool, staleness: int, revoked: list[int] | None = None
+        self,
+        header: dict,
+        *,
+        applied: bool,
+        staleness: int,
+        revoked: list[int] | None = None,
+        ranges: Ranges | None = None,
     ) -> list[Any]:
         # with the dispatcher's generation: chunks of another one (from before shard 0
         # restarted) are all void, also those the replica has not pushed for yet
         more = {"revoked": revoked, "generation": self.dispatcher.generation} if revoked else {}
         frames = []
         if "pull" in header:  # push-and-pull: the weights after this update come back
-            more["pull"], frames = self._weights_out(header.get("shm"), header["pull"])
+            more["pull"], frames = self._weights_out(header.get("shm"), header["pull"], ranges)
         return [
             protocol.reply(
                 header["rid"], version=self.version, applied=applied, staleness=staleness, **more
@@ -336,17 +486,18 @@ class Shard(Service):
         self.metrics.observe_dispatch(self.dispatcher)
         return [protocol.reply(header["rid"], **fields)]
 
-    def _count_push(self, worker: str, seq: int, examples: int, staleness: int) -> None:
-        self.version += 1
-        self.examples += examples
+    def _remember_push(self, worker: str, seq: int) -> None:
         self.last_seq[worker] = seq
         self.last_seq.move_to_end(worker)
         if len(self.last_seq) > MAX_TRACKED_WORKERS:
             self.last_seq.popitem(last=False)
-        now = time.monotonic()
-        self.last_seen[worker] = now
+        self.last_seen[worker] = time.monotonic()
         self.metrics.workers.set(len(self.last_seen))
-        self.push_times.append(now)
+
+    def _count_push(self, examples: int, staleness: int) -> None:
+        self.version += 1
+        self.examples += examples
+        self.push_times.append(time.monotonic())
         self.staleness.append(staleness)
         self.counts["pushes"] += 1
         self.metrics.pushes.inc()
@@ -365,6 +516,17 @@ class Shard(Service):
                 self.metrics.observe_dispatch(self.dispatcher)
             self.forget_silent_workers(now)
             self.unmap_idle_segments(now)
+        for step in self.assembler.expired(now):
+            self._drop_step(step)
+
+    def _drop_step(self, step: Step) -> None:
+        """Refuse every piece of a step that stayed incomplete; nothing of it was applied."""
+        exc = ProtocolError("incomplete", self.assembler.incomplete_message(step))
+        log.warning("%s", exc.message)
+        self.metrics.incomplete_steps.inc()
+        self.metrics.open_steps.set(len(self.assembler.steps))
+        for piece in step.pieces:
+            self.refuse_later(piece.identity, piece.header["rid"], exc)
 
     def unmap_idle_segments(self, now: float) -> None:
         """Unmap segments no request has named for ``worker_timeout_s`` (clients gone)."""
@@ -438,6 +600,10 @@ class Shard(Service):
             "history_misses": self.updater.history.misses if self.updater.history else 0,
             "workers_recent": self.recent_workers(now),
             **self.counts,
+            "pieces": self.assembler.received,
+            "incomplete_steps": self.assembler.dropped,
+            "open_steps": len(self.assembler.steps),
+            "push_bytes": dict(self.push_bytes),
             "rejected": dict(self.rejected),
             "hparams": self.cfg.hparams(),
         } | ({"dispatch": self.dispatcher.stats()} if self.dispatcher is not None else {})

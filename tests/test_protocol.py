@@ -29,6 +29,22 @@ def test_request_round_trip_and_validation():
         ({"v": 1, "op": "pull", "rid": 1, "dtype": "f64"}, "bad_field"),
         ({"v": 1, "op": "hello", "rid": 1, "shm": 7}, "bad_field"),  # fingerprint optional
         ({"v": 1, "op": "hello", "rid": 1, "fingerprint": 5}, "bad_field"),
+        ({"v": 1, "op": "pull", "rid": 1, "ranges": "0-10"}, "bad_field"),  # a list of pairs
+        (
+            {
+                "v": 1,
+                "op": "push",
+                "rid": 1,
+                "worker": "w",
+                "seq": 1,
+                "base_version": 0,
+                "examples": 1,
+                "dtype": "f32",
+                "ranges": [[0, 10]],
+                "group": 3,  # the replica's id: a str
+            },
+            "bad_field",
+        ),
         (
             {
                 "v": 1,

@@ -33,7 +33,7 @@ import threading
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,11 @@ from distbelief.layout import Layout, flatten_into
 from distbelief.loader import Loader
 from distbelief.metrics import WorkerMetrics, new_registry, serve_metrics
 from distbelief.models import build_model
+from distbelief.stages import StagePart, StagePlan, bind_stage
 from distbelief.train import forward_backward
 
 from .feed import ChunkFeed, DataMismatch
+from .pipeline import Pipeline, Stages
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,14 @@ class ReplicaConfig:
     push_every: int = 1
     wire_dtype: str = "auto"  # bf16 with shards on other hosts, f32 on this one
     overlap: bool = False
+    # model parallelism (workers/pipeline.py): this replica split into ``stages``
+    # processes, cut before the blocks ``stage_cuts`` (None: balanced on measured times)
+    stages: int = 1
+    stage_cuts: tuple[str, ...] | None = None
+    micro_batches: int = 1
+    stage_transport: str = "shm"  # activations between stages: shm (one host) | wire
+    stage_devices: tuple[str, ...] | None = None  # one per stage (default: all on device)
+    group: str | None = None  # set by stage 0 for its stages' pieces
     shared_memory: bool = False  # payloads through /dev/shm with shards on this host
     data_order: str = "auto"  # dispatch | static | auto (see the module's docstring)
     warm_start: float = 0.0  # share of the first epoch replica 0 trains alone
@@ -115,6 +125,22 @@ class ReplicaConfig:
             raise ValueError(f"--loader-workers must be ≥ 0, got {self.loader_workers}")
         if self.data_order not in DATA_ORDERS:
             raise ValueError(f"--data-order must be one of {', '.join(DATA_ORDERS)}")
+        self._check_stages()
+
+    def _check_stages(self) -> None:
+        if self.stages < 1 or self.micro_batches < 1:
+            raise ValueError("--stages and --micro-batches must be at least 1")
+        if self.micro_batches > self.batch_size:
+            raise ValueError(
+                f"--micro-batches {self.micro_batches} is more than the batch of {self.batch_size}"
+            )
+        if self.stages > 1 and self.overlap:
+            raise ValueError(
+                "--overlap with --stages: the stages push in step with each other, not "
+                "in the background"
+            )
+        if self.stage_devices is not None and len(self.stage_devices) != self.stages:
+            raise ValueError(f"{len(self.stage_devices)} stage devices for {self.stages} stages")
 
 
 @dataclass
@@ -143,6 +169,10 @@ class ReplicaStatus:
     restarts: int = 0
     warm_start_examples: int = 0  # the shards' examples when this replica began training
     data_order: str = ""  # dispatch or static, once connected
+    # a split replica: each stage's report (workers/pipeline.py StageReport), stage 0
+    # first, and the seconds from each batch's first forward to its last backward
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    pipeline_s: float = 0.0
     pid: int = 0
     done: bool = False
 
@@ -157,7 +187,7 @@ class ReplicaStatus:
 class Replica:
     """One model replica: a full model on one device, talking to every shard."""
 
-    def __init__(self, cfg: ReplicaConfig) -> None:
+    def __init__(self, cfg: ReplicaConfig, stages: Stages | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         if cfg.threads:
@@ -184,22 +214,36 @@ class Replica:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.layout = Layout.of(self.model, cfg.model)
-        self.weights, self.grads = flatten_into(self.model, self.layout)
+        self.pipeline: Pipeline | None = None
+        ranges = None
+        if stages is None:
+            self.weights, self.grads = flatten_into(self.model, self.layout)
+        else:  # stage 0 of a split replica: its own layers and parameter ranges only
+            plan = StagePlan(cfg.stage_cuts)
+            self.weights, self.grads = bind_stage(self.model, self.layout, plan, 0, self.device)
+            ranges = plan.ranges(self.layout, 0)
+            part = StagePart(self.model, plan, 0)
+            self.pipeline = Pipeline(part, self.grads, stages.cut, cfg.micro_batches, stages.alive)
+            self.pipeline.report.parameters = self.weights.numel()
+        self.stages = stages
         on_cpu = self.device.type == "cpu"
         pin = not on_cpu
         # host buffers the client reads and writes; on CPU they are the model's own
-        self.host_weights = self.weights if on_cpu else _host(self.layout.total, pin)
-        self.host_grads = self.grads if on_cpu else _host(self.layout.total, pin)
+        self.host_weights = self.weights if on_cpu else _host(self.weights.numel(), pin)
+        self.host_grads = self.grads if on_cpu else _host(self.weights.numel(), pin)
+        # the host name keeps replicas in separate containers (same pids) apart
+        worker = f"replica{cfg.index}-{default_worker_id()}"  # new at every start
         self.client = ParameterClient(
             ClientConfig(
                 servers=cfg.servers,
                 timeout_s=cfg.timeout_s,
                 retries=cfg.retries,
                 wire_dtype=cfg.wire_dtype,
-                # the host name keeps replicas in separate containers (same pids) apart
-                worker=f"replica{cfg.index}-{default_worker_id()}",  # new at every start
+                worker=worker if stages is None else f"{cfg.group}-stage0",
                 curve=cfg.curve,
-                shared_memory=cfg.shared_memory,
+                shared_memory=cfg.shared_memory and stages is None,
+                ranges=ranges,
+                group=cfg.group if stages is not None else None,
             ),
             self.layout,
         )
@@ -290,6 +334,9 @@ class Replica:
         if comm is not None:
             comm.wait()
         batches.close()
+        if self.pipeline is not None:
+            self.pipeline.end()
+            self.stages.join()
         if self.feed is not None:
             self.feed.release()  # chunks prefetched and not trained (a --steps run's end)
             self.feed.client.close()
@@ -328,6 +375,8 @@ class Replica:
         pulls after); with ``pull``, bring the weights back in the same round trip.
         Return whether the weights were pulled here."""
         progress = [[chunk, *span] for chunk, span in marks.items()] or None
+        if self.pipeline is not None:  # every stage pushes its piece of this step, or none
+            self.pipeline.announce(push=self.pipeline.finite(), pull=pull, examples=examples)
         if comm is not None:
             comm.push_then_pull(examples, progress)
             return False
@@ -442,7 +491,10 @@ class Replica:
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            loss = forward_backward(self.model, images, labels)  # .item() syncs the device
+            if self.pipeline is not None:
+                loss = self.pipeline.step(images, labels)
+            else:
+                loss = forward_backward(self.model, images, labels)  # .item() syncs the device
         self.metrics.step_seconds.observe(time.perf_counter() - began)
         return loss
 
@@ -482,7 +534,8 @@ class Replica:
             if self.host_grads is not self.grads:
                 self.host_grads.copy_(self.grads)  # blocks until the backward pass is done
             grads = self.host_grads
-        if not math.isfinite(float(grads.sum())):
+        downstream = self.pipeline is None or self.pipeline.downstream_finite
+        if not (downstream and math.isfinite(float(grads.sum()))):
             # every shard would refuse its slice only if the NaN fell in it: the others
             # would apply theirs, a torn update. Dropped here whole, counted, logged.
             self.grads.zero_()
@@ -525,6 +578,11 @@ class Replica:
         s.examples += examples
         # images/s of this process's life (a restart starts the clock again)
         s.images_per_s = steps_here * self.cfg.batch_size / seconds if seconds > 0 else 0.0
+        if self.pipeline is not None:
+            report = self.pipeline.report
+            report.pushes, report.push_s = s.pushes, s.exchange_s
+            s.stages, s.pipeline_s = self.pipeline.stages(), self.pipeline.pipeline_s
+            self.metrics.observe_stages(s.stages)
         m = self.metrics
         m.retries.inc(self.client.retries_total - s.retries)
         s.retries = self.client.retries_total
@@ -538,7 +596,7 @@ class _Overlap:
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
-        total = replica.layout.total
+        total = replica.weights.numel()
         self.send = _host(total, replica.device.type != "cpu")
         self.incoming = torch.empty(total, dtype=torch.float32)
         self.fresh = False
@@ -633,6 +691,7 @@ def _host(size: int, pin: bool) -> torch.Tensor:
     return torch.zeros(size, dtype=torch.float32, pin_memory=pin)
 
 
-def run_replica(cfg: ReplicaConfig) -> dict[str, Any]:
-    """Build and run one replica; return its final status as a dict."""
-    return asdict(Replica(cfg).run())
+def run_replica(cfg: ReplicaConfig, stages: Stages | None = None) -> dict[str, Any]:
+    """Build and run one replica (stage 0 of ``stages`` when split); return its final
+    status as a dict."""
+    return asdict(Replica(cfg, stages).run())

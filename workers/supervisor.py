@@ -23,6 +23,8 @@ from distbelief.metrics import MetricsPortError
 from distbelief.supervise import CONFIG_ERROR, Child, Supervisor
 from distbelief.tuning import available_cores
 
+from .cut import StageLost
+from .pipeline import split_replica
 from .replica import ReplicaConfig, run_replica
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,21 @@ def plan_devices(*, gpu: int | None, gpu_ids: str | None, cpu: int | None) -> li
     return [f"cuda:{i}" for i in ids]
 
 
+def group_stages(devices: list[str], stages: int) -> tuple[list[str], list[tuple[str, ...]]]:
+    """With ``stages`` stages a replica: the device of each replica (its stage 0) and
+    the devices of its stages. GPUs go ``stages`` at a time to a replica (``--gpu 4
+    --stages 2``: two replicas on cuda:0-1 and cuda:2-3); CPU replicas keep their
+    stages on the CPU, each stage with its share of the cores."""
+    if stages == 1 or devices[0] == "cpu":
+        return devices, [(d,) * stages for d in devices]
+    if len(devices) % stages:
+        raise DeviceError(
+            f"{len(devices)} GPU(s) for replicas of {stages} stages: give a multiple of {stages}"
+        )
+    groups = [tuple(devices[i : i + stages]) for i in range(0, len(devices), stages)]
+    return [g[0] for g in groups], groups
+
+
 def threads_per_replica(devices: list[str]) -> int:
     """Divide this host's cores among CPU replicas (GPU replicas keep one core each)."""
     return max(1, available_cores() // max(1, devices.count("cpu")))
@@ -80,8 +97,11 @@ def replica_process(cfg: ReplicaConfig, level: int) -> None:
     """Entry point of one replica child process."""
     setup_logging("replica", cfg.index, level=level)
     cfg = _resume(cfg)
+    stages = None
     try:
-        status = run_replica(cfg)
+        if cfg.stages > 1:
+            cfg, stages = split_replica(cfg, level)
+        status = run_replica(cfg, stages)
     except ServerUnavailable as exc:  # the shards may come back: a restart can help
         log.error("%s", exc)
         sys.exit(1)
@@ -92,6 +112,12 @@ def replica_process(cfg: ReplicaConfig, level: int) -> None:
             mine += f"{len(cfg.servers)} server(s)"
         log.error("%s%s", exc, mine)
         sys.exit(CONFIG_ERROR)  # the same settings would fail again: no restart
+    except StageLost as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+    finally:
+        if stages is not None:
+            stages.stop()
     log.info(
         "done: %d steps, %.1f images/s, last loss %.4f",
         status["step"],

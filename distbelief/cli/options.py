@@ -435,6 +435,47 @@ DOWNPOUR_SPECS = [
 ]
 
 
+STAGE_SPECS = [
+    (
+        "--stages",
+        dict(
+            type=click.IntRange(min=1),
+            default=1,
+            help="Split each replica into K stage processes (model parallelism).",
+        ),
+    ),
+    (
+        "--stage-cuts",
+        dict(
+            default=None,
+            help="Blocks the stages after the first begin with, e.g. 4b or 3b,4e "
+            "(default: balanced on measured block times).",
+        ),
+    ),
+    (
+        "--micro-batches",
+        dict(
+            type=click.IntRange(min=1),
+            default=1,
+            help="Micro-batches each batch is cut into, so that the stages work at once.",
+        ),
+    ),
+    (
+        "--stage-transport",
+        dict(
+            type=click.Choice(["shm", "wire"]),
+            default="shm",
+            help="Activations between stages: shared memory, or TCP as between hosts.",
+        ),
+    ),
+]
+
+
+def stage_options(f):
+    """The model-parallelism flags (``workers/pipeline.py``)."""
+    return _add_options(f, STAGE_SPECS, {})
+
+
 def downpour_options(f, **defaults):
     """The Downpour flags; ``defaults`` overrides their defaults (by flag name)."""
     return _add_options(f, DOWNPOUR_SPECS, defaults)

@@ -17,6 +17,7 @@ from distbelief.cli.options import (
     model_from_servers,
     servers_option,
     split_servers,
+    stage_options,
 )
 from distbelief.config import config_option, option
 from distbelief.logs import setup_logging
@@ -28,8 +29,16 @@ from distbelief.logs import setup_logging
 @option("--gpu", type=click.IntRange(min=1), default=None, help="Replicas on cuda:0..N-1.")
 @option("--gpu-ids", default=None, help="Replicas on these GPUs, e.g. 2,3.")
 @option("--cpu", type=click.IntRange(min=1), default=None, help="K CPU replicas (default 1).")
+@option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Torch threads of each CPU replica, or of each of its stages (default: the "
+    "host's cores shared out).",
+)
 @data_options
 @downpour_options
+@stage_options
 @option("--amp", type=click.Choice(["bf16", "f16"]), default=None, help="Autocast on GPU.")
 @option("--channels-last/--no-channels-last", default=False)
 @client_model_options
@@ -86,6 +95,7 @@ def work(
     gpu,
     gpu_ids,
     cpu,
+    threads,
     metrics_port,
     supervisor_metrics_port,
     max_restarts,
@@ -104,6 +114,7 @@ def work(
     from distbelief.workers.replica import ReplicaConfig
     from distbelief.workers.supervisor import (
         DeviceError,
+        group_stages,
         oversubscribed,
         plan_devices,
         run_replicas,
@@ -113,9 +124,12 @@ def work(
     if sum(x is not None for x in (gpu, gpu_ids, cpu)) > 1:
         raise click.UsageError("give one of --gpu, --gpu-ids, --cpu")
     try:
-        devices = plan_devices(gpu=gpu, gpu_ids=gpu_ids, cpu=cpu)
+        devices, stage_devices = group_stages(
+            plan_devices(gpu=gpu, gpu_ids=gpu_ids, cpu=cpu), kw["stages"]
+        )
     except DeviceError as exc:
         raise click.ClickException(str(exc)) from None
+    kw["stage_cuts"] = _stage_cuts(kw["stage_cuts"], kw["stages"])
     from distbelief.data import DataError, load_dataset
     from distbelief.loader import default_loader_workers
 
@@ -152,7 +166,8 @@ def work(
     _check_classes(kw, train_set)
     status_dir = status_dir or tempfile.mkdtemp(prefix="distbelief-work-")
     os.makedirs(status_dir, exist_ok=True)
-    threads = threads_for(devices)
+    # each stage's share of the cores
+    threads = threads or max(1, threads_for(devices) // kw["stages"])
     try:
         configs = [
             ReplicaConfig(
@@ -160,6 +175,7 @@ def work(
                 index=first_replica + i,
                 num_replicas=world,
                 device=device,
+                stage_devices=stage_devices[i] if kw["stages"] > 1 else None,
                 threads=threads if device == "cpu" else 1,
                 warm_threads=available_cores() if device == "cpu" else None,
                 augmentation=augmentation,
@@ -203,6 +219,25 @@ def work(
 
         show(replica_table(summaries))
     sys.exit(code)
+
+
+def _stage_cuts(text: str | None, stages: int) -> tuple[str, ...] | None:
+    """``--stage-cuts 3b,4e`` as block names, checked against ``--stages``."""
+    if text is None:
+        return None
+    from distbelief.stages import StagePlan
+
+    cuts = tuple(c.strip() for c in text.split(",") if c.strip())
+    try:
+        plan = StagePlan(cuts)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--stage-cuts") from None
+    if plan.num_stages != stages:
+        raise click.BadParameter(
+            f"{text} cuts a replica into {plan.num_stages} stages; --stages is {stages}",
+            param_hint="--stage-cuts",
+        )
+    return cuts
 
 
 def _check_classes(kw: dict, train_set) -> None:
