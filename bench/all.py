@@ -1,7 +1,7 @@
 """Run every benchmark at full size, one after the other, each in a fresh interpreter.
 
 Usage: ``python -m bench.all [--only ps_vs_zmq,overhead]``; prints every figure. Takes
-about 45 minutes on a 2-core machine (``convergence`` alone about 11; ``wire``, which
+about 53 minutes on a 2-core machine (``convergence`` alone about 11, ``stages`` 8; ``wire``, which
 needs root for its network namespaces, about 12). Run it on a
 machine that is otherwise idle: every figure is a ratio measured within one script's
 run, but load from elsewhere makes both sides of a ratio noisy. ``staleness`` (the
@@ -26,6 +26,7 @@ BENCHES = (
     "scaling",
     "convergence",
     "input_pipeline",
+    "stages",
     "wire",
 )
 ON_REQUEST = ("staleness", "gpu")  # too long for the default run; for a GPU machine

@@ -116,9 +116,45 @@ def _policy(stats: dict[str, Any]) -> str:
     return policy if momentum is None else f"{policy} ({momentum:.2f})"
 
 
+def stage_table(statuses: list[dict[str, Any]], *, title: str = "stages") -> Table | None:
+    """One row per stage of each split replica (``work --stages``): its blocks, the
+    parameters it holds, its share of the time computing and waiting at its cuts, the
+    megabytes over its cuts, its pushes. None when no replica is split."""
+    rows = [(s.get("index", i), r, s) for i, s in enumerate(statuses) for r in s.get("stages", [])]
+    if not rows:
+        return None
+    table = Table(title=title, title_justify="left")
+    for col in (
+        "replica",
+        "stage",
+        "blocks",
+        "parameters",
+        "computing",
+        "waiting",
+        "cut MB",
+        "pushes",
+    ):
+        table.add_column(col, justify="left" if col == "blocks" else "right")
+    for index, r, s in rows:
+        seconds = s.get("seconds")
+        megabytes = (r.get("sent_bytes", 0) + r.get("received_bytes", 0)) / 1e6
+        table.add_row(
+            str(index),
+            str(r["stage"]),
+            r.get("blocks", "-"),
+            _num(r.get("parameters")),
+            _share(r.get("compute_s"), seconds),
+            _share(r.get("wait_s"), seconds),
+            _num(megabytes, "{:,.1f}"),
+            _num(r.get("pushes")),
+        )
+    return table
+
+
 def show(*renderables: Any, stderr: bool = False) -> None:
     console = Console(stderr=stderr)
     if not console.is_terminal:  # logs and pipes: wide enough that no column is cut
         console = Console(stderr=stderr, width=160)
     for r in renderables:
-        console.print(r)
+        if r is not None:
+            console.print(r)

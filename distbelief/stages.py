@@ -146,11 +146,13 @@ class StagePlan:
                 merged.append((lo, hi))
         return tuple(merged)
 
+    def describe_stage(self, stage: int) -> str:
+        """``stage``'s first and last block: ``4b-head``."""
+        blocks = self.blocks(stage)
+        return blocks[0].name if len(blocks) == 1 else f"{blocks[0].name}-{blocks[-1].name}"
+
     def describe(self) -> str:
-        return " | ".join(
-            f"{b[0].name}-{b[-1].name}" if len(b) > 1 else b[0].name
-            for b in (self.blocks(k) for k in range(self.num_stages))
-        )
+        return " | ".join(self.describe_stage(k) for k in range(self.num_stages))
 
 
 class StagePart:

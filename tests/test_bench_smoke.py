@@ -22,6 +22,7 @@ from bench import (
     ps_vs_ddp,
     ps_vs_zmq,
     scaling,
+    stages,
     update_vs_memcpy,
 )
 
@@ -159,3 +160,12 @@ def test_noise_scale(capsys):
     rows = [line.split("|") for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
     assert [r[1].strip() for r in rows] == ["0", "64"], out
     assert all(float(r[4]) > 0 for r in rows), out  # tr(Σ): the batches' gradients differ
+
+
+def test_stages(capsys):
+    flags = ["--steps", "2", "--batch-size", "8", "--reps", "1", "--micro-batches", "1,2"]
+    assert stages.main([*flags, "--stage-cuts", "4c"]) == 0
+    out = capsys.readouterr().out
+    assert len(ratios(out)) == 4 and "unsplit replica" in out and "conv1-4b | 4c-head" in out, out
+    bubbles = [float(b) for b in re.findall(r"bubble: measured (\d+\.\d+)", out)]
+    assert len(bubbles) == 2 and all(0 < b < 1 for b in bubbles), out

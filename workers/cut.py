@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -81,12 +82,11 @@ class Cut:
 
     def recv(self, alive: Callable[[], bool]) -> tuple[dict[str, Any], torch.Tensor | None]:
         """The next message: its header and its tensor (None for control messages)."""
-        waited = 0.0
+        began = time.perf_counter()
         while not self.socket.poll(CHECK_S * 1000):
-            waited += CHECK_S
             if not alive():
                 raise StageLost("a neighbouring stage of this replica is gone")
-        self.wait_s += waited
+        self.wait_s += time.perf_counter() - began
         frames = self.socket.recv_multipart(copy=False)
         header = msgpack.unpackb(frames[0].buffer)
         if "shape" not in header:

@@ -63,7 +63,9 @@ class StageReport:
 
     stage: int
     pid: int = field(default_factory=os.getpid)
+    blocks: str = ""  # its first and last block, e.g. "4b-head"
     compute_s: float = 0.0  # forward and backward
+    busy_s: float = 0.0  # within its batches' pipeline phase, not waiting at a cut
     wait_s: float = 0.0  # waiting at its cuts
     sent_bytes: int = 0  # over its cuts
     received_bytes: int = 0
@@ -92,7 +94,7 @@ class Pipeline:
         """Forward and backward of one batch through every stage; the batch's loss."""
         began = time.perf_counter()
         self.count += 1
-        step = self.count
+        step, waited = self.count, self.cut.wait_s
         m = self.micro_batches
         chunks = list(zip(images.chunk(m), labels.chunk(m), strict=True))
         scale = 1.0 if len(chunks) == 1 else 1.0 / len(chunks)
@@ -114,6 +116,7 @@ class Pipeline:
                 self.downstream_finite = header["finite"]
                 self.reports = header["reports"]
         self.pipeline_s += time.perf_counter() - began
+        self.report.busy_s += time.perf_counter() - began - (self.cut.wait_s - waited)
         self.report.wait_s, self.report.sent_bytes = self.cut.wait_s, self.cut.sent_bytes
         self.report.received_bytes = self.cut.received_bytes
         return sum(losses)
@@ -211,6 +214,7 @@ class StageWorker:
         model = build_model(cfg.model, cfg.num_classes)
         layout = Layout.of(model, cfg.model)
         self.part = StagePart(model, plan, cfg.stage)
+        self.report.blocks = plan.describe_stage(cfg.stage)
         self.weights, self.grads = bind_stage(model, layout, plan, cfg.stage, self.device)
         model.train()
         ranges = plan.ranges(layout, cfg.stage)
@@ -263,6 +267,7 @@ class StageWorker:
 
     def _step(self, step: int, header: dict[str, Any], tensor: torch.Tensor) -> None:
         """All micro-batches of one step: forwards, then backwards in the same order."""
+        began, waited = time.perf_counter(), self._waited()
         held = []
         total = header["of"]
         scale = 1.0 if total == 1 else 1.0 / total
@@ -292,8 +297,13 @@ class StageWorker:
             fields = {"loss": below["loss"] + mine, "finite": True, "reports": []}
             if j == total - 1:
                 fields["finite"] = below["finite"] and math.isfinite(float(self.grads.sum()))
+            if j == total - 1:
+                self.report.busy_s += time.perf_counter() - began - (self._waited() - waited)
                 fields["reports"] = [asdict(self._report()), *below["reports"]]
             self.upstream.send("grad", step, x.grad, mb=j, **fields)
+
+    def _waited(self) -> float:
+        return sum(c.wait_s for c in (self.upstream, self.downstream) if c is not None)
 
     def _report(self) -> StageReport:
         r = self.report

@@ -225,6 +225,7 @@ class Replica:
             part = StagePart(self.model, plan, 0)
             self.pipeline = Pipeline(part, self.grads, stages.cut, cfg.micro_batches, stages.alive)
             self.pipeline.report.parameters = self.weights.numel()
+            self.pipeline.report.blocks = plan.describe_stage(0)
         self.stages = stages
         on_cpu = self.device.type == "cpu"
         pin = not on_cpu

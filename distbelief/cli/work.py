@@ -215,9 +215,9 @@ def work(
     if as_json:
         click.echo(json.dumps(summaries))
     else:
-        from distbelief.report import replica_table, show
+        from distbelief.report import replica_table, show, stage_table
 
-        show(replica_table(summaries))
+        show(replica_table(summaries), stage_table(summaries))
     sys.exit(code)
 
 
