@@ -341,8 +341,14 @@ class ParameterClient:
         ``pull_into`` the servers answer with their weights after the update, written
         there as ``pull`` would (one round trip instead of two). Blocks until every
         server has answered; ``grads`` is the caller's again after.
+
+        A stage's client (with ``ranges``) pushes pieces: the shards hold them, answer
+        at once (``applied`` false) and apply the step at :meth:`commit`, which also
+        brings the weights back (no ``pull_into`` here).
         """
         self._need_info()
+        if self.cfg.ranges is not None and pull_into is not None:
+            raise ValueError("a stage's pieces are held until commit(): pull with commit()")
         self.seq += 1
         requests = {}
         for i in self._targets:
@@ -358,7 +364,7 @@ class ParameterClient:
                 fields["progress"] = progress
             if pull_into is not None:
                 fields["pull"] = "f32" if self.shared[i] else dtype
-            if i in self.pieces:
+            if i in self.pieces:  # held by the shard until commit()
                 fields |= self._ranges_of(i) | {"group": self.cfg.group}
                 requests[i] = ("push", fields, [self._encode(i, self._gather(i, grads))])
                 continue
@@ -369,14 +375,44 @@ class ParameterClient:
             if not _same_buffer(grads, self.segment.grads):  # the shard reads it in place
                 self.segment.grads[info.start : info.stop].copy_(values)
             requests[i] = ("push", fields | {"dtype": "f32", "shm": self.segment.name}, [])
-        replies = self._exchange(requests, stagger=True)
+        return self._results(self._exchange(requests, stagger=True), pull_into)
+
+    def commit(
+        self, pull_into: torch.Tensor | None = None, everywhere: bool = False
+    ) -> list[PushResult]:
+        """Have the shards apply the step of our last ``push`` (pieces, held until now),
+        with every stage's pieces: the shards holding some of our ranges, or with
+        ``everywhere`` every shard (stage 0 commits for the whole replica, so that a
+        stage dying now cannot leave the step applied on some shards only). With
+        ``pull_into``, our ranges' weights after the update come back into it. A shard
+        that applied the step already (another stage's commit came first) answers
+        ``applied`` false, with the weights all the same. Blocks."""
+        self._need_info()
+        if self.cfg.ranges is None:
+            raise ValueError("commit() is for a stage's pieces (a client with ranges)")
+        requests = {}
+        for i in self._all if everywhere else self._targets:
+            fields: dict[str, Any] = {"group": self.cfg.group, "seq": self.seq}
+            if pull_into is not None and i in self.pieces:
+                fields |= {"pull": self.dtypes[i]} | self._ranges_of(i)
+            requests[i] = ("commit", fields, [])
+        return self._results(self._exchange(requests), pull_into, only=self.pieces)
+
+    def _results(
+        self,
+        replies: dict[int, tuple[dict[str, Any], list[zmq.Frame]]],
+        pull_into: torch.Tensor | None,
+        only: dict | None = None,
+    ) -> list[PushResult]:
+        """What the servers answered a push (or a commit): weights taken into
+        ``pull_into`` (from the servers in ``only``, when given), versions noted."""
         results = []
         for i, (h, payload) in sorted(replies.items()):
             # our push came after our pull: applied, it leaves the version above what we
-            # pulled; unless the server has lost versions since
+            # pulled; unless the server has lost versions since (a held piece: not yet)
             if h["version"] < self.versions[i] + (1 if h["applied"] else 0):
                 self._went_back(i, h["version"])
-            if pull_into is not None:
+            if pull_into is not None and (only is None or i in only):
                 self._take_weights(i, h.get("pull"), payload, pull_into)
                 self.versions[i] = h["version"]
             results.append(

@@ -106,7 +106,8 @@ class ShardMetrics:
         self.pushes = Counter(p + "pushes", "Pushes applied to the weights", registry=r)
         self.duplicates = Counter(
             p + "duplicate_pushes",
-            "Retried pushes recognised by (worker, seq), not applied",
+            "Retried pushes recognised by (worker, seq), and commits of steps applied "
+            "already, not applied",
             registry=r,
         )
         self.pulls = Counter(p + "pulls", "Pull requests answered", registry=r)
@@ -187,17 +188,18 @@ class ShardMetrics:
         # steps of replicas split into stages, pushed in pieces (server/pieces.py)
         self.pieces = Counter(
             p + "pieces",
-            "Pieces received: pushes with ranges, a stage's part of a replica step",
+            "Pieces held: pushes with ranges, a stage's part of a replica step (retries "
+            "and duplicates not counted)",
             registry=r,
         )
         self.incomplete_steps = Counter(
             p + "incomplete_steps",
-            "Steps pushed in pieces dropped unapplied: not every stage pushed within the "
-            "piece timeout",
+            "Steps pushed in pieces dropped unapplied: incomplete at their commit (a stage's "
+            "pieces missing), or not committed within the piece timeout",
             registry=r,
         )
         self.open_steps = Gauge(
-            p + "open_steps", "Steps pushed in pieces waiting for more pieces now", registry=r
+            p + "open_steps", "Steps pushed in pieces held now, not yet committed", registry=r
         )
         # shard 0's data dispatcher (server/dispatch.py); zero on the other shards
         self.chunks = Counter(

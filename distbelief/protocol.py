@@ -8,7 +8,7 @@ Frame layout (ZeroMQ multipart; servers bind ROUTER, clients connect DEALER)::
 ``header`` is a msgpack map of at most ``MAX_HEADER_BYTES``:
 
     v      int   protocol version (``PROTOCOL_VERSION``)
-    op     str   hello | pull | push | stats | save | chunk
+    op     str   hello | pull | push | commit | stats | save | chunk
     rid    int   request id, echoed in the reply so late replies can be told apart
     ...          per-op fields (``REQUEST_FIELDS``)
 
@@ -31,8 +31,8 @@ servers always keep and update float32, the narrower types only save wire bytes.
 - ``push``   {worker, seq, base_version, examples, dtype, shm?, progress?, pull?,
              ranges?, group?} + gradient of the range (with ``shm``: read from that
              segment, no payload)
-             -> {version, applied, staleness, revoked?, generation?, pull?}; a repeated
-             (worker, seq) changes nothing. With ``pull`` (a dtype) the reply also
+             -> {version, applied, staleness, revoked?, generation?, pull?, held?}; a
+             repeated (worker, seq) changes nothing. With ``pull`` (a dtype) the reply also
              carries the weights after the update, as a ``pull`` would (one round trip
              instead of two; with ``shm``: written into the segment, no payload).
              ``progress`` ([[chunk, from, upto], ...]) is read by shard 0's data
@@ -42,16 +42,31 @@ servers always keep and update float32, the narrower types only save wire bytes.
 
 ``ranges`` ([[lo, hi], ...], at most ``MAX_RANGES``): absolute positions ``[lo, hi)`` of
 the flat vector, each inside the server's ``[start, stop)``, sorted ascending and not
-overlapping; the payload (of a push) or the reply's payload (of a pull, or of a push
+overlapping; the payload (of a push) or the reply's payload (of a pull, or of a commit
 with ``pull``) is the concatenation of the values over those ranges, in order. Not
 with ``shm``. A push with ``ranges`` is a *piece* of the step ``(group, seq)``: one
 replica split into stages (model parallelism), each stage with its own ``worker``,
-pushes the gradient of its own layers, all numbering their pushes alike. The shard
-applies the step once, as one push, when its pieces cover its range, and only then
-answers every piece (a piece's reply waits for the others'); ``examples`` must agree,
-``base_version`` is the smallest, ``progress`` comes with at most one piece. A step
-whose pieces do not all arrive within the shard's ``piece_timeout_s`` is dropped,
-nothing of it applied, and every piece answered ``incomplete``.
+pushes the gradient of its own layers, all numbering their pushes alike. A piece is
+only *held*, never applied by itself, and answered at once
+{version, applied: false, staleness: 0, held: true} (no ``pull`` on a piece:
+``bad_field``; a retry while its step is held is answered the same, a piece of a step
+applied already as a duplicate). ``examples`` must agree, ``base_version`` is the
+smallest, ``progress`` comes with at most one piece. A held step is dropped, nothing
+of it applied, when no ``commit`` of it comes within the shard's ``piece_timeout_s``
+of its first piece.
+- ``commit`` {group, seq, pull?, ranges?} -> {version, applied, staleness, revoked?,
+             generation?, pull?}: apply the held step ``(group, seq)`` of a replica split
+             into stages, once, as one push (the second phase: the replica commits only
+             when every stage's pieces are held on every shard, so the step is applied
+             on every shard or on none). ``applied`` false: applied already (by another
+             stage's commit, or this one's before a retry), with that commit's
+             ``staleness`` and ``revoked`` (from the ``progress`` of one of the step's
+             pieces, on shard 0). ``pull`` (a dtype) brings the weights after
+             the step back, over ``ranges`` only when given (``ranges`` only with
+             ``pull``). Refused ``incomplete`` when the step's pieces do not cover the
+             shard's range (the step is dropped) or no piece of it is held (expired, or
+             the shard restarted); ``non_finite`` when its gradient is not finite (the
+             step is dropped): nothing applied either way.
 - ``chunk``  {worker, batch_size, until?, warm_examples?, release?, want?} (shard 0 only)
              -> {chunk, epoch, lo, hi, seed, size, left, replicas, warm_until}
              | {wait, ...} | {end}
@@ -79,15 +94,16 @@ _MAX_STR = 4096
 _MAX_CONTAINER = 256
 MAX_RANGES = 64  # [lo, hi] pairs in one push's or pull's ``ranges`` (a stage's layers)
 
-OPS = ("hello", "pull", "push", "stats", "save", "chunk")
+OPS = ("hello", "pull", "push", "commit", "stats", "save", "chunk")
 ERRORS = (
     "bad_header",  # not msgpack, not a map, too large, wrong version
     "bad_field",  # a field is missing or has the wrong type or value
     "unknown_op",
     "bad_size",  # payload frame count or byte size does not match the range and dtype
     "non_finite",  # gradient holds NaN or Inf
-    # a step split into pieces (push with ranges) whose pieces did not all arrive within
-    # the shard's piece timeout (a stage died or hung): nothing of it applied
+    # a commit of a step split into pieces (pushes with ranges) whose pieces do not cover
+    # the shard (a stage died), or of which none is held (expired, the shard restarted):
+    # nothing of it applied
     "incomplete",
     "layout_mismatch",  # fingerprint differs: another model, class count or shard count
     "not_available",  # the server cannot do this (no checkpoint directory, ...)
@@ -138,6 +154,12 @@ REQUEST_FIELDS: dict[str, dict[str, Field]] = {
         "pull": Field(str, required=False, choices=tuple(DTYPES)),
         "ranges": Field(list, required=False),
         "group": Field(str, required=False),  # required with ranges (the shard checks)
+    },
+    "commit": {
+        "group": Field(str),
+        "seq": Field(int, minimum=0),
+        "pull": Field(str, required=False, choices=tuple(DTYPES)),
+        "ranges": Field(list, required=False),  # only with pull (the shard checks)
     },
     "stats": {},
     "save": {},

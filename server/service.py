@@ -2,13 +2,10 @@
 
 A :class:`Service` answers one request at a time: ``handle(frames)`` decodes and
 validates the header, calls ``_on_<op>`` and returns the reply frames; refusals are
-answered with a stable error code and counted. A handler may also *park* a request
-(return None: a piece of a step waits for the other pieces) and answer it later with
-:meth:`Service.answer_later`, which queues the reply in the service's outbox under
-the requester's ROUTER identity. A :class:`ServiceLoop` binds the ROUTER socket and
-runs the single-threaded poll loop that owns the service's state, calling
-``service.tick()`` between requests for periodic work (checkpoints, pulls, expiry)
-and sending what the outbox holds after every request and every tick.
+answered with a stable error code and counted. Every request is answered at once,
+by its own reply. A :class:`ServiceLoop` binds the ROUTER socket and runs the
+single-threaded poll loop that owns the service's state, calling ``service.tick()``
+between requests for periodic work (checkpoints, pulls, expiry).
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ import logging
 import os
 import socket
 import time
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -52,20 +48,10 @@ class Service:
 
     def __init__(self) -> None:
         self.rejected = dict.fromkeys(protocol.ERRORS, 0)
-        # replies to parked requests, as (ROUTER identity, frames), in the order to send
-        self.outbox: deque[tuple[bytes | None, list[Any]]] = deque()
-        self.requester: bytes | None = None  # ROUTER identity of the request in hand
 
-    def handle(self, frames: list[Any], identity: bytes | None = None) -> list[Any] | None:
-        """Answer one request (frames without the ROUTER identity). Never raises.
-
-        Returns the reply frames, or None when the handler parked the request: its
-        reply comes later through the outbox, addressed to ``identity`` (the ROUTER
-        identity the request came with; None in process, where a test reads the
-        outbox itself).
-        """
+    def handle(self, frames: list[Any]) -> list[Any]:
+        """Answer one request (frames without the ROUTER identity). Never raises."""
         self.metrics.received_bytes.inc(sum(len(frame_bytes(f)) for f in frames))
-        self.requester = identity
         rid: Any = None
         try:
             if not frames:
@@ -85,26 +71,12 @@ class Service:
             log.exception("internal error on %s", protocol.describe(frames[:1]))
             self._reject("internal")
             out = [protocol.error_reply(rid, "internal", f"{type(exc).__name__}: {exc}")]
-        finally:
-            self.requester = None
-        if out is not None:
-            self.metrics.sent_bytes.inc(sum(frame_size(f) for f in out))
+        self.metrics.sent_bytes.inc(sum(frame_size(f) for f in out))
         return out
 
     def _reject(self, code: str) -> None:
         self.rejected[code] += 1
         self.metrics.rejected.labels(reason=code).inc()
-
-    def answer_later(self, identity: bytes | None, frames: list[Any]) -> None:
-        """Queue the reply to a parked request; the loop sends it after this request or
-        tick. ROUTER drops it when that peer has gone (a retry brings a new identity)."""
-        self.metrics.sent_bytes.inc(sum(frame_size(f) for f in frames))
-        self.outbox.append((identity, frames))
-
-    def refuse_later(self, identity: bytes | None, rid: int, exc: ProtocolError) -> None:
-        """Answer a parked request with a refusal, counted as every refusal is."""
-        self._reject(exc.code)
-        self.answer_later(identity, [protocol.error_reply(rid, exc.code, exc.message)])
 
     def tick(self) -> None:
         """Periodic work between requests; nothing by default."""
@@ -196,7 +168,6 @@ class ServiceLoop:
         last_request, released = time.monotonic(), True
         while self.running and (end is None or time.monotonic() < end):
             self.service.tick()
-            self._send_outbox()
             ready = dict(poller.poll(POLL_INTERVAL_S * 1000))
             if self.monitor in ready:
                 self._count_handshakes()
@@ -211,17 +182,8 @@ class ServiceLoop:
             frames = self.socket.recv_multipart(copy=False)
             if len(frames) < 2:
                 continue  # an identity with nothing after it: nothing to answer
-            reply = self.service.handle(frames[1:], frames[0].bytes)
-            if reply is not None:  # None: parked, answered later through the outbox
-                self.socket.send_multipart([frames[0], *reply], copy=False)
-            self._send_outbox()
-
-    def _send_outbox(self) -> None:
-        outbox = self.service.outbox
-        while outbox:
-            identity, reply = outbox.popleft()
-            if identity is not None:
-                self.socket.send_multipart([identity, *reply], copy=False)
+            reply = self.service.handle(frames[1:])
+            self.socket.send_multipart([frames[0], *reply], copy=False)
 
     def _count_handshakes(self) -> None:
         while self.monitor.poll(0):

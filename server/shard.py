@@ -3,9 +3,10 @@
 One thread owns all state: :func:`run_shard` polls a ROUTER socket and hands each
 request to :meth:`Shard.handle`, which returns the reply frames. Pushes are applied
 as soon as they arrive (asynchronous SGD: no barrier, no ordering across shards).
-A push with ``ranges`` is a piece of a replica step split into stages: it is parked
-(:mod:`.pieces`) until the step's pieces cover the shard, then the step is applied as
-one push and every piece answered through the service's outbox.
+A push with ``ranges`` is a piece of a replica step split into stages: it is held
+(:mod:`.pieces`) and answered at once; a ``commit`` of the step applies it, as one
+push, once its pieces cover the shard (two phases: a replica commits only when every
+stage's pieces are held on every shard, so a step is applied everywhere or nowhere).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from distbelief.tuning import keep_freed_memory
 
 from .checkpoints import ShardCheckpointer
 from .dispatch import DispatchConfig, Dispatcher, parse_progress
-from .pieces import Assembler, Piece, Ranges, Step, parse_ranges
+from .pieces import Assembler, Commits, Committed, Piece, Ranges, Step, parse_ranges
 from .rules import RULES, Schedule, make_rule
 from .service import Service, ServiceLoop, SnapshotPool, expect_payload, frame_bytes
 from .staleness import MOMENTUM_POLICIES, StalenessConfig, Updater
@@ -77,8 +78,8 @@ class ShardConfig:
     ipc_dir: str | None = None  # also listen on ipc://<ipc_dir>/shard-<index>.sock
     shared_memory: bool = True  # answer pushes and pulls through clients' /dev/shm segments
     worker_timeout_s: float = 60.0  # a worker silent this long is forgotten
-    # a step split into pieces (stages) still incomplete this long after its first piece
-    # is dropped, nothing of it applied: a stage died or hangs
+    # a step split into pieces (stages) not committed this long after its first piece is
+    # dropped, nothing of it applied: a stage or the committing process died or hangs
     piece_timeout_s: float = 60.0
     chunk_batches: int = 8  # shard 0's dispatcher: batches of the asker's size per chunk
     chunk_lease_s: float = 60.0  # a chunk without progress this long is handed out again
@@ -185,6 +186,7 @@ class Shard(Service):
             index=cfg.index,
             timeout_s=cfg.piece_timeout_s,
         )
+        self.commits = Commits()  # the last step applied per replica group
         self.push_bytes: OrderedDict[str, int] = OrderedDict()  # worker -> payload bytes
         self.metrics = ShardMetrics(new_registry("shard"))
         self.metrics.parameters.set(self.size)
@@ -262,8 +264,9 @@ class Shard(Service):
         return [protocol.reply(header["rid"], version=self.version, dtype=dtype), *frames]
 
     def _ranges(self, header: dict) -> Ranges | None:
-        """A push's or pull's ``ranges``, checked against this shard's range and made
-        relative to its start; None without."""
+        """A request's ``ranges``, checked against this shard's range and made relative
+        to its start; None without. On a push they make it a piece (with ``group``, no
+        ``pull``); on a commit they name the weights ``pull`` sends back."""
         if "ranges" not in header:
             return None
         if "shm" in header:
@@ -272,6 +275,14 @@ class Shard(Service):
             raise ProtocolError(
                 "bad_field",
                 "a push with ranges needs 'group': the replica whose stages share the step",
+            )
+        if header["op"] == "push" and "pull" in header:
+            raise ProtocolError(
+                "bad_field", "a piece is held, not applied: ask for the weights with commit"
+            )
+        if header["op"] == "commit" and "pull" not in header:
+            raise ProtocolError(
+                "bad_field", "ranges on a commit name the weights to send back: only with pull"
             )
         return parse_ranges(header["ranges"], self.start, self.stop, self.cfg.index)
 
@@ -294,7 +305,7 @@ class Shard(Service):
         self.metrics.pulls.inc()
         return dtype, frames
 
-    def _on_push(self, header: dict, payload: list) -> list[Any] | None:
+    def _on_push(self, header: dict, payload: list) -> list[Any]:
         began = time.perf_counter()
         ranges = self._ranges(header)
         body = self._push_body(header, payload, ranges)
@@ -304,12 +315,14 @@ class Shard(Service):
             progress = parse_progress(header["progress"])  # refused before anything is applied
         staleness = max(0, self.version - header["base_version"])
         # before reading the segment: a retried push's segment may hold its successor
-        if seq <= self.last_seq.get(worker, -1):
+        if self._is_duplicate(header, ranges is not None):
             self.counts["duplicates"] += 1
             self.metrics.duplicates.inc()
-            return self._push_reply(header, applied=False, staleness=staleness, ranges=ranges)
+            return self._update_reply(
+                header, applied=False, staleness=staleness, shm=header.get("shm")
+            )
         if ranges is not None:
-            return self._take_piece(header, ranges, body, progress, began)
+            return self._hold_piece(header, ranges, body, progress)
         if body is None:  # through shared memory: the client's f32 gradient, read in place
             grad = self._segment(header["shm"]).grads[self.start : self.stop]
         elif header["dtype"] == "f32":
@@ -325,7 +338,16 @@ class Shard(Service):
             progress=(worker, progress) if progress else None,
             began=began,
         )
-        return self._push_reply(header, applied=True, staleness=staleness, revoked=revoked)
+        return self._update_reply(
+            header, applied=True, staleness=staleness, revoked=revoked, shm=header.get("shm")
+        )
+
+    def _is_duplicate(self, header: dict, piece: bool) -> bool:
+        """A push applied already: its (worker, seq), or for a piece its step, was."""
+        if header["seq"] <= self.last_seq.get(header["worker"], -1):
+            return True
+        # a late piece of a step applied without it must not open that step again
+        return piece and self.commits.applied(header["group"], header["seq"]) is not None
 
     def _push_body(self, header: dict, payload: list, ranges: Ranges | None) -> Any:
         """The push's gradient bytes, checked against its range and dtype; None through
@@ -352,71 +374,103 @@ class Shard(Service):
             self.push_bytes.popitem(last=False)
         return body
 
-    def _take_piece(
-        self, header: dict, ranges: Ranges, body: Any, progress: list | None, began: float
-    ) -> list[Any] | None:
-        """A stage's piece of the step ``(group, seq)``: parked (None) until the step's
-        pieces cover the shard; then the step is applied once, the parked pieces are
-        answered through the outbox and this one's reply returned."""
+    def _hold_piece(
+        self, header: dict, ranges: Ranges, body: Any, progress: list | None
+    ) -> list[Any]:
+        """A stage's piece of the step ``(group, seq)``: copied into the step and answered
+        at once, ``held``. Nothing is applied until a ``commit`` of the step."""
         step = self.assembler.find(header["group"], header["seq"])
-        parked = step.piece_of(header["worker"]) if step is not None else None
-        if parked is not None:  # a retry, from a reopened socket: answer it there, later
-            parked.header, parked.identity = header, self.requester
-            return None
-        piece = Piece(header=header, ranges=ranges, identity=self.requester)
-        values = protocol.from_wire(body, header["dtype"])
-        step = self.assembler.add(piece, values, progress)
-        self.metrics.pieces.inc()
-        self.metrics.open_steps.set(len(self.assembler.steps))
-        if not self.assembler.complete(step):
-            return None
+        if step is None or step.piece_of(header["worker"]) is None:  # a retry is held already
+            piece = Piece(
+                group=header["group"],
+                seq=header["seq"],
+                worker=header["worker"],
+                ranges=ranges,
+                examples=header["examples"],
+                base_version=header["base_version"],
+            )
+            self.assembler.add(piece, protocol.from_wire(body, header["dtype"]), progress)
+            self.metrics.pieces.inc()
+            self.metrics.open_steps.set(len(self.assembler.steps))
+        return [
+            protocol.reply(
+                header["rid"], version=self.version, applied=False, staleness=0, held=True
+            )
+        ]
+
+    def _on_commit(self, header: dict, payload: list) -> list[Any]:
+        """Apply the held step ``(group, seq)`` once its pieces cover the shard; answer a
+        commit of a step applied already (another stage's, or a retry) with its figures."""
+        began = time.perf_counter()
+        expect_payload(payload, 0)
+        ranges = self._ranges(header)
+        group, seq = header["group"], header["seq"]
+        done = self.commits.applied(group, seq)
+        if done is not None:
+            return self._recommit(header, done, ranges)
+        step = self._committable(group, seq)
         try:
-            self._check_step_finite(step, piece)
+            self._check_step_finite(step)
             staleness, revoked = self._apply(
                 step.grad,
                 base_version=step.base_version,
                 examples=step.examples,
-                pushed_by=[(p.worker, p.header["seq"]) for p in step.pieces],
+                pushed_by=step.applied_by(),
                 progress=step.progress,
                 began=began,
             )
         finally:  # applied or refused, the step is over
             self.assembler.close(step)
             self.metrics.open_steps.set(len(self.assembler.steps))
-        return self._answer_step(step, piece, staleness, revoked)
+        self.commits.remember(group, seq, staleness, revoked)
+        return self._update_reply(
+            header, applied=True, staleness=staleness, revoked=revoked, ranges=ranges
+        )
 
-    def _check_step_finite(self, step: Step, current: Piece) -> None:
-        """Refuse a step whose assembled gradient is not finite: the parked pieces through
-        the outbox, ``current`` by the exception."""
+    def _recommit(self, header: dict, done: Committed, ranges: Ranges | None) -> list[Any]:
+        """A commit of a step applied already: nothing applied again, counted a duplicate.
+        The figures recorded are those of the group's last step, so only its commits get
+        them; an older step's (a very late retry) are no longer kept."""
+        self.counts["duplicates"] += 1
+        self.metrics.duplicates.inc()
+        same = header["seq"] == done.seq
+        return self._update_reply(
+            header,
+            applied=False,
+            staleness=done.staleness if same else 0,
+            revoked=done.revoked if same else None,
+            ranges=ranges,
+        )
+
+    def _committable(self, group: str, seq: int) -> Step:
+        """The held step ``(group, seq)`` when its pieces cover the shard. Refuses
+        (``incomplete``) an unknown step, and an incomplete one, which is dropped: its
+        replica commits only once every stage's pieces are held, so the rest never comes."""
+        step = self.assembler.find(group, seq)
+        if step is None:
+            raise ProtocolError(
+                "incomplete",
+                f"step {seq} of replica group {group}: no pieces of it here (expired after "
+                f"piece_timeout_s = {self.cfg.piece_timeout_s:g} s, or the shard restarted); "
+                "nothing applied",
+            )
+        if not self.assembler.complete(step):
+            self.assembler.drop(step)
+            self.metrics.incomplete_steps.inc()
+            self.metrics.open_steps.set(len(self.assembler.steps))
+            raise ProtocolError(
+                "incomplete",
+                f"{self.assembler.coverage(step)} at commit; a stage's pieces are missing; "
+                "nothing applied",
+            )
+        return step
+
+    def _check_step_finite(self, step: Step) -> None:
         try:
             _check_finite(step.grad)
         except ProtocolError as exc:
             log.warning("step %d of replica group %s: %s", step.seq, step.group, exc.message)
-            for piece in step.pieces:
-                if piece is not current:
-                    self.refuse_later(piece.identity, piece.header["rid"], exc)
             raise
-
-    def _answer_step(
-        self, step: Step, current: Piece, staleness: int, revoked: list[int]
-    ) -> list[Any]:
-        """Queue the replies of the parked pieces of an applied step; return ``current``'s.
-        Each carries the weights over its own ranges when it asked for them."""
-        reply: list[Any] = []
-        for piece in step.pieces:
-            carried = step.progress is not None and step.progress[0] == piece.worker
-            frames = self._push_reply(
-                piece.header,
-                applied=True,
-                staleness=staleness,
-                revoked=revoked if carried else None,
-                ranges=piece.ranges,
-            )
-            if piece is current:
-                reply = frames
-            else:
-                self.answer_later(piece.identity, frames)
-        return reply
 
     def _apply(
         self,
@@ -444,7 +498,7 @@ class Shard(Service):
         self.metrics.apply_seconds.observe(time.perf_counter() - began)
         return staleness, revoked
 
-    def _push_reply(
+    def _update_reply(
         self,
         header: dict,
         *,
@@ -452,13 +506,16 @@ class Shard(Service):
         staleness: int,
         revoked: list[int] | None = None,
         ranges: Ranges | None = None,
+        shm: str | None = None,
     ) -> list[Any]:
+        """A push's or commit's reply; with ``pull``, the weights after the update over
+        ``ranges`` (or the whole range), or written into the segment ``shm``."""
         # with the dispatcher's generation: chunks of another one (from before shard 0
         # restarted) are all void, also those the replica has not pushed for yet
         more = {"revoked": revoked, "generation": self.dispatcher.generation} if revoked else {}
         frames = []
         if "pull" in header:  # push-and-pull: the weights after this update come back
-            more["pull"], frames = self._weights_out(header.get("shm"), header["pull"], ranges)
+            more["pull"], frames = self._weights_out(shm, header["pull"], ranges)
         return [
             protocol.reply(
                 header["rid"], version=self.version, applied=applied, staleness=staleness, **more
@@ -516,17 +573,12 @@ class Shard(Service):
                 self.metrics.observe_dispatch(self.dispatcher)
             self.forget_silent_workers(now)
             self.unmap_idle_segments(now)
-        for step in self.assembler.expired(now):
-            self._drop_step(step)
-
-    def _drop_step(self, step: Step) -> None:
-        """Refuse every piece of a step that stayed incomplete; nothing of it was applied."""
-        exc = ProtocolError("incomplete", self.assembler.incomplete_message(step))
-        log.warning("%s", exc.message)
-        self.metrics.incomplete_steps.inc()
-        self.metrics.open_steps.set(len(self.assembler.steps))
-        for piece in step.pieces:
-            self.refuse_later(piece.identity, piece.header["rid"], exc)
+        expired = self.assembler.expired(now)
+        for step in expired:  # nothing to answer: its pieces were answered held
+            log.warning("%s", self.assembler.expired_message(step))
+            self.metrics.incomplete_steps.inc()
+        if expired:
+            self.metrics.open_steps.set(len(self.assembler.steps))
 
     def unmap_idle_segments(self, now: float) -> None:
         """Unmap segments no request has named for ``worker_timeout_s`` (clients gone)."""

@@ -102,7 +102,7 @@ field_values = st.one_of(
 @st.composite
 def hostile_headers(draw) -> bytes:
     """Mostly well-formed maps with one or more fields wrong; sometimes raw junk."""
-    kind = draw(st.sampled_from(["junk", "truncated", "fields", "push"]))
+    kind = draw(st.sampled_from(["junk", "truncated", "fields", "push", "commit"]))
     if kind == "junk":
         return draw(st.binary(max_size=200))
     base = {"v": 1, "op": draw(st.sampled_from([*protocol.OPS, "nope", ""])), "rid": 1}
@@ -115,7 +115,10 @@ def hostile_headers(draw) -> bytes:
             examples=1,
             dtype=draw(st.sampled_from(["f32", "bf16", "f16", "f64"])),
         )
-    keys = list(protocol.REQUEST_FIELDS["push"]) + ["v", "op", "rid", "fingerprint", "dtype"]
+    if kind == "commit":  # of a step never held here: refused, whatever else it says
+        base.update(op="commit", group=draw(st.sampled_from(["r0", "fuzz"])), seq=1)
+    keys = [*protocol.REQUEST_FIELDS["push"], *protocol.REQUEST_FIELDS["commit"]]
+    keys += ["v", "op", "rid", "fingerprint", "dtype"]
     for key in draw(st.lists(st.sampled_from(keys), max_size=3)):
         base[key] = draw(field_values)
     data = msgpack.packb(base, use_bin_type=True)
@@ -288,6 +291,9 @@ def test_after_the_fuzzing_weights_are_untouched_and_rejections_counted(live_sha
         ],
     ):
         assert exchange(dealer, frames) is not None
+    # a commit of a step no piece of which is held: nothing to apply
+    commit = protocol.request("commit", 3, group="fuzz", seq=1, pull="f32")
+    assert protocol.decode(exchange(dealer, [commit])[0])["error"] == "incomplete"
     nan_grad = torch.full((SIZE,), math.nan).numpy().tobytes()
     push = protocol.request("push", 2, worker="x", seq=2, base_version=0, examples=1, dtype="f32")
     assert protocol.decode(exchange(dealer, [push, nan_grad])[0])["error"] == "non_finite"
@@ -303,6 +309,7 @@ def test_after_the_fuzzing_weights_are_untouched_and_rejections_counted(live_sha
     assert stats["rejected"]["bad_header"] >= 1
     assert stats["rejected"]["bad_size"] >= 1
     assert stats["rejected"]["non_finite"] >= 1
+    assert stats["rejected"]["incomplete"] >= 1 and stats["open_steps"] == 0
 
 
 def test_oversized_message_is_dropped_by_the_size_limit(live_shard):

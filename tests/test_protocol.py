@@ -18,6 +18,39 @@ def test_request_round_trip_and_validation():
     assert header["rid"] == 7
 
 
+def test_commit_names_a_step_and_may_ask_for_weights():
+    header = protocol.decode(
+        protocol.request("commit", 3, group="r0", seq=12, pull="bf16", ranges=[[0, 10]])
+    )
+    assert protocol.validate_request(header) == "commit" and "commit" in protocol.OPS
+    assert (
+        protocol.validate_request(protocol.decode(protocol.request("commit", 4, group="r0", seq=0)))
+        == "commit"
+    )
+
+
+COMMIT = {"v": 1, "op": "commit", "rid": 1, "group": "r0", "seq": 12}
+
+
+@pytest.mark.parametrize(
+    "change,says",
+    [
+        ({"group": None}, "commit needs field 'group'"),
+        ({"seq": None}, "commit needs field 'seq'"),
+        ({"group": 3}, "field 'group' must be str"),
+        ({"seq": -1}, "field 'seq' = -1 out of range"),
+        ({"seq": True}, "field 'seq' must be an integer"),
+        ({"pull": "f64"}, "field 'pull' must be one of f32, bf16, f16"),
+        ({"ranges": "0-10"}, "field 'ranges' must be list"),
+    ],
+)
+def test_malformed_commits_are_bad_field(change, says):
+    header = {k: v for k, v in (COMMIT | change).items() if v is not None}
+    with pytest.raises(ProtocolError) as err:
+        protocol.validate_request(protocol.decode(msgpack.packb(header)))
+    assert err.value.code == "bad_field" and says in err.value.message
+
+
 @pytest.mark.parametrize(
     "header,code",
     [

@@ -130,6 +130,24 @@ class Pipeline:
         ``pull``, to take the weights back with it. Every piece counts ``examples``."""
         self.cut.send("push", self.count, push=push, pull=pull, examples=examples)
 
+    def push(
+        self,
+        client: ParameterClient,
+        grads: torch.Tensor,
+        examples: int,
+        progress: list[list[int]] | None,
+        pull_into: torch.Tensor | None,
+    ) -> list[Any]:
+        """Stage 0's piece of the step, after :meth:`announce`: pushed (the shards hold
+        it); once every later stage says its pieces are held too, the step committed on
+        every shard (weights into ``pull_into``), then the word to commit sent down."""
+        client.push(grads, examples, progress)
+        header, _ = self.cut.recv(self.alive)
+        _expect(header, "held", self.count)
+        results = client.commit(pull_into, everywhere=True)
+        self.cut.send("commit", self.count, pull=pull_into is not None)
+        return results
+
     def end(self) -> None:
         self.cut.send("end", self.count)
 
@@ -253,7 +271,12 @@ class StageWorker:
                 if self.downstream is not None:
                     fields = {k: header[k] for k in ("push", "pull", "examples")}
                     self.downstream.send("push", header["step"], **fields)
-                self._push(header["push"], header["pull"], header["examples"])
+                self._push(header["step"], header["push"], header["examples"])
+                continue
+            if kind == "commit":
+                if self.downstream is not None:
+                    self.downstream.send("commit", header["step"], pull=header["pull"])
+                self._commit(header["pull"])
                 continue
             step = header["step"]
             if (
@@ -318,18 +341,31 @@ class StageWorker:
         if self.host_weights is not self.weights:
             self.weights.copy_(self.host_weights)
 
-    def _push(self, push: bool, pull: bool, examples: int) -> None:
+    def _push(self, step: int, push: bool, examples: int) -> None:
+        """Push this stage's piece of the step (the shards hold it) and, once the later
+        stages' pieces are held too, say so to the previous stage; or drop the step
+        with every other stage."""
         began = time.perf_counter()
         if push:
             if self.host_grads is not self.grads:
                 self.host_grads.copy_(self.grads)
-            into = self.host_weights if pull else None
-            self.client.push(self.host_grads, examples, pull_into=into)
-            if pull and self.host_weights is not self.weights:
-                self.weights.copy_(self.host_weights)
-            self.pulled = pull
+            self.client.push(self.host_grads, examples)
+            if self.downstream is not None:
+                header, _ = self.downstream.recv(self.alive)
+                _expect(header, "held", step)
+            self.upstream.send("held", step)
             self.report.pushes += 1
         self.grads.zero_()  # pushed, or dropped with every other stage's
+        self.report.push_s += time.perf_counter() - began
+
+    def _commit(self, pull: bool) -> None:
+        """Commit the step on this stage's shards (stage 0 has on every shard already:
+        they answer with the weights after it)."""
+        began = time.perf_counter()
+        self.client.commit(self.host_weights if pull else None)
+        if pull and self.host_weights is not self.weights:
+            self.weights.copy_(self.host_weights)
+        self.pulled = pull
         self.report.push_s += time.perf_counter() - began
 
     def close(self) -> None:

@@ -549,7 +549,10 @@ class Replica:
             )
             return False
         pull_into = (self.host_weights if into is None else into) if pull else None
-        results = self.client.push(grads, examples, progress, pull_into=pull_into)
+        if self.pipeline is None:
+            results = self.client.push(grads, examples, progress, pull_into=pull_into)
+        else:  # stage 0: pieces held on the shards, then the step committed everywhere
+            results = self.pipeline.push(self.client, grads, examples, progress, pull_into)
         if pull:
             self._pulled(into)
         if grads is self.grads or grads is self.host_grads:
