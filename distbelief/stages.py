@@ -1,11 +1,13 @@
 """One replica's model cut into consecutive stages (DistBelief's model parallelism).
 
 GoogLeNet's forward pass is a chain of blocks (:data:`GOOGLENET_BLOCKS`): the stem, each
-Inception module (with the max pool that follows it) and the head. A
+Inception module (with the max pool that follows it), the two auxiliary classifiers
+(right after 4a and 4d, whose output they read and pass on unchanged) and the head. A
 :class:`StagePlan` cuts the chain into K consecutive runs, one a stage; a stage holds
-its blocks' layers and the auxiliary classifiers whose input it computes (aux1 with
-4a, aux2 with 4d), and computes their losses itself: the labels travel with the
-activations. A :class:`StagePart` runs one stage's forward pass on one micro-batch;
+its blocks' layers. An auxiliary classifier lives with a stage that holds its input:
+the stage that computes 4a (4d), or, when a cut falls right after 4a (4d), the next
+one, which receives that output anyway; it computes its loss there (the labels travel
+with the activations). A :class:`StagePart` runs one stage's forward pass on one micro-batch;
 its input from the previous stage is a leaf whose gradient goes back over the cut.
 
 Exactness. The blocks are the very calls of :meth:`GoogLeNet.forward`, in its order,
@@ -45,13 +47,13 @@ Forward = Callable[[GoogLeNet, Tensor], Tensor]
 
 @dataclass(frozen=True)
 class Block:
-    """One link of the chain: ``run(model, x)`` over the layers ``modules``; ``aux``
-    names the auxiliary classifier that reads this block's output."""
+    """One link of the chain: ``run(model, x)`` over the layers ``modules``; an
+    auxiliary classifier's block (``aux``) passes ``x`` on and adds its loss term."""
 
     name: str
     modules: tuple[str, ...]
     run: Forward
-    aux: str | None = None
+    aux: bool = False
 
 
 def _stem1(m: GoogLeNet, x: Tensor) -> Tensor:
@@ -66,12 +68,16 @@ def _head(m: GoogLeNet, x: Tensor) -> Tensor:
     return m.fc(m.dropout(torch.flatten(m.avgpool(x), 1)))
 
 
-def _inception(name: str, pool: str | None = None, aux: str | None = None) -> Block:
+def _inception(name: str, pool: str | None = None) -> Block:
     def run(m: GoogLeNet, x: Tensor) -> Tensor:
         x = getattr(m, f"inception{name}")(x)
         return getattr(m, pool)(x) if pool else x
 
-    return Block(name, (f"inception{name}",), run, aux)
+    return Block(name, (f"inception{name}",), run)
+
+
+def _aux(name: str) -> Block:
+    return Block(name, (name,), lambda m, x: x, aux=True)
 
 
 # GoogLeNet.forward, link by link (tests/test_stages.py holds them equal bit for bit)
@@ -80,10 +86,12 @@ GOOGLENET_BLOCKS: tuple[Block, ...] = (
     Block("conv2", ("conv2", "conv3"), _stem2),
     _inception("3a"),
     _inception("3b", pool="maxpool3"),
-    _inception("4a", aux="aux1"),
+    _inception("4a"),
+    _aux("aux1"),
     _inception("4b"),
     _inception("4c"),
-    _inception("4d", aux="aux2"),
+    _inception("4d"),
+    _aux("aux2"),
     _inception("4e", pool="maxpool4"),
     _inception("5a"),
     _inception("5b"),
@@ -125,9 +133,8 @@ class StagePlan:
         return GOOGLENET_BLOCKS[edges[stage] : edges[stage + 1]]
 
     def modules(self, stage: int) -> tuple[str, ...]:
-        """The names of the layers ``stage`` holds: its blocks' and their aux heads."""
-        names = [n for b in self.blocks(stage) for n in b.modules]
-        return (*names, *(b.aux for b in self.blocks(stage) if b.aux))
+        """The names of the layers ``stage`` holds."""
+        return tuple(n for b in self.blocks(stage) for n in b.modules)
 
     def ranges(self, layout: Layout, stage: int) -> tuple[tuple[int, int], ...]:
         """The ranges ``[lo, hi)`` of the flat vector holding ``stage``'s parameters,
@@ -181,9 +188,11 @@ class StagePart:
             if block.name not in self.mine:
                 self._draw_for(block, len(labels), x)
                 continue
-            x = block.run(m, x)
             if block.aux:
-                terms.append(AUX_LOSS_WEIGHT * F.cross_entropy(getattr(m, block.aux)(x), labels))
+                head = getattr(m, block.name)
+                terms.append(AUX_LOSS_WEIGHT * F.cross_entropy(head(x), labels))
+            else:
+                x = block.run(m, x)
         if self.last:
             terms.insert(0, F.cross_entropy(x, labels))
         if not terms:
@@ -195,9 +204,8 @@ class StagePart:
 
     def _draw_for(self, block: Block, batch: int, like: Tensor) -> None:
         """The dropout draws ``block`` makes in the unsplit model (none for most)."""
-        dropouts = ([getattr(self.model, block.aux).dropout] if block.aux else []) + (
-            [self.model.dropout] if block.name == "head" else []
-        )
+        dropouts = [getattr(self.model, block.name).dropout] if block.aux else []
+        dropouts += [self.model.dropout] if block.name == "head" else []
         for dropout in dropouts:
             dtype = torch.get_autocast_dtype(like.device.type) if _autocast(like) else None
             empty = torch.empty(batch, DROPOUT_WIDTH, device=like.device, dtype=dtype)
@@ -299,8 +307,9 @@ def measure_blocks(
     device: torch.device | str = "cpu",
     repeats: int = 3,
 ) -> list[float]:
-    """Seconds of forward plus backward of each block (with its aux head) on a batch of
-    random images: the median of ``repeats`` after one warm-up pass."""
+    """Seconds of forward plus backward of each block (an auxiliary classifier's: its
+    head and loss) on a batch of random images: the median of ``repeats`` after one
+    warm-up pass."""
     device = torch.device(device)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
     labels = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -315,10 +324,10 @@ def measure_blocks(
         for _ in range(repeats + 1):
             leaf = x_in.detach().requires_grad_(block.name != "conv1")
             began = time.perf_counter()
-            out = block.run(model, leaf)
-            loss = out.float().mean()
             if block.aux:
-                loss = loss + F.cross_entropy(getattr(model, block.aux)(out), labels)
+                loss = F.cross_entropy(getattr(model, block.name)(leaf), labels)
+            else:
+                loss = block.run(model, leaf).float().mean()
             loss.backward()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

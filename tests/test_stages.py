@@ -95,7 +95,9 @@ def batch():
     return torch.randn(8, 3, 32, 32, generator=gen), torch.randint(CLASSES, (8,), generator=gen)
 
 
-@pytest.mark.parametrize("starts", [(), ("4b",), ("4a",), ("3b", "4e"), ("4d", "head")])
+@pytest.mark.parametrize(
+    "starts", [(), ("4b",), ("4a",), ("aux1",), ("3b", "4e"), ("4d", "head"), ("aux2", "5a")]
+)
 def test_stages_compute_the_unsplit_gradients_bit_for_bit(batch, starts):
     images, labels = batch
     expected, loss = unsplit(images, labels)
@@ -125,6 +127,8 @@ def test_every_parameter_belongs_to_exactly_one_stage():
     # aux1 reads 4a's output: it lives with 4a's stage (1), aux2 with 4d's (2)
     assert "aux1" in plan.modules(1) and "aux2" in plan.modules(2)
     assert plan.modules(0) == ("conv1", "conv2", "conv3", "inception3a")
+    # a cut right after 4a: aux1 may begin the next stage, which receives 4a's output
+    assert "aux1" in StagePlan(("aux1",)).modules(1)
 
 
 @pytest.mark.parametrize(
@@ -138,13 +142,14 @@ def test_bad_cuts_are_refused_with_the_block_names(starts, message):
 
 def test_balance_minimises_the_slowest_stage():
     costs = [1.0] * len(BLOCK_NAMES)
-    costs[0] = 12.0  # the stem outweighs the other 11 blocks: it stands alone
+    costs[0] = 14.0  # the stem outweighs the other 13 blocks: it stands alone
     plan = balance(costs, 2)
     assert plan.starts == ("conv2",)
-    even = balance([1.0] * 12, 3)
-    assert even.starts == ("4a", "4e")  # 4 blocks a stage
+    even = balance([1.0] * len(BLOCK_NAMES), 3)  # 14 blocks: 5, 5, 4 in some order
+    sizes = [len(even.blocks(k)) for k in range(3)]
+    assert sorted(sizes) == [4, 5, 5]
     with pytest.raises(ValueError):
-        balance([1.0] * 12, 13)
+        balance([1.0] * len(BLOCK_NAMES), len(BLOCK_NAMES) + 1)
 
 
 def test_measured_block_times_are_positive_and_cut_into_stages():

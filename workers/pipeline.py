@@ -87,6 +87,7 @@ class Pipeline:
     report: StageReport = field(default_factory=lambda: StageReport(stage=0))
     reports: list[dict[str, Any]] = field(default_factory=list)  # of stages 1..K-1
     downstream_finite: bool = True
+    pulled: bool = False  # stage 0 pulled before this batch: the others pull too
     pipeline_s: float = 0.0  # from the first forward to the last backward, summed
     count: int = 0  # batches sent down the chain
 
@@ -99,11 +100,13 @@ class Pipeline:
         chunks = list(zip(images.chunk(m), labels.chunk(m), strict=True))
         scale = 1.0 if len(chunks) == 1 else 1.0 / len(chunks)
         outputs, losses = [], []
+        pull, self.pulled = self.pulled, False  # said with this batch's activations
         for j, (x, y) in enumerate(chunks):
             t = time.perf_counter()
             out, loss = self.part.forward(x, y, scale)
             self.report.compute_s += time.perf_counter() - t
-            self.cut.send("act", step, out, mb=j, of=len(chunks), labels=y.tolist())
+            fields = {"mb": j, "of": len(chunks), "labels": y.tolist(), "pull": pull}
+            self.cut.send("act", step, out, **fields)
             outputs.append((out, loss))
         for j, (out, loss) in enumerate(outputs):
             header, grad = self.cut.recv(self.alive)
@@ -125,10 +128,10 @@ class Pipeline:
         """Whether every stage's gradient of the last batch is finite."""
         return self.downstream_finite and math.isfinite(float(self.grads.sum()))
 
-    def announce(self, push: bool, pull: bool, examples: int) -> None:
-        """Tell every stage to push its piece of the step (``push``) or drop it; with
-        ``pull``, to take the weights back with it. Every piece counts ``examples``."""
-        self.cut.send("push", self.count, push=push, pull=pull, examples=examples)
+    def announce(self, push: bool, examples: int) -> None:
+        """Tell every stage to push its piece of the step (``push``) or drop it. Every
+        piece counts ``examples``."""
+        self.cut.send("push", self.count, push=push, examples=examples)
 
     def push(
         self,
@@ -140,13 +143,19 @@ class Pipeline:
     ) -> list[Any]:
         """Stage 0's piece of the step, after :meth:`announce`: pushed (the shards hold
         it); once every later stage says its pieces are held too, the step committed on
-        every shard (weights into ``pull_into``), then the word to commit sent down."""
+        every shard (weights into ``pull_into``), then the word to commit sent down.
+        Returns when every stage has committed (and has its weights): the next batch's
+        pipeline does not run beside a stage's exchange."""
         client.push(grads, examples, progress)
-        header, _ = self.cut.recv(self.alive)
-        _expect(header, "held", self.count)
+        self._expect_word("held")
         results = client.commit(pull_into, everywhere=True)
         self.cut.send("commit", self.count, pull=pull_into is not None)
+        self._expect_word("ready")
         return results
+
+    def _expect_word(self, kind: str) -> None:
+        header, _ = self.cut.recv(self.alive)
+        _expect(header, kind, self.count)
 
     def end(self) -> None:
         self.cut.send("end", self.count)
@@ -212,7 +221,6 @@ class StageWorker:
             None if last else Cut(cfg.addresses[cfg.stage], bind=False, transport=cfg.transport)
         )
         self.report = StageReport(stage=cfg.stage)
-        self.pulled = False
 
     def alive(self) -> bool:
         return os.getppid() == self.cfg.parent
@@ -259,7 +267,6 @@ class StageWorker:
 
     def run(self) -> None:
         """Follow stage 0's word until the end."""
-        first = True
         while True:
             header, tensor = self.upstream.recv(self.alive)
             kind = header["kind"]
@@ -269,7 +276,7 @@ class StageWorker:
                 return
             if kind == "push":
                 if self.downstream is not None:
-                    fields = {k: header[k] for k in ("push", "pull", "examples")}
+                    fields = {k: header[k] for k in ("push", "examples")}
                     self.downstream.send("push", header["step"], **fields)
                 self._push(header["step"], header["push"], header["examples"])
                 continue
@@ -277,16 +284,11 @@ class StageWorker:
                 if self.downstream is not None:
                     self.downstream.send("commit", header["step"], pull=header["pull"])
                 self._commit(header["pull"])
+                self._pass_up("ready", header["step"])
                 continue
-            step = header["step"]
-            if (
-                first
-                or (not self.pulled and step % self.cfg.fetch_every == 0)
-                or self.client.must_pull
-            ):
-                self._pull()
-            first, self.pulled = False, False
-            self._step(step, header, tensor)
+            if header["pull"] or self.client.must_pull:  # when stage 0 pulls (or a shard
+                self._pull()  # went back): every stage computes on the same versions
+            self._step(header["step"], header, tensor)
 
     def _step(self, step: int, header: dict[str, Any], tensor: torch.Tensor) -> None:
         """All micro-batches of one step: forwards, then backwards in the same order."""
@@ -304,7 +306,8 @@ class StageWorker:
             out, loss = self.part.forward(x, y, scale)
             self.report.compute_s += time.perf_counter() - t
             if self.downstream is not None:
-                self.downstream.send("act", step, out, mb=j, of=total, labels=header["labels"])
+                fields = {"mb": j, "of": total, "labels": header["labels"], "pull": header["pull"]}
+                self.downstream.send("act", step, out, **fields)
             held.append((x, out, loss))
         for j, (x, out, loss) in enumerate(held):
             below: dict[str, Any] = {"loss": 0.0, "finite": True, "reports": []}
@@ -350,13 +353,18 @@ class StageWorker:
             if self.host_grads is not self.grads:
                 self.host_grads.copy_(self.grads)
             self.client.push(self.host_grads, examples)
-            if self.downstream is not None:
-                header, _ = self.downstream.recv(self.alive)
-                _expect(header, "held", step)
-            self.upstream.send("held", step)
+            self._pass_up("held", step)
             self.report.pushes += 1
         self.grads.zero_()  # pushed, or dropped with every other stage's
         self.report.push_s += time.perf_counter() - began
+
+    def _pass_up(self, kind: str, step: int) -> None:
+        """Say ``kind`` (held, ready) to the previous stage once the next one has said
+        it for itself and every later one: then it holds for the whole chain."""
+        if self.downstream is not None:
+            header, _ = self.downstream.recv(self.alive)
+            _expect(header, kind, step)
+        self.upstream.send(kind, step)
 
     def _commit(self, pull: bool) -> None:
         """Commit the step on this stage's shards (stage 0 has on every shard already:
@@ -365,7 +373,6 @@ class StageWorker:
         self.client.commit(self.host_weights if pull else None)
         if pull and self.host_weights is not self.weights:
             self.weights.copy_(self.host_weights)
-        self.pulled = pull
         self.report.push_s += time.perf_counter() - began
 
     def close(self) -> None:

@@ -377,7 +377,7 @@ class Replica:
         Return whether the weights were pulled here."""
         progress = [[chunk, *span] for chunk, span in marks.items()] or None
         if self.pipeline is not None:  # every stage pushes its piece of this step, or none
-            self.pipeline.announce(push=self.pipeline.finite(), pull=pull, examples=examples)
+            self.pipeline.announce(push=self.pipeline.finite(), examples=examples)
         if comm is not None:
             comm.push_then_pull(examples, progress)
             return False
@@ -509,6 +509,8 @@ class Replica:
         began = time.perf_counter()
         self.client.pull(self.host_weights if into is None else into)
         self._pulled(into)
+        if self.pipeline is not None:  # (not --overlap) the others pull with the next batch
+            self.pipeline.pulled = True
         spent = time.perf_counter() - began
         self.metrics.pull_seconds.observe(spent)
         self.status.exchange_s += spent
