@@ -193,3 +193,75 @@ def test_bad_stage_flags_are_one_line_errors(procs):
         proc = procs.start("work", "--servers", addresses[0], "--steps", "1", *TINY, *flags)
         assert proc.wait(120) == 2, flags
         assert message in proc.log_path.read_text(), proc.log_path.read_text()[-2000:]
+
+
+def _json_line(text: str) -> dict:
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+
+
+def test_stages_on_other_hosts_listen_and_train_over_tcp(procs, tmp_path):
+    """`work --stage 1` on "another host" (here loopback), stage 0 connecting to it: the
+    activations over TCP, the same weights as the unsplit replica."""
+    from .conftest import free_port
+
+    addresses = procs.serve(2, "--num-classes", str(CLASSES), name="serve-hosts")
+    common = [
+        "--servers",
+        ",".join(addresses),
+        "--stages",
+        "2",
+        "--stage-addresses",
+        f"tcp://127.0.0.1:{free_port()}",
+        *TINY,
+        *ONE_THREAD,
+    ]
+    lone = procs.start("work", *common, "--stage", "1", "--json", name="stage1")
+    first = procs.start(
+        "work",
+        *common,
+        "--steps",
+        str(STEPS),
+        "--stage-cuts",
+        "4b",
+        "--status-dir",
+        str(tmp_path / "hosts"),
+        name="stage0",
+    )
+    assert first.wait(240) == 0, first.log_path.read_text()[-3000:]
+    assert lone.wait(60) == 0, lone.log_path.read_text()[-3000:]
+    (report,) = _json_line(lone.log_path.read_text())["stages"]
+    assert report["stage"] == 1 and report["pushes"] == STEPS and report["compute_s"] > 0
+    assert report["blocks"] == "4b-head" and report["received_bytes"] > 0
+    whole_at, _ = train(procs, tmp_path, 2, *ONE_THREAD, name="whole-hosts")
+    assert torch.equal(pull(addresses), pull(whole_at))
+
+
+def test_a_lost_stage_on_another_host_stops_its_replica_at_once(procs, tmp_path):
+    from .conftest import free_port
+
+    addresses = procs.serve(1, "--num-classes", str(CLASSES))
+    common = ["--servers", addresses[0], "--stages", "2", *TINY]
+    common += ["--stage-addresses", f"tcp://127.0.0.1:{free_port()}"]
+    lone = procs.start("work", *common, "--stage", "1", name="stage1")
+    status_dir = tmp_path / "status"
+    first = procs.start(
+        "work",
+        *common,
+        "--steps",
+        "10000",
+        "--max-restarts",
+        "0",
+        "--status-dir",
+        str(status_dir),
+        name="stage0",
+    )
+    path = status_dir / "replica-0.json"
+    deadline = time.monotonic() + 180
+    while not (path.exists() and json.loads(path.read_text()).get("step", 0) >= 2):
+        assert time.monotonic() < deadline, first.log_path.read_text()[-3000:]
+        time.sleep(0.2)
+    os.killpg(lone.pid, signal.SIGKILL)
+    began = time.monotonic()
+    assert first.wait(60) != 0
+    assert time.monotonic() - began < 20  # seen as a lost connection, not a timeout
+    assert "a neighbouring stage of this replica is gone" in first.log_path.read_text()

@@ -17,7 +17,13 @@ receiver has answered every micro-batch of the step, so it has been read by then
 
 Nothing here uses pickle. A receive waits as long as it must (a replica may wait for
 the warm start), but every ``CHECK_S`` it asks ``alive()`` whether the neighbours are
-still there, and raises :class:`StageLost` when they are not.
+still there, and raises :class:`StageLost` when they are not. :meth:`Cut.lost` tells
+whether the peer's connection went away after it had come: the socket's monitor sees
+the disconnection at once when the peer's process ends (its kernel closes the
+connection), and ZeroMQ's heartbeats (``HEARTBEAT_IVL_MS``, ``HEARTBEAT_TIMEOUT_MS``)
+end a connection whose peer stopped answering (a host gone, a link cut). A header that
+does not decode is a :class:`StageLost` too (the cut is not authenticated: on a
+network, keep it on a private one).
 """
 
 from __future__ import annotations
@@ -34,10 +40,14 @@ import msgpack
 import numpy as np
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from distbelief import shm
 
 CHECK_S = 0.5  # how often a waiting stage looks whether its neighbours are alive
+HEARTBEAT_IVL_MS = 1000  # ZMTP pings on an idle cut
+HEARTBEAT_TIMEOUT_MS = 10_000  # no answer this long: the connection is dropped (peer lost)
+_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
 TRANSPORTS = ("shm", "wire")
 _DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "i64": torch.int64}
 _NAMES = {v: k for k, v in _DTYPES.items()}
@@ -54,15 +64,25 @@ class Cut:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown stage transport {transport!r}; known: shm, wire")
         self.transport = transport if shm.available() else "wire"
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.PAIR)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        (self.socket.bind if bind else self.socket.connect)(address)
         self.slots: dict[tuple[str, int], tuple[str, mmap.mmap, int]] = {}  # ours
         self.mapped: dict[str, mmap.mmap] = {}  # the peer's
         self.sent_bytes = 0
         self.received_bytes = 0
         self.wait_s = 0.0  # seconds spent waiting for the peer
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.PAIR)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self.monitor = self.socket.get_monitor_socket(_EVENTS)
+        self.connected = False
+        self.disconnected = False
+        try:
+            (self.socket.bind if bind else self.socket.connect)(address)
+        except zmq.ZMQError as exc:
+            self.close()
+            verb = "listen on" if bind else "connect to"
+            raise StageLost(f"cannot {verb} {address} for the stages: {exc.strerror}") from None
 
     def send(self, kind: str, step: int, tensor: torch.Tensor | None = None, **fields: Any) -> None:
         header = {"kind": kind, "step": step, **fields}
@@ -80,6 +100,16 @@ class Cut:
             self.sent_bytes += data.numel() * data.element_size()
         self.socket.send_multipart([msgpack.packb(header), *frames], copy=False)
 
+    def lost(self) -> bool:
+        """Whether the peer's connection has gone away since it came (sticky)."""
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
+                self.connected = True
+            elif event == zmq.EVENT_DISCONNECTED and self.connected:
+                self.disconnected = True
+        return self.disconnected
+
     def recv(self, alive: Callable[[], bool]) -> tuple[dict[str, Any], torch.Tensor | None]:
         """The next message: its header and its tensor (None for control messages)."""
         began = time.perf_counter()
@@ -88,7 +118,12 @@ class Cut:
                 raise StageLost("a neighbouring stage of this replica is gone")
         self.wait_s += time.perf_counter() - began
         frames = self.socket.recv_multipart(copy=False)
-        header = msgpack.unpackb(frames[0].buffer)
+        try:
+            header = msgpack.unpackb(frames[0].buffer)
+            if not isinstance(header, dict) or not isinstance(header.get("kind"), str):
+                raise ValueError("not a map with a kind")
+        except Exception as exc:  # msgpack raises many types for hostile bytes
+            raise StageLost(f"a message at the cut does not decode ({exc})") from None
         if "shape" not in header:
             return header, None
         dtype, shape = _DTYPES[header["dtype"]], header["shape"]
@@ -129,6 +164,8 @@ class Cut:
                 region.close()
         self.slots.clear()
         self.mapped.clear()
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
         self.socket.close(linger=0)
         self.context.term()
 

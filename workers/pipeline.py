@@ -197,14 +197,13 @@ class StageConfig:
     model: str = "googlenet"
     num_classes: int = 1000
     seed: int = 0
-    fetch_every: int = 1
     wire_dtype: str = "auto"
     timeout_s: float = 30.0
     retries: int = 5
     curve: str | None = None
     transport: str = "shm"
-    addresses: tuple[str, ...] = ()  # cut k binds addresses[k - 1]
-    parent: int = 0  # the replica's process: when it is gone, this stage ends
+    addresses: tuple[str, ...] = ()  # stage k listens on addresses[k - 1]
+    parent: int = 0  # the replica's process (0: none, a stage of its own: work --stage)
 
 
 class StageWorker:
@@ -223,7 +222,10 @@ class StageWorker:
         self.report = StageReport(stage=cfg.stage)
 
     def alive(self) -> bool:
-        return os.getppid() == self.cfg.parent
+        """Whether the replica's process (a forked stage) and both neighbours are there."""
+        if self.cfg.parent and os.getppid() != self.cfg.parent:
+            return False
+        return not any(c.lost() for c in (self.upstream, self.downstream) if c is not None)
 
     def _forward_plan(self) -> tuple[StagePlan, str]:
         header, _ = self.upstream.recv(self.alive)
@@ -384,14 +386,22 @@ class StageWorker:
 
 
 def stage_process(cfg: StageConfig, level: int) -> None:
-    """Entry point of stage k ≥ 1's process."""
-    from distbelief.client import ServerRefused, ServerUnavailable
-
+    """Entry point of a forked stage k ≥ 1's process."""
     setup_logging(f"replica[{cfg.replica}].stage", cfg.stage, level=level)
     _die_with_parent()
-    worker = StageWorker(cfg)
+    code, _ = run_stage(cfg)
+    if code:
+        os._exit(code)
+
+
+def run_stage(cfg: StageConfig) -> tuple[int, StageReport]:
+    """Run stage k ≥ 1 to the replica's end; its exit code (``STAGE_EXIT``) and report."""
+    from distbelief.client import ServerRefused, ServerUnavailable
+
+    worker = None
     code = 0
     try:
+        worker = StageWorker(cfg)
         worker.setup()
         worker.run()
     except StageLost as exc:
@@ -404,9 +414,9 @@ def stage_process(cfg: StageConfig, level: int) -> None:
         log.error("%s", exc)
         code = 1
     finally:
-        worker.close()
-    if code:
-        os._exit(code)
+        if worker is not None:
+            worker.close()
+    return code, worker._report() if worker is not None else StageReport(stage=cfg.stage)
 
 
 def _die_with_parent() -> None:
@@ -437,7 +447,8 @@ class Stages:
     failed: int | None = None  # exit code of the first stage that died
 
     def alive(self) -> bool:
-        return self.failed is None and all(p.is_alive() or p.exitcode == 0 for p in self.processes)
+        processes = all(p.is_alive() or p.exitcode == 0 for p in self.processes)
+        return self.failed is None and processes and not self.cut.lost()
 
     def watch(self) -> None:
         """In a thread: when a stage dies, end the others and this process (the
@@ -473,9 +484,14 @@ class Stages:
 
 def start_stages(cfg: Any, level: int) -> Stages:
     """Fork stages 1..K-1 of replica ``cfg`` (a ReplicaConfig) before this process has
-    started a thread or used torch's thread pool; return them with the cut to stage 1."""
+    started a thread or used torch's thread pool; return them with the cut to stage 1.
+    With ``cfg.stage_addresses`` the stages run elsewhere (``work --stage I``), listening
+    there: nothing is forked, stage 0 connects over the wire."""
     folder = tempfile.mkdtemp(prefix="distbelief-stages-")
     k = cfg.stages
+    if cfg.stage_addresses:
+        cut = Cut(cfg.stage_addresses[0], bind=False, transport="wire")
+        return Stages(processes=[], cut=cut, folder=folder)
     if cfg.stage_transport == "wire":
         addresses = tuple(f"tcp://127.0.0.1:{_free_port()}" for _ in range(k - 1))
     else:
@@ -494,7 +510,6 @@ def start_stages(cfg: Any, level: int) -> Stages:
             model=cfg.model,
             num_classes=cfg.num_classes,
             seed=cfg.seed,
-            fetch_every=cfg.fetch_every,
             wire_dtype=cfg.wire_dtype,
             timeout_s=cfg.timeout_s,
             retries=cfg.retries,

@@ -88,6 +88,7 @@ class ReplicaConfig:
     micro_batches: int = 1
     stage_transport: str = "shm"  # activations between stages: shm (one host) | wire
     stage_devices: tuple[str, ...] | None = None  # one per stage (default: all on device)
+    stage_addresses: tuple[str, ...] | None = None  # stages 1..K-1 listen there (elsewhere)
     group: str | None = None  # set by stage 0 for its stages' pieces
     shared_memory: bool = False  # payloads through /dev/shm with shards on this host
     data_order: str = "auto"  # dispatch | static | auto (see the module's docstring)

@@ -461,6 +461,23 @@ STAGE_SPECS = [
         ),
     ),
     (
+        "--stage-addresses",
+        dict(
+            default=None,
+            help="Where stages 1..K-1 listen, e.g. tcp://10.0.0.2:5610,tcp://10.0.0.3:5610: "
+            "they run there (work --stage I), not forked here.",
+        ),
+    ),
+    (
+        "--stage",
+        dict(
+            type=click.IntRange(min=0),
+            default=None,
+            help="With --stage-addresses: run only this stage of one replica (0: the one "
+            "that reads the data).",
+        ),
+    ),
+    (
         "--stage-transport",
         dict(
             type=click.Choice(["shm", "wire"]),

@@ -130,6 +130,13 @@ def work(
     except DeviceError as exc:
         raise click.ClickException(str(exc)) from None
     kw["stage_cuts"] = _stage_cuts(kw["stage_cuts"], kw["stages"])
+    stage = kw.pop("stage")
+    kw["stage_addresses"] = _stage_addresses(
+        kw["stage_addresses"], kw["stages"], stage, len(devices)
+    )
+    if stage:  # a later stage of a replica whose stage 0 runs on another host
+        where = (split_servers(servers), devices[0], threads, first_replica, stage)
+        _run_lone_stage(*where, kw, level=getattr(logging, log_level), as_json=as_json)
     from distbelief.data import DataError, load_dataset
     from distbelief.loader import default_loader_workers
 
@@ -175,7 +182,9 @@ def work(
                 index=first_replica + i,
                 num_replicas=world,
                 device=device,
-                stage_devices=stage_devices[i] if kw["stages"] > 1 else None,
+                stage_devices=(
+                    stage_devices[i] if kw["stages"] > 1 and not kw["stage_addresses"] else None
+                ),
                 threads=threads if device == "cpu" else 1,
                 warm_threads=available_cores() if device == "cpu" else None,
                 augmentation=augmentation,
@@ -218,6 +227,68 @@ def work(
         from distbelief.report import replica_table, show, stage_table
 
         show(replica_table(summaries), stage_table(summaries))
+    sys.exit(code)
+
+
+def _stage_addresses(
+    text: str | None, stages: int, stage: int | None, replicas: int
+) -> tuple[str, ...] | None:
+    """``--stage-addresses``: one ``tcp://`` address for each stage after the first."""
+    if text is None:
+        if stage is not None:
+            raise click.UsageError("--stage needs --stage-addresses (where the stages listen)")
+        return None
+    addresses = tuple(a.strip() for a in text.split(",") if a.strip())
+    if len(addresses) != stages - 1 or not all(a.startswith("tcp://") for a in addresses):
+        raise click.BadParameter(
+            f"give {stages - 1} tcp://IP:PORT address(es), one for each stage after the "
+            f"first (--stages {stages}); got {text!r}",
+            param_hint="--stage-addresses",
+        )
+    if stage is not None and stage >= stages:
+        raise click.BadParameter(f"{stage} is not one of 0..{stages - 1}", param_hint="--stage")
+    if replicas != 1:
+        raise click.UsageError("with --stage-addresses, one replica (one device) per command")
+    return addresses
+
+
+def _run_lone_stage(servers, device, threads, replica, stage, kw, *, level, as_json) -> None:
+    """``work --stage I`` (I ≥ 1): this stage of replica ``replica`` alone, listening on
+    its address until stage 0 connects, to the replica's end; exits with its code."""
+    import json
+    import time
+    from dataclasses import asdict
+
+    from distbelief.report import show, stage_table
+    from distbelief.tuning import available_cores
+    from distbelief.workers.pipeline import StageConfig, run_stage
+
+    model_from_servers(kw, servers)
+    cfg = StageConfig(
+        servers=servers,
+        replica=replica,
+        stage=stage,
+        num_stages=kw["stages"],
+        device=device,
+        threads=threads or (available_cores() if device == "cpu" else 1),
+        model=kw["model"],
+        num_classes=kw["num_classes"],
+        seed=kw["seed"],
+        wire_dtype=kw["wire_dtype"],
+        timeout_s=kw["timeout_s"],
+        retries=kw["retries"],
+        curve=kw["curve"],
+        transport="wire",
+        addresses=kw["stage_addresses"],
+    )
+    setup_logging("stage", stage, level=level)
+    began = time.monotonic()
+    code, report = run_stage(cfg)
+    summary = {"index": replica, "seconds": time.monotonic() - began, "stages": [asdict(report)]}
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        show(stage_table([summary]))
     sys.exit(code)
 
 
