@@ -279,6 +279,32 @@ def one_cpu_replica(servers: list[str], transport: str, *flags: str, timeout_s: 
     return summary
 
 
+def replica_flags(args: argparse.Namespace) -> list[str]:
+    """``work``/``train`` flags for ``args``' data, image size, batch, steps and classes."""
+    return [
+        "--data",
+        args.data,
+        "--image-size",
+        str(args.image_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--num-classes",
+        str(args.num_classes),
+    ]
+
+
+def replica_run(args: argparse.Namespace, flags: list[str], timeout_s: float) -> dict:
+    """One ``work --cpu 1`` run (``args``' shards, transport and :func:`replica_flags`,
+    then ``flags``) against fresh shards; its summary."""
+    serve_flags = ("--num-classes", str(args.num_classes), "--lr", str(args.lr))
+    with shards(args.shards, *serve_flags, transport=args.transport) as servers:
+        return one_cpu_replica(
+            servers, args.transport, *replica_flags(args), *flags, timeout_s=timeout_s
+        )
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and its live children (Linux /proc; else 0)."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

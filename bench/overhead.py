@@ -28,9 +28,9 @@ from bench.common import (
     TRANSPORTS,
     distbelief_cmd,
     machine,
-    one_cpu_replica,
+    replica_flags,
+    replica_run,
     run_json,
-    shards,
     throughput_line,
 )
 from distbelief.tuning import available_cores
@@ -47,35 +47,15 @@ SETTINGS = {  # name (no commas: --settings splits on them) -> (work flags, targ
 }
 
 
-def common_flags(args: argparse.Namespace) -> list[str]:
-    return [
-        "--data",
-        args.data,
-        "--image-size",
-        str(args.image_size),
-        "--batch-size",
-        str(args.batch_size),
-        "--steps",
-        str(args.steps),
-        "--num-classes",
-        str(args.num_classes),
-    ]
-
-
 def reference_images_per_s(args: argparse.Namespace) -> float:
     cores = str(available_cores())
-    flags = (*common_flags(args), "--lr", str(args.lr), "--threads", cores, "--json")
+    flags = (*replica_flags(args), "--lr", str(args.lr), "--threads", cores, "--json")
     cmd = distbelief_cmd("train", *flags)
     return float(run_json(cmd, RUN_TIMEOUT_S)["images_per_s"])
 
 
 def replica_images_per_s(args: argparse.Namespace, flags: list[str]) -> float:
-    serve_flags = ("--num-classes", str(args.num_classes), "--lr", str(args.lr))
-    with shards(args.shards, *serve_flags, transport=args.transport) as servers:
-        summary = one_cpu_replica(
-            servers, args.transport, *common_flags(args), *flags, timeout_s=RUN_TIMEOUT_S
-        )
-    return float(summary["images_per_s"])
+    return float(replica_run(args, flags, RUN_TIMEOUT_S)["images_per_s"])
 
 
 def main(argv: list[str] | None = None) -> int:

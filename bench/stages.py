@@ -8,7 +8,8 @@ each and interleaved:
   (K processes, the cores shared out: ``--threads`` cores ÷ K each), from ``work
   --json``; the ratio split / unsplit;
 - the bubble of each split run: the share of the pipeline's time (from a batch's first
-  forward to its last backward at stage 0, ``pipeline_s``) in which the busiest stage,
+  forward to its last backward at stage 0, ``pipeline_s``, from the second batch on:
+  the first builds the kernels for its shapes) in which the busiest stage,
   the one that sets the pace, is idle at its cuts waiting for a neighbour: ``1 −
   max_k(busy_k) / pipeline_s``, where a stage is busy computing or moving its tensors
   over the cuts (as in GPipe's analysis, where a stage's time per micro-batch includes
@@ -31,40 +32,15 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from bench.common import (
-    TRANSPORTS,
-    machine,
-    one_cpu_replica,
-    shards,
-    throughput_line,
-)
+from bench.common import TRANSPORTS, machine, replica_run, throughput_line
 from distbelief.tuning import available_cores
 
 RUN_TIMEOUT_S = 900.0
 
 
-def common_flags(args: argparse.Namespace) -> list[str]:
-    return [
-        "--data",
-        args.data,
-        "--image-size",
-        str(args.image_size),
-        "--batch-size",
-        str(args.batch_size),
-        "--steps",
-        str(args.steps),
-        "--num-classes",
-        str(args.num_classes),
-    ]
-
-
 def run(args: argparse.Namespace, flags: list[str]) -> dict:
     """One ``work --cpu 1`` run against fresh shards; its summary."""
-    serve_flags = ("--num-classes", str(args.num_classes), "--lr", str(args.lr))
-    with shards(args.shards, *serve_flags, transport=args.transport) as servers:
-        return one_cpu_replica(
-            servers, args.transport, *common_flags(args), *flags, timeout_s=RUN_TIMEOUT_S
-        )
+    return replica_run(args, flags, RUN_TIMEOUT_S)
 
 
 def split_flags(args: argparse.Namespace, m: int) -> list[str]:

@@ -65,7 +65,9 @@ class StageReport:
     pid: int = field(default_factory=os.getpid)
     blocks: str = ""  # its first and last block, e.g. "4b-head"
     compute_s: float = 0.0  # forward and backward
-    busy_s: float = 0.0  # within its batches' pipeline phase, not waiting at a cut
+    # within its batches' pipeline phase, not waiting at a cut; from the second batch
+    # on, as pipeline_s (the first builds the kernels for its shapes)
+    busy_s: float = 0.0
     wait_s: float = 0.0  # waiting at its cuts
     sent_bytes: int = 0  # over its cuts
     received_bytes: int = 0
@@ -88,7 +90,8 @@ class Pipeline:
     reports: list[dict[str, Any]] = field(default_factory=list)  # of stages 1..K-1
     downstream_finite: bool = True
     pulled: bool = False  # stage 0 pulled before this batch: the others pull too
-    pipeline_s: float = 0.0  # from the first forward to the last backward, summed
+    # from the first forward to the last backward, summed over the batches after the first
+    pipeline_s: float = 0.0
     count: int = 0  # batches sent down the chain
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -118,8 +121,9 @@ class Pipeline:
             if j == len(outputs) - 1:
                 self.downstream_finite = header["finite"]
                 self.reports = header["reports"]
-        self.pipeline_s += time.perf_counter() - began
-        self.report.busy_s += time.perf_counter() - began - (self.cut.wait_s - waited)
+        if step > 1:
+            self.pipeline_s += time.perf_counter() - began
+            self.report.busy_s += time.perf_counter() - began - (self.cut.wait_s - waited)
         self.report.wait_s, self.report.sent_bytes = self.cut.wait_s, self.cut.sent_bytes
         self.report.received_bytes = self.cut.received_bytes
         return sum(losses)
@@ -326,7 +330,9 @@ class StageWorker:
             if j == total - 1:
                 fields["finite"] = below["finite"] and math.isfinite(float(self.grads.sum()))
             if j == total - 1:
-                self.report.busy_s += time.perf_counter() - began - (self._waited() - waited)
+                if step > 1:
+                    spent = time.perf_counter() - began
+                    self.report.busy_s += spent - (self._waited() - waited)
                 fields["reports"] = [asdict(self._report()), *below["reports"]]
             self.upstream.send("grad", step, x.grad, mb=j, **fields)
 
