@@ -38,7 +38,8 @@ TRAINING_TIMEOUT_S = 240.0  # `up` importing torch and building GoogLeNet 5 time
 STOP_TIMEOUT_S = 60.0
 NAME = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)")
 METRIC_IN_QUERY = re.compile(r"\b(distbelief_[a-z0-9_]+)")
-ALLOWED_LABELS = {"reason", "child", "le", "version", "role", "event"}  # all bounded sets
+# all bounded sets (stage: under the 14 blocks of GoogLeNet; direction: sent, received)
+ALLOWED_LABELS = {"reason", "child", "le", "version", "role", "event", "stage", "direction"}
 
 
 @dataclass

@@ -251,6 +251,7 @@ class Replica:
         )
         self.metrics = WorkerMetrics(new_registry("worker"))
         self.losses: deque[float] = deque(maxlen=LOSS_WINDOW)
+        self.compute_s = 0.0  # forward and backward passes, this process's life
         self.status = ReplicaStatus(
             index=cfg.index,
             device=str(self.device),
@@ -497,7 +498,9 @@ class Replica:
                 loss = self.pipeline.step(images, labels)
             else:
                 loss = forward_backward(self.model, images, labels)  # .item() syncs the device
-        self.metrics.step_seconds.observe(time.perf_counter() - began)
+        spent = time.perf_counter() - began
+        self.metrics.step_seconds.observe(spent)
+        self.compute_s += spent
         return loss
 
     def _autocast(self):
@@ -590,6 +593,10 @@ class Replica:
             report.pushes, report.push_s = s.pushes, s.exchange_s
             s.stages, s.pipeline_s = self.pipeline.stages(), self.pipeline.pipeline_s
             self.metrics.observe_stages(s.stages)
+        else:  # unsplit, a replica is its only stage: every dashboard query has its series
+            whole = {"stage": 0, "compute_s": self.compute_s, "wait_s": 0.0, "sent_bytes": 0}
+            whole |= {"received_bytes": 0, "parameters": self.layout.parameters}
+            self.metrics.observe_stages([whole])
         m = self.metrics
         m.retries.inc(self.client.retries_total - s.retries)
         s.retries = self.client.retries_total
