@@ -19,6 +19,11 @@ d. one replica fed by the loader from a JPEG folder that ``bench.jpegs`` generat
    for data (``data_wait_s`` / ``seconds`` of its summary).
 e. as d, with ``work --decode device``: the loader processes only read the files; the
    replica decodes each batch on its device (nvJPEG, batched) and crops it there.
+f. one replica split into 2 stage processes sharing the GPU (``work --gpu-ids 0,0
+   --stages 2 --micro-batches M``, ``--micro-batches`` here, default 4; cuts balanced on
+   the blocks' times measured on the GPU): images/s as a ratio to (b), the same replica
+   unsplit. Two processes on one GPU show the mechanics (the pieces, the cuts through
+   shared memory, the schedule), not a speed-up: that needs a GPU a stage.
 
 Targets: one replica ≥ 0.9× the local loop's images/s with the loader feeding it
 (d or e against a); the replica waits for data < 5% of its time.
@@ -33,8 +38,8 @@ steps after the first status) falls back to the whole run and says so. On the CP
 ``--amp`` does nothing in ``work``, so only f32 runs there.
 
 Usage: ``python -m bench.gpu [--device cuda|cpu] [--image-size 224] [--batch-size 128]
-[--steps 100] [--reps 1] [--precisions fp32,bf16] [--parts a,b,c,d,e] [--replicas 2,4]
-[--shards 1] [--loader-workers K] [--jpeg-images 500] [--budget-s 450]``
+[--steps 100] [--reps 1] [--precisions fp32,bf16] [--parts a,b,c,d,e,f] [--replicas 2,4]
+[--shards 1] [--loader-workers K] [--jpeg-images 500] [--micro-batches 4] [--budget-s 450]``
 
 On a GPU machine (one H200; about 5 minutes by estimate, not yet measured)::
 
@@ -77,8 +82,10 @@ MIN_STEADY_STEPS = 10  # fewer steps after the first status: use the whole run i
 TARGET_ONE_REPLICA = 0.9
 TARGET_DATA_WAIT = 0.05
 JPEG_DIR = Path(__file__).resolve().parent / "out" / "jpegs"
-PARTS = ("a", "b", "c", "d", "e")
-NEEDS = {"b": "a", "c": "a", "d": "b", "e": "b"}  # a part's ratios are taken to this part's figure
+PARTS = ("a", "b", "c", "d", "e", "f")
+# a part's ratios are taken to this part's figure
+NEEDS = {"b": "a", "c": "a", "d": "b", "e": "b", "f": "b"}
+STAGES = 2  # f: the stages of the split replica
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,8 @@ class Run:
     precision: str  # fp32, or bf16: work --amp bf16
     data: str  # synthetic, or a folder
     loader: tuple[str, ...] = ()  # --loader-workers K, where asked for; --decode device
+    stages: int = 1  # f: the replica split into this many stage processes on the device
+    micro_batches: int = 1
 
 
 # -- a. the local loop ---------------------------------------------------------------
@@ -155,10 +164,12 @@ def _local_loop(args: argparse.Namespace, precision: str) -> float:
 # -- b, c, d, e. replicas through the shards --------------------------------------------
 
 
-def device_flags(args: argparse.Namespace, replicas: int) -> list[str]:
+def device_flags(args: argparse.Namespace, replicas: int, stages: int = 1) -> list[str]:
+    """Every replica (and each of its stages) on the one device."""
+    split = ["--stages", str(stages)] if stages > 1 else []
     if torch.device(args.device).type == "cpu":
-        return ["--cpu", str(replicas)]
-    return ["--gpu-ids", ",".join([str(args.gpu_id)] * replicas)]
+        return ["--cpu", str(replicas), *split]
+    return ["--gpu-ids", ",".join([str(args.gpu_id)] * replicas * stages), *split]
 
 
 def work_command(
@@ -166,11 +177,13 @@ def work_command(
 ) -> list[str]:
     """``distbelief work`` for ``run``, writing its status files into ``status_dir``."""
     extra = ["--amp", "bf16"] if run.precision == "bf16" else []
+    if run.stages > 1:
+        extra += ["--micro-batches", str(run.micro_batches)]
     return distbelief_cmd(
         "work",
         "--servers",
         ",".join(servers),
-        *device_flags(args, run.replicas),
+        *device_flags(args, run.replicas, run.stages),
         "--data",
         run.data,
         "--image-size",
@@ -318,6 +331,9 @@ def measure_once(args: argparse.Namespace, setup: Setup, part: str, precision: s
     if part in ("d", "e"):
         decode = ("--decode", "device") if part == "e" else ()
         run = Run(replicas=n, precision=precision, data=setup.jpegs, loader=setup.loader + decode)
+    elif part == "f":
+        m = args.micro_batches
+        run = Run(replicas=n, precision=precision, data="synthetic", stages=STAGES, micro_batches=m)
     else:
         run = Run(replicas=n, precision=precision, data="synthetic")
     return work_images_per_s(args, setup.servers, run)
@@ -390,6 +406,12 @@ def report(args: argparse.Namespace, results: dict) -> list[str]:
             if part in args.parts:
                 synthetic = results[("b", p, 1)]
                 lines += report_loader(part, p, local, synthetic, results[(part, p, 1)])
+        if "f" in args.parts:
+            name = (
+                f"f. 1 replica in {STAGES} stages on {on}, {args.micro_batches} micro-batches, {p}"
+            )
+            unsplit = _median(results[("b", p, 1)])
+            lines.append(_versus(name, "unsplit (b)", unsplit, "split", results[("f", p, 1)]))
     return lines
 
 
@@ -461,6 +483,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--loader-workers", type=int, default=None, help="work's, for d and e")
     parser.add_argument("--jpeg-dir", default=str(JPEG_DIR), help="kept; rebuilt on change")
     parser.add_argument("--jpeg-images", type=int, default=500, help="train images for d, e")
+    parser.add_argument("--micro-batches", type=int, default=4, help="f: work's --micro-batches")
     parser.add_argument("--budget-s", type=float, default=450.0, help="no new rep after this")
     return parser
 
@@ -482,7 +505,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     asked = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not asked or asked - set(PARTS):
         parser.error(f"--parts: choose from {', '.join(PARTS)}, got {args.parts!r}")
-    for part in ("e", "d", "c", "b"):  # d and e need b, which needs a
+    for part in ("f", "e", "d", "c", "b"):  # d, e and f need b, which needs a
         if part in asked:
             asked.add(NEEDS[part])
     args.parts = [p for p in PARTS if p in asked]
@@ -494,6 +517,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--replicas: give at least one count ≥ 1")
     if {"d", "e"} & set(args.parts) and args.jpeg_images < args.batch_size:
         parser.error("--jpeg-images must hold at least one batch")
+    if "f" in args.parts and not 1 <= args.micro_batches <= args.batch_size:
+        parser.error("--micro-batches must lie between 1 and the batch size")
     return args
 
 

@@ -96,8 +96,9 @@ def test_gpu_bench_runs_on_the_cpu_at_tiny_sizes(tmp_path):
         assert math.isfinite(ratio) and ratio > 0, line
     starts = [line.split(" ", 1)[0] for line in lines]
     # b: 1 replica; c: 2 replicas; d and e (decoding on the device): against synthetic
-    # data and against the local loop
-    assert starts == ["b.", "c.", "d.", "d.", "e.", "e."], out
+    # data and against the local loop; f: the replica in 2 stages against b
+    assert starts == ["b.", "c.", "d.", "d.", "e.", "e.", "f."], out
+    assert "f. 1 replica in 2 stages on the CPU, 4 micro-batches, fp32" in out, out
     assert re.search(r"^a\. local loop, fp32: \d+\.\d images/s$", out, re.M), out
     for part in "de":
         assert re.search(rf"^{part}\. data wait, fp32: \d+\.\d% of", out, re.M), out
