@@ -33,6 +33,7 @@ import logging
 import math
 import multiprocessing
 import os
+import random
 import shutil
 import tempfile
 import threading
@@ -43,6 +44,7 @@ from typing import Any
 import torch
 
 from distbelief.client import ClientConfig, ParameterClient, default_worker_id
+from distbelief.launcher import free_port_run
 from distbelief.layout import Layout
 from distbelief.logs import setup_logging
 from distbelief.models import build_model
@@ -55,6 +57,7 @@ log = logging.getLogger(__name__)
 WATCH_S = 0.2  # how often stage 0 looks at its stage processes
 END_GRACE_S = 30.0  # stages finish their last push after "end"
 STAGE_EXIT = {"config": 2, "lost": 3}
+WIRE_PORTS = (20000, 60000)  # where the loopback cuts of --stage-transport wire are sought
 
 
 @dataclass
@@ -89,6 +92,7 @@ class Pipeline:
     report: StageReport = field(default_factory=lambda: StageReport(stage=0))
     reports: list[dict[str, Any]] = field(default_factory=list)  # of stages 1..K-1
     downstream_finite: bool = True
+    pushing: bool = True  # the word of the last announce: push (every gradient finite)
     pulled: bool = False  # stage 0 pulled before this batch: the others pull too
     # from the first forward to the last backward, summed over the batches after the first
     pipeline_s: float = 0.0
@@ -135,6 +139,7 @@ class Pipeline:
     def announce(self, push: bool, examples: int) -> None:
         """Tell every stage to push its piece of the step (``push``) or drop it. Every
         piece counts ``examples``."""
+        self.pushing = push
         self.cut.send("push", self.count, push=push, examples=examples)
 
     def push(
@@ -499,7 +504,8 @@ def start_stages(cfg: Any, level: int) -> Stages:
         cut = Cut(cfg.stage_addresses[0], bind=False, transport="wire")
         return Stages(processes=[], cut=cut, folder=folder)
     if cfg.stage_transport == "wire":
-        addresses = tuple(f"tcp://127.0.0.1:{_free_port()}" for _ in range(k - 1))
+        base = free_port_run(k - 1, random.randint(*WIRE_PORTS))
+        addresses = tuple(f"tcp://127.0.0.1:{base + i}" for i in range(k - 1))
     else:
         addresses = tuple(f"ipc://{folder}/cut{i}" for i in range(1, k))
     devices = cfg.stage_devices or (cfg.device,) * k
@@ -556,14 +562,6 @@ def decide_plan(cfg: Any, stages: Stages) -> StagePlan:
     stages.cut.send("plan", 0, starts=list(plan.starts), group=stages.group)
     log.info("split into %d stages: %s", plan.num_stages, plan.describe())
     return plan
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def split_replica(cfg: Any, level: int) -> tuple[Any, Stages]:

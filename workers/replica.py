@@ -541,8 +541,11 @@ class Replica:
             if self.host_grads is not self.grads:
                 self.host_grads.copy_(self.grads)  # blocks until the backward pass is done
             grads = self.host_grads
-        downstream = self.pipeline is None or self.pipeline.downstream_finite
-        if not (downstream and math.isfinite(float(grads.sum()))):
+        if self.pipeline is not None:  # every stage's, as stage 0 announced it
+            finite = self.pipeline.pushing
+        else:
+            finite = math.isfinite(float(grads.sum()))
+        if not finite:
             # every shard would refuse its slice only if the NaN fell in it: the others
             # would apply theirs, a torn update. Dropped here whole, counted, logged.
             self.grads.zero_()
