@@ -43,13 +43,18 @@ from pathlib import Path
 
 from bench.common import machine
 from bench.netbed import NetBed, available
-from distbelief.client import probe_stats
+from distbelief.client import PART_BYTES, probe_stats
 
 START_TIMEOUT_S = 180.0
 RUN_TIMEOUT_S = 600.0
 PORT = 5570
 GLOO_PORT = 29511
 HERE = [sys.executable, "-m", "bench.wire"]
+EXCHANGE_MODES = {
+    "separate": "a push, then a pull",
+    "combined": "push-and-pull, whole slices one shard after the other",
+    "parts": "push-and-pull in parts to every shard at once, each applied as it arrives",
+}
 # each names its wire type: `work`'s default (auto) would be bf16 between hosts
 REPLICA_VARIANTS = {
     "plain": ["--wire-dtype", "f32"],
@@ -71,18 +76,27 @@ def exchange_main(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     layout = Layout.of(build_model("googlenet", args.num_classes), "googlenet")
-    cfg = ClientConfig(servers=tuple(args.servers.split(",")), wire_dtype=args.dtype)
     weights = torch.zeros(layout.total)
     grads = torch.full((layout.total,), 1e-9)
     times: dict[str, list[float]] = {}
-    with ParameterClient(cfg, layout) as client:
-        client.connect()
-        client.pull(weights)
-        for mode in args.modes.split(","):
+    spans: dict[str, list[float]] = {}  # wall-clock start and end of the timed exchanges
+    retries = 0
+    for mode in args.modes.split(","):
+        cfg = ClientConfig(
+            servers=tuple(args.servers.split(",")),
+            wire_dtype=args.dtype,
+            wire_parts="on" if mode == "parts" else "off",
+            part_bytes=args.part_kib * 1024,
+        )
+        with ParameterClient(cfg, layout) as client:
+            client.connect()
+            client.pull(weights)
             _barrier(Path(args.sync), mode, args.out)
             spent = []
             for rep in range(args.reps + 1):  # the first is a warm-up
                 began = time.perf_counter()
+                if rep == 1:
+                    spans[mode] = [time.time(), 0.0]  # the hosts share this machine's clock
                 if mode == "separate":
                     client.push(grads, 1)
                     client.pull(weights)
@@ -91,7 +105,9 @@ def exchange_main(args: argparse.Namespace) -> None:
                 if rep:
                     spent.append(time.perf_counter() - began)
             times[mode] = spent
-    Path(args.out).write_text(json.dumps({"times": times, "retries": client.retries_total}))
+            spans[mode][1] = time.time()
+            retries += client.retries_total
+    Path(args.out).write_text(json.dumps({"times": times, "spans": spans, "retries": retries}))
 
 
 def allreduce_main(args: argparse.Namespace) -> None:
@@ -205,16 +221,21 @@ def busy_fraction(before: list[int], after: list[int]) -> float:
 def measure_exchange(args, hs: int, hw: int, tmp: Path) -> dict[str, float]:
     shard_hosts = [f"ps{i}" for i in range(hs)]
     workers = [f"w{i}" for i in range(hw)]
-    modes = ["separate", "combined"]
+    modes = args.exchange_modes.split(",")
     with NetBed([*shard_hosts, *workers], rate_mbit=args.rate_mbit) as bed:
         servers = start_shards(bed, shard_hosts, args.shards, args.num_classes, tmp)
         argv = [*HERE, "exchange", "--servers", ",".join(servers), "--reps", str(args.reps)]
         argv += ["--num-classes", str(args.num_classes), "--modes", ",".join(modes)]
-        argv += ["--dtype", "f32"]
+        argv += ["--dtype", "f32", "--part-kib", str(args.part_kib)]
         results = run_all(bed, workers, [argv] * hw, tmp, modes)
     row = {}
     for mode in modes:
         row[mode] = statistics.median(t for r in results for t in r["times"][mode])
+        # every host's exchanges from the first start to the last end, per exchange: what
+        # the links carried in all (a host served ahead of the others ends early, so its
+        # own exchanges can look shorter than the bound, which assumes fair shares)
+        first = min(r["spans"][mode][0] for r in results)
+        row[mode + " all"] = (max(r["spans"][mode][1] for r in results) - first) / args.reps
     row["retries"] = sum(r["retries"] for r in results)
     row["cpu_busy"] = results[0]["cpu_busy"]
     return row
@@ -326,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--modes", str),
         ("--sync", str),
         ("--dtype", str),
+        ("--part-kib", int),
         ("--out", str),
     ):
         ex.add_argument(name, type=kind, required=True)
@@ -346,6 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-hosts", default="1,2,4")
     parser.add_argument("--worker-hosts", default="1,2,4")
     parser.add_argument("--parts", default="exchange,allreduce,replica")
+    parser.add_argument(
+        "--part-kib", type=int, default=PART_BYTES // 1024, help="parts mode: KiB per part"
+    )
+    parser.add_argument(
+        "--exchange-modes",
+        default=",".join(EXCHANGE_MODES),
+        help="of the exchange part: " + ", ".join(f"{k} ({v})" for k, v in EXCHANGE_MODES.items()),
+    )
     parser.add_argument("--replica-steps", type=int, default=80)
     parser.add_argument("--replica-shards", type=int, default=2, help="serve --shards, replica")
     parser.add_argument("--replica-variants", default=",".join(REPLICA_VARIANTS))
@@ -374,27 +404,32 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="db-wire-") as tmp_name:
         tmp = Path(tmp_name)
         if "exchange" in parts:
+            modes = args.exchange_modes.split(",")
             print(
-                "| shard hosts | worker hosts | bound | separate | /bound "
-                "| combined | /bound | retries | cores busy |"
+                "| shard hosts | worker hosts | bound | "
+                + " | ".join(f"{m} | /bound | all hosts /bound" for m in modes)
+                + " | retries | cores busy |"
             )
-            print("|---|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|" + "---|---|---|" * len(modes) + "---|---|")
             for hs in (int(h) for h in args.shard_hosts.split(",")):
                 for hw in (int(h) for h in args.worker_hosts.split(",")):
                     row = measure_exchange(args, hs, hw, tmp)
                     bound = link_s * max(1.0, hw / hs)
-                    combined[hs, hw] = row["combined"]
+                    combined[hs, hw] = min(row[m] for m in modes if m != "separate")
+                    cells = " | ".join(
+                        f"{row[m] * 1e3:.0f} ms | {row[m] / bound:.2f} | "
+                        f"{row[m + ' all'] / bound:.2f}"
+                        for m in modes
+                    )
                     print(
-                        f"| {hs} | {hw} | {bound * 1e3:.0f} ms | {row['separate'] * 1e3:.0f} ms | "
-                        f"{row['separate'] / bound:.2f} | {row['combined'] * 1e3:.0f} ms | "
-                        f"{row['combined'] / bound:.2f} | {row['retries']} "
+                        f"| {hs} | {hw} | {bound * 1e3:.0f} ms | {cells} | {row['retries']} "
                         f"| {row['cpu_busy']:.0%} |",
                         flush=True,
                     )
         if "allreduce" in parts:
             print(
                 "| worker hosts | gloo all-reduce | its bound 2N(p-1)/(pB) "
-                "| PS combined (as many shard hosts) | PS / gloo |"
+                "| PS push-and-pull (as many shard hosts, the faster mode) | PS / gloo |"
             )
             print("|---|---|---|---|---|")
             for hw in (int(h) for h in args.worker_hosts.split(",") if int(h) >= 2):

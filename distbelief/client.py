@@ -72,6 +72,12 @@ SEND_BUFFER_BYTES = 256 * 1024
 # taken SLOW_SLICE times as long as at the fastest rate seen (ParameterClient._may_leave);
 # at most MAX_LEAVING at once. Slices under MIN_TIMED_BYTES leave through the kernel's
 # buffer too fast to time the link by.
+# A push-and-pull to a server on another host goes in parts of at most this many bytes
+# (ClientConfig.wire_parts): small enough that the last parts' answers, which follow
+# the whole upload, take a few percent of it; large enough that the per-part work
+# (a header, an update call, a reply) stays small beside the bytes (bench/wire.py)
+PART_BYTES = 256 * 1024
+WIRE_PARTS = ("auto", "on", "off")
 SLOW_SLICE = 1.25
 MAX_LEAVING = 2
 MIN_TIMED_BYTES = 4 * SEND_BUFFER_BYTES
@@ -89,10 +95,22 @@ def wire_dtype_for(setting: str, address: str) -> str:
     with one on this host (loopback or ``ipc://``, where the cores are the limit)."""
     if setting != "auto":
         return setting
+    return "f32" if on_this_host(address) else "bf16"
+
+
+def in_parts_for(setting: str, address: str) -> bool:
+    """Whether a push-and-pull to the server at ``address`` goes in parts: ``setting``
+    ``"on"``, or ``"auto"`` with a server on another host (where the link is the limit
+    and the parts let its two directions work at once)."""
+    return setting == "on" or (setting == "auto" and not on_this_host(address))
+
+
+def on_this_host(address: str) -> bool:
+    """Whether ``address`` is on this host: ``ipc://``, ``inproc://`` or loopback TCP."""
     if not address.startswith("tcp://"):
-        return "f32"
+        return True
     host = address[len("tcp://") :].rsplit(":", 1)[0]
-    return "f32" if host in LOOPBACK or host.startswith("127.") else "bf16"
+    return host in LOOPBACK or host.startswith("127.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +128,11 @@ class ClientConfig:
     # end to end in the caller's buffers, pushed as pieces of the replica ``group``'s step
     ranges: tuple[tuple[int, int], ...] | None = None
     group: str | None = None
+    # a push-and-pull over the wire in parts of at most part_bytes, each applied and
+    # answered as it arrives: "auto" with servers on other hosts, "on" with every
+    # server reached over the wire, "off" never (server/parts.py)
+    wire_parts: str = "auto"
+    part_bytes: int = PART_BYTES
 
     def __post_init__(self) -> None:
         if self.ranges is not None and (not self.ranges or not self.group):
@@ -124,6 +147,12 @@ class ClientConfig:
             raise ValueError(f"unknown wire dtype {self.wire_dtype!r}; known: {', '.join(known)}")
         if self.timeout_s <= 0 or self.retries < 0:
             raise ValueError("timeout_s must be positive and retries non-negative")
+        if self.wire_parts not in WIRE_PARTS:
+            raise ValueError(
+                f"unknown wire parts setting {self.wire_parts!r}; known: {', '.join(WIRE_PARTS)}"
+            )
+        if self.part_bytes < 4 * protocol.PART_ALIGN:
+            raise ValueError(f"part_bytes must be at least {4 * protocol.PART_ALIGN}")
 
 
 class ServerUnavailable(ConnectionError):
@@ -175,12 +204,21 @@ def _nbytes(frame: Any) -> int:
 
 @dataclass
 class _Pending:
+    server: int
     rid: int
     header: bytes
     payload: list[Any]
     deadline: float
     resend_at: float | None = None
     attempts: int = 0
+
+
+# a request's key in an exchange: a server's index, or (server, part) for a push in parts
+Key = int | tuple[int, int]
+
+
+def _server(key: Key) -> int:
+    return key if isinstance(key, int) else key[0]
 
 
 class ParameterClient:
@@ -207,6 +245,9 @@ class ParameterClient:
         self.fastest_bytes_per_s = 0.0  # of a staggered slice leaving its socket
         self.shared = [False] * len(cfg.servers)
         self.dtypes = [wire_dtype_for(cfg.wire_dtype, a) for a in cfg.servers]
+        # push-and-pull in parts (wire_parts), with the servers whose hello said they can
+        self.in_parts = [False] * len(cfg.servers)
+        self.part_counts = [1] * len(cfg.servers)  # of the last push in parts, per server
         # with cfg.ranges: server -> its pieces (lo, hi, where they lie in our buffers)
         self.pieces: dict[int, list[tuple[int, int, int]]] = {}
 
@@ -241,6 +282,10 @@ class ParameterClient:
             )
         self.versions = [s.version for s in self.info]
         self.send_order = staggered_order(self.cfg.servers, replies[0][0].get("arrival", 0))
+        self.in_parts = [
+            bool(h.get("parts")) and in_parts_for(self.cfg.wire_parts, self.cfg.servers[i])
+            for i, (h, _) in sorted(replies.items())
+        ]
         if self.cfg.ranges is not None:
             self.pieces = cut_ranges(self.cfg.ranges, [(s.start, s.stop) for s in self.info])
             return self.info  # pieces travel over the wire only
@@ -369,6 +414,9 @@ class ParameterClient:
                 requests[i] = ("push", fields, [self._encode(i, self._gather(i, grads))])
                 continue
             values = grads[info.start : info.stop]
+            if not self.shared[i] and pull_into is not None and self.in_parts[i]:
+                requests |= self._parts(i, fields, self._encode(i, values))
+                continue
             if not self.shared[i]:
                 requests[i] = ("push", fields, [self._encode(i, values)])
                 continue
@@ -376,6 +424,21 @@ class ParameterClient:
                 self.segment.grads[info.start : info.stop].copy_(values)
             requests[i] = ("push", fields | {"dtype": "f32", "shm": self.segment.name}, [])
         return self._results(self._exchange(requests, stagger=True), pull_into)
+
+    def _parts(
+        self, i: int, fields: dict[str, Any], wire: Any
+    ) -> dict[Key, tuple[str, dict[str, Any], list[Any]]]:
+        """Server ``i``'s push (``wire``: its slice, encoded) as parts of at most
+        ``part_bytes``, each its own request; ``progress`` with part 0 only."""
+        size = self.info[i].stop - self.info[i].start
+        n = self.part_counts[i] = protocol.parts_for(size, wire.nbytes, self.cfg.part_bytes)
+        rest = {k: v for k, v in fields.items() if k != "progress"}
+        requests: dict[Key, tuple[str, dict[str, Any], list[Any]]] = {}
+        for k in range(n):
+            lo, hi = protocol.part_range(size, n, k)
+            more = {"part": k, "parts": n}
+            requests[(i, k)] = ("push", (fields if k == 0 else rest) | more, [wire[lo:hi]])
+        return requests
 
     def commit(
         self, pull_into: torch.Tensor | None = None, everywhere: bool = False
@@ -407,13 +470,15 @@ class ParameterClient:
         """What the servers answered a push (or a commit): weights taken into
         ``pull_into`` (from the servers in ``only``, when given), versions noted."""
         results = []
+        replies = self._fold_parts(replies, pull_into)
         for i, (h, payload) in sorted(replies.items()):
             # our push came after our pull: applied, it leaves the version above what we
             # pulled; unless the server has lost versions since (a held piece: not yet)
             if h["version"] < self.versions[i] + (1 if h["applied"] else 0):
                 self._went_back(i, h["version"])
             if pull_into is not None and (only is None or i in only):
-                self._take_weights(i, h.get("pull"), payload, pull_into)
+                if payload is not None:  # None: in parts, taken already
+                    self._take_weights(i, h.get("pull"), payload, pull_into)
                 self.versions[i] = h["version"]
             results.append(
                 PushResult(
@@ -427,6 +492,43 @@ class ParameterClient:
         if pull_into is not None:
             self.must_pull = False
         return results
+
+    def _fold_parts(
+        self, replies: dict[Key, tuple[dict[str, Any], list]], pull_into: torch.Tensor | None
+    ) -> dict[int, tuple[dict[str, Any], list | None]]:
+        """The answers to a push in parts, one per server as a whole push's would be:
+        each part's weights taken into ``pull_into`` here; the server's version after
+        its last part, applied when a part completed the push (its ``revoked`` with it)."""
+        folded: dict[int, tuple[dict[str, Any], list | None]] = {}
+        for key, (h, payload) in sorted(replies.items(), key=lambda kv: _server(kv[0])):
+            if isinstance(key, int):
+                folded[key] = (h, payload)
+                continue
+            i, part = key
+            if pull_into is not None:
+                self._take_part(i, part, h, payload, pull_into)
+            seen = folded.get(i, ({"version": 0, "applied": False, "staleness": 0}, None))[0]
+            merged = seen | {"version": max(seen["version"], h["version"])}
+            merged["staleness"] = max(seen["staleness"], h["staleness"])
+            if h.get("complete"):
+                merged |= {k: h[k] for k in ("revoked", "generation") if k in h}
+                merged["applied"] = True
+            folded[i] = (merged, None)
+        return folded
+
+    def _take_part(
+        self, i: int, part: int, h: dict[str, Any], payload: list, weights: torch.Tensor
+    ) -> None:
+        """A part's weights (server ``i``'s answer to part ``part``) into ``weights``."""
+        info = self.info[i]
+        lo, hi = protocol.part_range(info.stop - info.start, self.part_counts[i], part)
+        body = payload[0].buffer if len(payload) == 1 else b""
+        dtype = h.get("pull")
+        if dtype not in protocol.DTYPES or len(body) != protocol.wire_bytes(dtype, hi - lo):
+            raise ServerRefused(
+                i, info.address, "bad_size", f"weights of part {part} have the wrong size"
+            )
+        weights[info.start + lo : info.start + hi].copy_(protocol.from_wire(body, dtype))
 
     def chunk(self, **fields: Any) -> dict[str, Any]:
         """Ask shard 0's data dispatcher (the ``chunk`` op) and return its reply header."""
@@ -504,33 +606,38 @@ class ParameterClient:
         self.sockets[i] = self._open(self.cfg.servers[i])
 
     def _exchange(
-        self, requests: dict[int, tuple[str, dict[str, Any], list[Any]]], stagger: bool = False
-    ) -> dict[int, tuple[dict[str, Any], list[zmq.Frame]]]:
+        self, requests: dict[Key, tuple[str, dict[str, Any], list[Any]]], stagger: bool = False
+    ) -> dict[Key, tuple[dict[str, Any], list[zmq.Frame]]]:
         """Send each request to its server, then collect every reply (with retries).
 
-        Requests go to all servers at once; with ``stagger``, those with a payload go one
-        after the other in ``send_order``, each once the previous one's payload has left
-        its socket.
+        A request's key is its server's index, or ``(server, part)`` for the parts of a
+        push in parts (several requests to one server at once). Requests go to all
+        servers at once; with ``stagger``, whole pushes with a payload go one after the
+        other in ``send_order``, each once the previous one's payload has left its
+        socket (parts go at once: each is small, and every server answers them as they
+        arrive).
         """
-        order = [i for i in self.send_order if i in requests] if stagger else sorted(requests)
-        queued: list[tuple[int, _Pending]] = []
-        for i in order:
-            op, fields, payload = requests[i]
+        whole = [k for k in requests if isinstance(k, int)]
+        parts = sorted((k for k in requests if not isinstance(k, int)), key=lambda k: (k[1], k[0]))
+        order = [i for i in self.send_order if i in whole] if stagger else sorted(whole)
+        queued: list[tuple[Key, _Pending]] = []
+        for key in parts + order:
+            op, fields, payload = requests[key]
             self.rid += 1
-            queued.append(
-                (i, _Pending(self.rid, protocol.request(op, self.rid, **fields), payload, 0.0))
-            )
-        pending: dict[int, _Pending] = {}
-        done: dict[int, tuple[dict[str, Any], list[zmq.Frame]]] = {}
+            header = protocol.request(op, self.rid, **fields)
+            queued.append((key, _Pending(_server(key), self.rid, header, payload, 0.0)))
+        pending: dict[Key, _Pending] = {}
+        done: dict[Key, tuple[dict[str, Any], list[zmq.Frame]]] = {}
         leaving: list[_Leaving] = []  # staggered payloads not yet out of their sockets
         while queued or pending:
-            while queued and self._may_leave(leaving, queued[0][0]):
-                i, p = queued.pop(0)
+            while queued and self._may_leave(leaving, _server(queued[0][0])):
+                key, p = queued.pop(0)
                 now = time.monotonic()
-                tracker = self._send(i, p, now, track=stagger and bool(p.payload))
-                pending[i] = p
+                track = stagger and isinstance(key, int) and bool(p.payload)
+                tracker = self._send(p, now, track=track)
+                pending[key] = p
                 if tracker is not None and queued:
-                    leaving.append(_Leaving(i, tracker, now, sum(map(_nbytes, p.payload))))
+                    leaving.append(_Leaving(key, tracker, now, sum(map(_nbytes, p.payload))))
             if pending:
                 self._poll_once(pending, done, max_wait_s=0.001 if queued else None)
             elif queued:
@@ -562,86 +669,97 @@ class ParameterClient:
             fastest_bytes_per_s=self.fastest_bytes_per_s,
         )
 
-    def _send(
-        self, i: int, p: _Pending, now: float, track: bool = False
-    ) -> zmq.MessageTracker | None:
+    def _send(self, p: _Pending, now: float, track: bool = False) -> zmq.MessageTracker | None:
         # Never block here: a DEALER has no pipe to queue on while its connection is
         # down (a refused CURVE handshake tears it down at once), and a blocking send
         # would then wait forever. A request that could not be queued times out and is
         # retried like one whose reply was lost.
         tracker = None
         try:
-            tracker = self.sockets[i].send_multipart(
+            tracker = self.sockets[p.server].send_multipart(
                 [p.header, *p.payload], flags=zmq.NOBLOCK, copy=False, track=track
             )
         except zmq.Again:
+            address = self.cfg.servers[p.server]
             log.debug(
-                "server %d (%s) not connected; request %d not queued", i, self.cfg.servers[i], p.rid
+                "server %d (%s) not connected; request %d not queued", p.server, address, p.rid
             )
         p.deadline = now + self.cfg.timeout_s
         p.resend_at = None
         return tracker if track else None
 
     def _poll_once(
-        self, pending: dict[int, _Pending], done: dict, max_wait_s: float | None = None
+        self, pending: dict[Key, _Pending], done: dict, max_wait_s: float | None = None
     ) -> None:
         now = time.monotonic()
         wake = min(p.resend_at if p.resend_at is not None else p.deadline for p in pending.values())
         if max_wait_s is not None:
             wake = min(wake, now + max_wait_s)
+        listening = {p.server for p in pending.values() if p.resend_at is None}
         poller = zmq.Poller()
-        for i, p in pending.items():
-            if p.resend_at is None:
-                poller.register(self.sockets[i], zmq.POLLIN)
-        ready = dict(poller.poll(max(0.0, wake - now) * 1000)) if poller.sockets else {}
-        if not poller.sockets:
+        for i in listening:
+            poller.register(self.sockets[i], zmq.POLLIN)
+        ready = dict(poller.poll(max(0.0, wake - now) * 1000)) if listening else {}
+        if not listening:
             time.sleep(max(0.0, wake - now))
-        for i in list(pending):
+        for i in listening:
             if self.sockets[i] in ready:
                 self._receive(i, pending, done)
         now = time.monotonic()
-        for i, p in list(pending.items()):
+        for p in list(pending.values()):
             if p.resend_at is not None and now >= p.resend_at:
-                self._send(i, p, now)
+                self._send(p, now)
             elif p.resend_at is None and now >= p.deadline:
-                self._retry_later(i, p, now)
+                self._retry_later(p.server, pending, now)
 
-    def _receive(self, i: int, pending: dict[int, _Pending], done: dict) -> None:
-        frames = self.sockets[i].recv_multipart(copy=False)
-        try:
-            header = protocol.decode(frames[0].buffer)
-        except ProtocolError as exc:
-            log.warning("dropping undecodable reply from server %d: %s", i, exc)
-            return
-        if header.get("rid") != pending[i].rid:
-            return  # a late reply to a request we already retried
-        del pending[i]
-        if not header.get("ok"):
-            raise ServerRefused(
-                i, self.cfg.servers[i], str(header.get("error")), str(header.get("message"))
-            )
-        done[i] = (header, frames[1:])
+    def _receive(self, i: int, pending: dict[Key, _Pending], done: dict) -> None:
+        """Every reply waiting on server ``i``'s socket, matched to its request."""
+        waiting = {p.rid: k for k, p in pending.items() if p.server == i}
+        while waiting:
+            try:
+                frames = self.sockets[i].recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                header = protocol.decode(frames[0].buffer)
+            except ProtocolError as exc:
+                log.warning("dropping undecodable reply from server %d: %s", i, exc)
+                continue
+            key = waiting.pop(header.get("rid"), None)
+            if key is None:
+                continue  # a late reply to a request we already retried
+            del pending[key]
+            if not header.get("ok"):
+                raise ServerRefused(
+                    i, self.cfg.servers[i], str(header.get("error")), str(header.get("message"))
+                )
+            done[key] = (header, frames[1:])
 
-    def _retry_later(self, i: int, p: _Pending, now: float) -> None:
-        p.attempts += 1
-        if p.attempts > self.cfg.retries:
+    def _retry_later(self, i: int, pending: dict[Key, _Pending], now: float) -> None:
+        """Server ``i`` did not answer in time: reopen its socket (which drops what was
+        queued on it) and send every request still waiting on it again after a back-off."""
+        waiting = [p for p in pending.values() if p.server == i and p.resend_at is None]
+        attempts = max(p.attempts for p in waiting) + 1
+        if attempts > self.cfg.retries:
             raise ServerUnavailable(
-                f"no answer from server {i} ({self.cfg.servers[i]}) after {p.attempts} tries "
+                f"no answer from server {i} ({self.cfg.servers[i]}) after {attempts} tries "
                 f"of {self.cfg.timeout_s:g} s: unreachable or not authorised"
             )
         self.retries_total += 1
-        backoff = min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2 ** (p.attempts - 1))
+        backoff = min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2 ** (attempts - 1))
         log.warning(
             "server %d (%s) did not answer in %g s; reconnecting, retry %d/%d in %g s",
             i,
             self.cfg.servers[i],
             self.cfg.timeout_s,
-            p.attempts,
+            attempts,
             self.cfg.retries,
             backoff,
         )
         self._reopen(i)
-        p.resend_at = now + backoff
+        for p in [p for p in pending.values() if p.server == i]:
+            p.attempts = attempts
+            p.resend_at = now + backoff
 
 
 def cut_ranges(

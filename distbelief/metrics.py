@@ -201,6 +201,16 @@ class ShardMetrics:
         self.open_steps = Gauge(
             p + "open_steps", "Steps pushed in pieces held now, not yet committed", registry=r
         )
+        # pushes over the wire in parts, each applied as it arrives (server/parts.py)
+        self.push_parts = Counter(
+            p + "push_parts", "Parts of pushes applied (pushes in parts over the wire)", registry=r
+        )
+        self.partial_pushes = Counter(
+            p + "partial_pushes",
+            "Pushes in parts that never completed (their replica stopped between parts): "
+            "the parts that came stay applied, the push is not counted",
+            registry=r,
+        )
         # shard 0's data dispatcher (server/dispatch.py); zero on the other shards
         self.chunks = Counter(
             p + "chunks",

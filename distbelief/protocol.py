@@ -20,7 +20,8 @@ servers always keep and update float32, the narrower types only save wire bytes.
 (:mod:`distbelief.shm`); such a push or pull carries no payload frame.
 
 - ``hello``  {fingerprint?, shm?} -> {fingerprint, index, start, stop, total, version,
-             hparams, model, num_classes, num_shards, arrival, shm_token? | shm_error?}
+             hparams, model, num_classes, num_shards, arrival, parts,
+             shm_token? | shm_error?}
              (``arrival``: how many clients connected before; a client starts its
              staggered pushes at that position)
              (without ``fingerprint``: nothing is checked; a client that does not know
@@ -29,9 +30,10 @@ servers always keep and update float32, the narrower types only save wire bytes.
              (with ``shm``: written into that shared-memory segment, no payload; with
              ``ranges``: the weights over those ranges only, concatenated)
 - ``push``   {worker, seq, base_version, examples, dtype, shm?, progress?, pull?,
-             ranges?, group?} + gradient of the range (with ``shm``: read from that
-             segment, no payload)
-             -> {version, applied, staleness, revoked?, generation?, pull?, held?}; a
+             ranges?, group?, part?, parts?} + gradient of the range (with ``shm``:
+             read from that segment, no payload)
+             -> {version, applied, staleness, revoked?, generation?, pull?, held?,
+             complete?}; a
              repeated (worker, seq) changes nothing. With ``pull`` (a dtype) the reply also
              carries the weights after the update, as a ``pull`` would (one round trip
              instead of two; with ``shm``: written into the segment, no payload).
@@ -39,6 +41,20 @@ servers always keep and update float32, the narrower types only save wire bytes.
              dispatcher once the push is applied; ``revoked`` lists the chunks named
              there that are no longer the worker's, ``generation`` the dispatcher's
              (``distbelief.server.dispatch``)
+
+A push with ``part`` and ``parts`` (``0 <= part < parts``) carries only the part-th
+part of the server's range, cut by :func:`part_range` (``parts`` parts of equal size,
+each a multiple of ``PART_ALIGN`` elements but the last). The server applies each part
+as it arrives, with the rate and momentum the push's first arriving part fixed (its
+staleness), and answers it at once, with ``pull`` the weights of that part after the
+update: the link then uploads the next parts while the first ones come back, to every
+shard at once. The push counts once (version, examples, ``progress``, which must come
+with part 0 if at all) when its last part is applied; that part's reply says
+``complete: true``. A repeated part changes nothing. Parts of a push that never
+completes (its replica died between them) stay applied and are counted as a
+``partial_push``. Only to a server whose ``hello`` said ``parts: true`` (an update
+rule that works element by element: not with dc-asgd or gap-aware, nor adagrad); not
+with ``shm`` or ``ranges``.
 
 ``ranges`` ([[lo, hi], ...], at most ``MAX_RANGES``): absolute positions ``[lo, hi)`` of
 the flat vector, each inside the server's ``[start, stop)``, sorted ascending and not
@@ -93,6 +109,10 @@ MAX_HEADER_BYTES = 64 * 1024
 _MAX_STR = 4096
 _MAX_CONTAINER = 256
 MAX_RANGES = 64  # [lo, hi] pairs in one push's or pull's ``ranges`` (a stage's layers)
+# a push's parts start at multiples of this many elements: the fused update's vector
+# loop then meets every element as it would over the whole range (bit for bit)
+PART_ALIGN = 1024
+MAX_PARTS = 4096  # parts of one push to one server
 
 OPS = ("hello", "pull", "push", "commit", "stats", "save", "chunk")
 ERRORS = (
@@ -154,6 +174,8 @@ REQUEST_FIELDS: dict[str, dict[str, Field]] = {
         "pull": Field(str, required=False, choices=tuple(DTYPES)),
         "ranges": Field(list, required=False),
         "group": Field(str, required=False),  # required with ranges (the shard checks)
+        "part": Field(int, required=False, minimum=0),  # with parts (the shard checks)
+        "parts": Field(int, required=False, minimum=1),
     },
     "commit": {
         "group": Field(str),
@@ -259,6 +281,29 @@ def error_reply(rid: Any, code: str, message: str) -> bytes:
     return encode(
         {"v": PROTOCOL_VERSION, "rid": rid, "ok": False, "error": code, "message": message[:1000]}
     )
+
+
+def part_range(size: int, parts: int, part: int) -> tuple[int, int]:
+    """``[lo, hi)`` of the ``part``-th of ``parts`` parts of a range of ``size``
+    elements: equal parts rounded up to ``PART_ALIGN`` elements, the last one shorter
+    (empty when ``parts`` exceeds what the range needs)."""
+    step = _part_step(size, parts)
+    return min(size, part * step), min(size, (part + 1) * step)
+
+
+def parts_for(size: int, nbytes: int, part_bytes: int) -> int:
+    """How many parts a push of ``size`` elements taking ``nbytes`` on the wire needs
+    so that none is over ``part_bytes`` (and none empty)."""
+    wanted = max(1, min(MAX_PARTS, _ceil_div(nbytes, part_bytes)))
+    return max(1, _ceil_div(size, _part_step(size, wanted)))
+
+
+def _part_step(size: int, parts: int) -> int:
+    return _ceil_div(_ceil_div(size, parts), PART_ALIGN) * PART_ALIGN
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def wire_bytes(dtype: str, count: int) -> int:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.sgd import sgd as functional_sgd
 
 RULES = ("momentum", "nesterov", "adagrad")
 ADAGRAD_EPS = 1e-10  # torch.optim.Adagrad's default
@@ -65,9 +66,14 @@ class Schedule:
 
 
 class UpdateRule:
-    """A torch optimizer over one flat parameter; ``apply`` is one optimizer step."""
+    """A torch optimizer over one flat parameter; ``apply`` is one optimizer step.
+
+    A rule that works element by element (``by_range``) also steps a part of the
+    parameter alone (``apply_range``), bit for bit as a whole step would treat it when
+    the part starts at a multiple of ``protocol.PART_ALIGN``."""
 
     name = "base"
+    by_range = False
 
     def __init__(self, weights: torch.Tensor, **hyper: float) -> None:
         self.param = nn.Parameter(weights, requires_grad=True)
@@ -88,6 +94,10 @@ class UpdateRule:
         self.optimizer.step()
         self.param.grad = None  # the gradient buffer belongs to the caller
 
+    def apply_range(self, grad: torch.Tensor, lo: int, hi: int, lr: float) -> None:
+        """One step of ``[lo, hi)`` alone from ``grad`` (its gradient, float32)."""
+        raise NotImplementedError(f"the {self.name} rule steps the whole slice only")
+
     def state(self) -> dict[str, torch.Tensor]:
         """The optimizer's per-parameter tensors (for checkpoints), zero before any step."""
         raise NotImplementedError
@@ -107,6 +117,7 @@ def _with_fused(factory, param: nn.Parameter, **kwargs) -> torch.optim.Optimizer
 class Momentum(UpdateRule):
     name = "momentum"
     nesterov = False
+    by_range = True
 
     def _build(self, param: nn.Parameter, hyper: dict) -> torch.optim.Optimizer:
         momentum = hyper["momentum"]
@@ -114,13 +125,36 @@ class Momentum(UpdateRule):
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
         if self.nesterov and momentum == 0:
             raise ValueError("nesterov needs a momentum above 0")
-        return _with_fused(
+        optimizer = _with_fused(
             torch.optim.SGD,
             param,
             lr=1.0,
             momentum=momentum,
             weight_decay=hyper["weight_decay"],
             nesterov=self.nesterov,
+        )
+        if momentum:  # zeros, not absent: a part's step and a whole step share one buffer
+            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param.data)
+        return optimizer
+
+    def apply_range(self, grad: torch.Tensor, lo: int, hi: int, lr: float) -> None:
+        # torch's functional SGD, the very function the optimizer's step calls, over
+        # views of the part: no optimizer object per part
+        group = self.optimizer.param_groups[0]
+        momentum = group["momentum"]
+        buffers = [self.optimizer.state[self.param]["momentum_buffer"][lo:hi] if momentum else None]
+        functional_sgd(
+            [self.param.data[lo:hi]],
+            [grad],
+            buffers,
+            fused=group["fused"],
+            foreach=group["foreach"],
+            weight_decay=group["weight_decay"],
+            momentum=momentum,
+            lr=lr,
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
         )
 
     def state(self) -> dict[str, torch.Tensor]:

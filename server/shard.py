@@ -32,6 +32,7 @@ from distbelief.tuning import keep_freed_memory
 
 from .checkpoints import ShardCheckpointer
 from .dispatch import DispatchConfig, Dispatcher, parse_progress
+from .parts import Stream, Streams, describe_partial
 from .pieces import Assembler, Commits, Committed, Piece, Ranges, Step, parse_ranges
 from .rules import RULES, Schedule, make_rule
 from .service import Service, ServiceLoop, SnapshotPool, expect_payload, frame_bytes
@@ -187,6 +188,7 @@ class Shard(Service):
             timeout_s=cfg.piece_timeout_s,
         )
         self.commits = Commits()  # the last step applied per replica group
+        self.streams = Streams(timeout_s=cfg.piece_timeout_s)  # pushes in parts, under way
         self.push_bytes: OrderedDict[str, int] = OrderedDict()  # worker -> payload bytes
         self.metrics = ShardMetrics(new_registry("shard"))
         self.metrics.parameters.set(self.size)
@@ -232,6 +234,7 @@ class Shard(Service):
                 num_classes=self.cfg.num_classes,
                 num_shards=self.cfg.num_shards,
                 arrival=arrival,
+                parts=self.updater.by_range,
                 **shm,
             )
         ]
@@ -307,6 +310,8 @@ class Shard(Service):
 
     def _on_push(self, header: dict, payload: list) -> list[Any]:
         began = time.perf_counter()
+        if "part" in header or "parts" in header:
+            return self._push_part(header, payload, began)
         ranges = self._ranges(header)
         body = self._push_body(header, payload, ranges)
         worker, seq = header["worker"], header["seq"]
@@ -349,9 +354,11 @@ class Shard(Service):
         # a late piece of a step applied without it must not open that step again
         return piece and self.commits.applied(header["group"], header["seq"]) is not None
 
-    def _push_body(self, header: dict, payload: list, ranges: Ranges | None) -> Any:
-        """The push's gradient bytes, checked against its range and dtype; None through
-        shared memory."""
+    def _push_body(
+        self, header: dict, payload: list, ranges: Ranges | None, part: tuple[int, int] = None
+    ) -> Any:
+        """The push's gradient bytes, checked against its range (or ``part``, ``[lo,
+        hi)``) and dtype; None through shared memory."""
         dtype, shm = header["dtype"], header.get("shm")
         expect_payload(payload, 0 if shm else 1)
         if shm and dtype != "f32":
@@ -360,11 +367,15 @@ class Shard(Service):
             return None
         body = frame_bytes(payload[0])
         count = self.size if ranges is None else sum(hi - lo for lo, hi in ranges)
+        if part is not None:
+            count = part[1] - part[0]
         expected = protocol.wire_bytes(dtype, count)
         if len(body) != expected:
             holds = f"shard {self.cfg.index} holds {self.size}"
             if ranges is not None:
                 holds = f"its ranges hold {count}"
+            if part is not None:
+                holds = f"part {header['part']} of {header['parts']} holds {count}"
             raise ProtocolError(
                 "bad_size",
                 f"gradient of {len(body)} bytes; {holds} parameters = {expected} bytes as {dtype}",
@@ -491,12 +502,149 @@ class Shard(Service):
         self.metrics.observe_update(applied, self.updater)
         if self.padding:
             self.weights[-self.padding :] = 0  # whatever a client sent for it
+        revoked = self._count_step(
+            examples, staleness, pushed_by, progress, time.perf_counter() - began
+        )
+        return staleness, revoked
+
+    def _count_step(
+        self,
+        examples: int,
+        staleness: int,
+        pushed_by: list[tuple[str, int]],
+        progress: tuple[str, list] | None,
+        apply_s: float,
+    ) -> list[int]:
+        """Count one replica step applied (whole, or its last part); return the chunks
+        the dispatcher revoked."""
         for worker, seq in pushed_by:  # every stage's (worker, seq): its retries are duplicates
             self._remember_push(worker, seq)
         self._count_push(examples, staleness)
         revoked = self.dispatcher.progress(*progress) if progress else []
-        self.metrics.apply_seconds.observe(time.perf_counter() - began)
-        return staleness, revoked
+        self.metrics.apply_seconds.observe(apply_s)
+        return revoked
+
+    def _push_part(self, header: dict, payload: list, began: float) -> list[Any]:
+        """One part of a push (``part`` of ``parts``): applied at once with the rate and
+        momentum its push's first part fixed, answered with its weights after the update
+        (with ``pull``); the push counts when its last part is applied
+        (server/parts.py)."""
+        lo, hi = self._part_range(header)
+        body = self._push_body(header, payload, None, part=(lo, hi))
+        worker, seq, part = header["worker"], header["seq"], header["part"]
+        progress = None
+        if self.dispatcher is not None and "progress" in header:
+            progress = parse_progress(header["progress"])  # refused before anything is applied
+        stream = self.streams.find(worker, seq)
+        stale = seq <= self.last_seq.get(worker, -1) or self.streams.newer(worker, seq)
+        if stale or (stream is not None and part in stream.done):
+            self.counts["duplicates"] += 1
+            self.metrics.duplicates.inc()
+            return self._part_reply(header, (lo, hi), applied=False, stream=stream)
+        if stream is not None and stream.parts != header["parts"]:
+            raise ProtocolError(
+                "bad_field",
+                f"push {seq} of worker {worker} came in {stream.parts} parts, "
+                f"this part says {header['parts']}",
+            )
+        if header["dtype"] == "f32":
+            grad = protocol.from_wire(body, "f32")
+        else:
+            grad = self.grad[lo:hi].copy_(protocol.from_wire(body, header["dtype"]))
+        _check_finite(grad)
+        if stream is None:
+            stream = self._open_stream(header)
+        if progress:
+            stream.progress = (worker, progress)
+        self.updater.step(grad, stream.applied, lo, hi)
+        if self.padding and hi > self.size - self.padding:
+            self.weights[-self.padding :] = 0
+        self.streams.applied(stream, part, time.perf_counter() - began)
+        self.metrics.push_parts.inc()
+        revoked = None
+        if stream.complete:
+            revoked = self._count_step(
+                stream.examples, stream.staleness, [(worker, seq)], stream.progress, stream.apply_s
+            )
+        return self._part_reply(header, (lo, hi), applied=True, stream=stream, revoked=revoked)
+
+    def _part_range(self, header: dict) -> tuple[int, int]:
+        """``[lo, hi)`` of a push's part in this shard's range, the request checked."""
+        if "part" not in header or "parts" not in header:
+            raise ProtocolError("bad_field", "a push in parts needs both 'part' and 'parts'")
+        part, parts = header["part"], header["parts"]
+        if not part < parts <= protocol.MAX_PARTS:
+            raise ProtocolError(
+                "bad_field",
+                f"part {part} of {parts}: needs 0 <= part < parts <= {protocol.MAX_PARTS}",
+            )
+        if "shm" in header or "ranges" in header:
+            raise ProtocolError(
+                "bad_field", "parts travel over the wire only, not with shm or ranges"
+            )
+        if not self.updater.by_range:
+            raise ProtocolError(
+                "not_available",
+                f"shard {self.cfg.index} applies whole pushes only (rule {self.cfg.rule}, "
+                f"policy {self.cfg.staleness.policy}): its hello said parts false",
+            )
+        lo, hi = protocol.part_range(self.size, parts, part)
+        if lo >= hi:
+            raise ProtocolError(
+                "bad_field",
+                f"part {part} of {parts} of shard {self.cfg.index}'s {self.size} is empty",
+            )
+        return lo, hi
+
+    def _open_stream(self, header: dict) -> Stream:
+        """A push's first arriving part: its staleness, rate and momentum, fixed now."""
+        staleness = max(0, self.version - header["base_version"])
+        applied = self.updater.begin(examples_before=self.examples, staleness=staleness)
+        self.metrics.observe_update(applied, self.updater)
+        now = time.monotonic()
+        stream = Stream(
+            worker=header["worker"],
+            seq=header["seq"],
+            parts=header["parts"],
+            applied=applied,
+            staleness=staleness,
+            base_version=header["base_version"],
+            examples=header["examples"],
+            began=now,
+            touched=now,
+        )
+        for dropped in self.streams.open(stream):
+            self._partial(dropped)
+        return stream
+
+    def _partial(self, stream: Stream) -> None:
+        log.warning("%s", describe_partial(stream, self.cfg.index))
+        self.metrics.partial_pushes.inc()
+
+    def _part_reply(
+        self,
+        header: dict,
+        part: tuple[int, int],
+        *,
+        applied: bool,
+        stream: Stream | None,
+        revoked: list[int] | None = None,
+    ) -> list[Any]:
+        """A part's reply: the push's staleness, ``complete`` on its last part, and with
+        ``pull`` the part's weights after the update."""
+        more: dict[str, Any] = {"complete": applied and stream is not None and stream.complete}
+        if revoked:
+            more |= {"revoked": revoked, "generation": self.dispatcher.generation}
+        frames = []
+        if "pull" in header:
+            more["pull"], frames = self._weights_out(None, header["pull"], [part])
+        staleness = stream.staleness if stream is not None else 0
+        return [
+            protocol.reply(
+                header["rid"], version=self.version, applied=applied, staleness=staleness, **more
+            ),
+            *frames,
+        ]
 
     def _update_reply(
         self,
@@ -573,6 +721,8 @@ class Shard(Service):
                 self.metrics.observe_dispatch(self.dispatcher)
             self.forget_silent_workers(now)
             self.unmap_idle_segments(now)
+        for stream in self.streams.expired(now):
+            self._partial(stream)
         expired = self.assembler.expired(now)
         for step in expired:  # nothing to answer: its pieces were answered held
             log.warning("%s", self.assembler.expired_message(step))
@@ -655,6 +805,8 @@ class Shard(Service):
             "pieces": self.assembler.received,
             "incomplete_steps": self.assembler.dropped,
             "open_steps": len(self.assembler.steps),
+            "parts": self.streams.parts,
+            "partial_pushes": self.streams.partial,
             "push_bytes": dict(self.push_bytes),
             "rejected": dict(self.rejected),
             "hparams": self.cfg.hparams(),

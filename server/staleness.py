@@ -176,6 +176,32 @@ class Updater:
         self, grad: torch.Tensor, *, examples_before: int, staleness: int, base_version: int
     ) -> Applied:
         """One push: adjust for its staleness, step the rule. ``grad`` is read only."""
+        applied = self.begin(examples_before=examples_before, staleness=staleness)
+        policy = self.cfg.policy
+        if policy == "dc-asgd":
+            grad = self._dc_asgd(grad, staleness, base_version, applied)
+        elif policy == "gap-aware":
+            grad = self._gap_aware(grad, staleness, base_version, applied)
+        if self.previous is not None:
+            self.previous.copy_(self.weights)
+        self.rule.apply(grad, applied.lr)
+        if self.previous is not None:  # gap-aware's C: running mean size of one update
+            g = self.cfg.gap_decay
+            step = self.previous.sub_(self.weights).abs_()
+            self.mean_step.mul_(g).add_(step, alpha=1 - g)
+        return applied
+
+    @property
+    def by_range(self) -> bool:
+        """Whether a push may be applied part by part (:meth:`begin`, :meth:`step`): the
+        rule works element by element and the policy changes only the rate and momentum
+        (not dc-asgd or gap-aware, which read the whole slice's history)."""
+        return self.rule.by_range and self.history is None
+
+    def begin(self, *, examples_before: int, staleness: int) -> Applied:
+        """The rate and momentum of one push, from its staleness (the running mean
+        staleness moves once per push); :meth:`step` or the whole :meth:`apply` uses
+        them."""
         d = self.cfg.staleness_decay
         self.mean_staleness = d * self.mean_staleness + (1 - d) * staleness
         lr = self.schedule.lr_at(examples_before)
@@ -192,19 +218,16 @@ class Updater:
                 )
         elif policy == "lr-scale":
             applied.lr = lr / max(1, staleness)
-        elif policy == "dc-asgd":
-            grad = self._dc_asgd(grad, staleness, base_version, applied)
-        elif policy == "gap-aware":
-            grad = self._gap_aware(grad, staleness, base_version, applied)
-        if self.previous is not None:
-            self.previous.copy_(self.weights)
-        self.rule.apply(grad, applied.lr)
-        if self.previous is not None:  # gap-aware's C: running mean size of one update
-            g = self.cfg.gap_decay
-            step = self.previous.sub_(self.weights).abs_()
-            self.mean_step.mul_(g).add_(step, alpha=1 - g)
         self.last = applied
         return applied
+
+    def step(self, grad: torch.Tensor, applied: Applied, lo: int, hi: int) -> None:
+        """Apply the part ``[lo, hi)`` of a push begun with :meth:`begin` (``grad``: its
+        gradient), with that push's rate and momentum: the parts of pushes from several
+        replicas may arrive interleaved. Only when :attr:`by_range`."""
+        if applied.momentum is not None:
+            self.rule.optimizer.param_groups[0]["momentum"] = applied.momentum
+        self.rule.apply_range(grad, lo, hi, applied.lr)
 
     def _lr_share(self, examples: int, staleness: int, momentum: float) -> float:
         """async-momentum-lr's share of the rate, ramped from the stable share after

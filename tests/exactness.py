@@ -1,6 +1,6 @@
 """Run one worker through live shards beside torch.optim.SGD; print the comparison.
 
-``python -m tests.exactness RULE tcp://a,tcp://b [WARMUP_EPOCHS]`` (used by
+``python -m tests.exactness RULE tcp://a,tcp://b [WARMUP_EPOCHS [parts]]`` (used by
 tests/test_serve.py in a fresh interpreter; the shards may run any staleness policy:
 with one worker every push is fresh, and each policy is then the plain rule). The
 reference trainer's loop (``torch.optim.SGD`` over the flat parameters, same seed,
@@ -8,6 +8,8 @@ batches, dropout masks, hyper-parameters and schedule, warm-up included) runs on
 own beside the worker, and after every step the weights the worker pulls from the
 shards are compared with the reference's. Prints JSON: how many steps matched bit for
 bit, the largest relative difference, and the shards' versions, examples and rate.
+With ``parts`` the worker's push-and-pulls go in parts of ``PART_BYTES`` (each applied
+as it arrives, where the shard can: server/parts.py), over loopback too.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ BATCH = 8
 STEPS = 30
 DATASET_SIZE = 32  # tiny, so the 0.96 step schedule kicks in every 2 steps (decay epochs 0.5)
 HP = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.0005}
+PART_BYTES = 1 << 20  # 12 parts of each shard's 3 M parameters
 
 
-def compare(rule: str, addresses: list[str], warmup_epochs: float = 0.0) -> dict:
+def compare(
+    rule: str, addresses: list[str], warmup_epochs: float = 0.0, parts: bool = False
+) -> dict:
     """Train one worker through the shards and, beside it, the reference trainer's
     ``torch.optim.SGD`` on its own from the same seed, batches and schedule; after every
     step compare the weights the worker pulls with the reference's."""
@@ -61,7 +66,13 @@ def compare(rule: str, addresses: list[str], warmup_epochs: float = 0.0) -> dict
         warmup_epochs=warmup_epochs,
     )
     fresh, worst, exact_steps, examples = True, 0.0, 0, 0
-    cfg = ClientConfig(servers=tuple(addresses), timeout_s=60, retries=1)
+    cfg = ClientConfig(
+        servers=tuple(addresses),
+        timeout_s=60,
+        retries=1,
+        wire_parts="on" if parts else "off",
+        part_bytes=PART_BYTES,
+    )
     with ParameterClient(cfg, layout) as client:
         client.connect()
         client.pull(weights)
@@ -99,9 +110,13 @@ def compare(rule: str, addresses: list[str], warmup_epochs: float = 0.0) -> dict
         "versions": [s["version"] for s in stats],
         "examples": stats[0]["examples"],
         "lr": stats[0]["lr"],
+        "parts": [s["parts"] for s in stats],
+        "in_parts": client.in_parts,
+        "part_counts": client.part_counts,
     }
 
 
 if __name__ == "__main__":
     warmup = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
-    print(json.dumps(compare(sys.argv[1], sys.argv[2].split(","), warmup)))
+    parts = len(sys.argv) > 4 and sys.argv[4] == "parts"
+    print(json.dumps(compare(sys.argv[1], sys.argv[2].split(","), warmup, parts)))

@@ -24,8 +24,10 @@ import pytest
 
 from bench import netbed
 from bench.netbed import NetBed
+from distbelief import protocol
 from distbelief.client import (
     MAX_LEAVING,
+    PART_BYTES,
     SLOW_SLICE,
     beside_slow_slice,
     host_of,
@@ -167,9 +169,10 @@ def test_a_replica_on_a_slow_link_trains_at_the_links_speed(tmp_path):
     """A replica on a 500 Mbit/s link (both ways) to a host of two shards: it trains,
     retries nothing, and its exchanges take what the link's bound says plus a margin:
     at least the bytes over the rate (so the link, not the cores, was the limit), at
-    most the bound of push-and-pull with two shards (upload to one while the other
-    answers) with 30% and a second to spare. The shards are on another host, so the
-    replica's default `--wire-dtype auto` moves bf16: half the bytes of f32."""
+    most the bound of push-and-pull in parts (the upload of the later parts while the
+    first ones come back: one way's time and a little) with 30% and a second to spare.
+    The shards are on another host, so the replica's defaults `--wire-dtype auto` and
+    `--wire-parts auto` move bf16 (half the bytes of f32) in parts."""
     reason = netbed.available()
     if reason:
         pytest.fail(f"the test bed needs root and iproute2 (`make test` installs it): {reason}")
@@ -210,8 +213,15 @@ def test_a_replica_on_a_slow_link_trains_at_the_links_speed(tmp_path):
     # the first pull and the last push each move the vector one way; the pushes between
     # bring the weights back, the second shard's slice uploading while the first answers
     floor = (2 + (SLOW_STEPS - 1)) * link_s
-    bound = (2 + (SLOW_STEPS - 1) * 1.5) * link_s
+    bound = (2 + (SLOW_STEPS - 1) * 1.1) * link_s
     assert 0.9 * floor <= status["exchange_s"] <= 1.3 * bound + 1.0, (status, link_s)
+    # every push-and-pull went in parts (of 256 KiB of bf16: 40 a shard), none left partial
+    counts = [
+        protocol.parts_for(n, protocol.wire_bytes("bf16", n), PART_BYTES)
+        for n in (s["stop"] - s["start"] for s in stats)
+    ]
+    assert [s["parts"] for s in stats] == [(SLOW_STEPS - 1) * n for n in counts]
+    assert [s["partial_pushes"] for s in stats] == [0, 0]
 
 
 def test_a_slices_order_takes_hosts_in_turn_from_the_replicas_arrival():
@@ -242,7 +252,8 @@ def test_a_second_slice_leaves_only_beside_a_slow_one_to_another_host():
 
 def _fastest_slice_rate(servers: list[str]) -> float:
     """Push-and-pull three times from this process (outside the shards' host, so through
-    its rate-limited link, f32); the client's fastest timed slice, bytes per second."""
+    its rate-limited link, f32, whole slices one after the other: as to shards that
+    take no parts); the client's fastest timed slice, bytes per second."""
     import torch
 
     from distbelief.client import ClientConfig, ParameterClient
@@ -250,7 +261,9 @@ def _fastest_slice_rate(servers: list[str]) -> float:
     from distbelief.models import build_model
 
     layout = Layout.of(build_model("googlenet", 10), "googlenet")
-    cfg = ClientConfig(servers=tuple(servers), wire_dtype="f32", worker="rate-probe")
+    cfg = ClientConfig(
+        servers=tuple(servers), wire_dtype="f32", wire_parts="off", worker="rate-probe"
+    )
     weights, grads = torch.zeros(layout.total), torch.zeros(layout.total)
     with ParameterClient(cfg, layout) as client:
         client.connect()

@@ -32,20 +32,26 @@ def client_for(addresses, layout, **kw) -> ParameterClient:
 
 
 @pytest.mark.parametrize(
-    "rule,policy,warmup",
+    "rule,policy,warmup,parts",
     [
-        ("momentum", "none", 0.0),
-        ("nesterov", "none", 0.0),
+        ("momentum", "none", 0.0, False),
+        ("nesterov", "none", 0.0, False),
         # distbelief up's default policy, with a warm-up over the first 5 steps
         (
             "momentum",
             DEMO_STALENESS_POLICY,
             5 * BATCH / DATASET_SIZE,
+            False,
         ),
-        ("momentum", "dc-asgd", 0.0),
+        ("momentum", "dc-asgd", 0.0, False),
+        # push-and-pulls in parts, each applied as it arrives (server/parts.py)
+        ("nesterov", "none", 0.0, True),
+        ("momentum", DEMO_STALENESS_POLICY, 5 * BATCH / DATASET_SIZE, True),
+        # dc-asgd reads the whole slice's history: its shards take whole pushes only
+        ("momentum", "dc-asgd", 0.0, True),
     ],
 )
-def test_one_worker_through_two_shards_reproduces_torch_sgd(procs, rule, policy, warmup):
+def test_one_worker_through_two_shards_reproduces_torch_sgd(procs, rule, policy, warmup, parts):
     addresses = procs.serve(
         2,
         "--staleness-policy",
@@ -74,7 +80,15 @@ def test_one_worker_through_two_shards_reproduces_torch_sgd(procs, rule, policy,
     # the worker and the reference run in a fresh interpreter: CPU kernels other tests
     # warmed up in this process (oneDNN's primitive cache) must not be part of the result
     run = subprocess.run(
-        [sys.executable, "-m", "tests.exactness", rule, ",".join(addresses), str(warmup)],
+        [
+            sys.executable,
+            "-m",
+            "tests.exactness",
+            rule,
+            ",".join(addresses),
+            str(warmup),
+            "parts" if parts else "whole",
+        ],
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
@@ -89,6 +103,11 @@ def test_one_worker_through_two_shards_reproduces_torch_sgd(procs, rule, policy,
     assert result["versions"] == [STEPS, STEPS]
     assert result["examples"] == STEPS * BATCH
     assert result["lr"] == pytest.approx(HP["lr"] * 0.96 ** (STEPS * BATCH // 16))
+    # every other step is a push-and-pull: in parts where asked and the shards can
+    by_range = parts and policy != "dc-asgd"
+    assert result["in_parts"] == [by_range, by_range]
+    expected = [STEPS // 2 * n for n in result["part_counts"]] if by_range else [0, 0]
+    assert result["parts"] == expected
 
 
 def test_concurrent_clients_lose_nothing_and_apply_retries_once(procs):

@@ -80,6 +80,7 @@ class ReplicaConfig:
     fetch_every: int = 1
     push_every: int = 1
     wire_dtype: str = "auto"  # bf16 with shards on other hosts, f32 on this one
+    wire_parts: str = "auto"  # push-and-pull in parts with shards on other hosts
     overlap: bool = False
     # model parallelism (workers/pipeline.py): this replica split into ``stages``
     # processes, cut before the blocks ``stage_cuts`` (None: balanced on measured times)
@@ -241,6 +242,7 @@ class Replica:
                 timeout_s=cfg.timeout_s,
                 retries=cfg.retries,
                 wire_dtype=cfg.wire_dtype,
+                wire_parts=cfg.wire_parts,
                 worker=worker if stages is None else f"{cfg.group}-stage0",
                 curve=cfg.curve,
                 shared_memory=cfg.shared_memory and stages is None,

@@ -393,6 +393,16 @@ DOWNPOUR_SPECS = [
         ),
     ),
     (
+        "--wire-parts",
+        dict(
+            type=click.Choice(["auto", "on", "off"]),
+            default="auto",
+            help="Push-and-pull in parts of 256 KiB, each applied and answered as it "
+            "arrives (the upload and the download share the link); auto: with shards on "
+            "other hosts.",
+        ),
+    ),
+    (
         "--overlap/--no-overlap",
         dict(default=False, help="Push and pull in the background."),
     ),

@@ -162,7 +162,15 @@ def up(
     steps = kw["steps"] or int((kw["epochs"] or 1.0) * (len(train_set) // (batch_size * replicas)))
     start = int(average_from * steps * replicas / kw["push_every"])  # shard versions
     work_args = _flags(
-        kw, "fetch_every", "push_every", "wire_dtype", "steps", "epochs", "warm_start", "data_order"
+        kw,
+        "fetch_every",
+        "push_every",
+        "wire_dtype",
+        "wire_parts",
+        "steps",
+        "epochs",
+        "warm_start",
+        "data_order",
     )
     work_args += ["--batch-size", str(batch_size), "--overlap" if kw["overlap"] else "--no-overlap"]
     work_args += ["--shared-memory" if kw["shared_memory"] else "--no-shared-memory"]
