@@ -4,24 +4,29 @@ Runs on ``bench/netbed.py``'s test bed (network namespaces on a bridge, each hos
 link a token bucket of ``--rate-mbit`` both ways; needs root), in one run:
 
 1. **Exchange time** of the GoogLeNet vector (``--num-classes 1000``, f32: 13.4 M
-   parameters, 54 MB) for 1, 2, 4 shard hosts × 1, 2, 4 worker hosts. ``--shards`` (8)
-   shard processes (``distbelief serve --shard-index I``) are spread evenly over the
-   shard hosts; one client per worker host exchanges the whole vector ``--reps`` times,
-   all worker hosts at once: **separate** (a push, then a pull: two round trips, the
-   upload done before the download starts) and **combined** (a push whose reply brings
-   the weights back, its slices sent one shard after the other so that the link
-   uploads to one shard while the ones before answer). The bound: moving N bytes up
-   and N down over a full-duplex link of rate B takes at least N/B; a shard host's link
-   carries (worker hosts / shard hosts) × N each way, so the bound is N/B × max(1,
-   workers/shard hosts).
+   parameters, 54 MB) for 1, 2, 4 shard hosts × 1, 2, 4 worker hosts, one client per
+   worker host exchanging the whole vector ``--reps`` times, all worker hosts at once,
+   in three modes: **separate** (a push, then a pull: two round trips, the upload done
+   before the download starts), **combined** (a push whose reply brings the weights
+   back, whole slices sent one shard after the other so that the link uploads to one
+   shard while the ones before answer; against ``--shards`` (8) shard processes spread
+   over the shard hosts) and **parts** (the same push-and-pull in parts of
+   ``--part-kib``, every shard at once, each part applied and answered as it arrives;
+   against ``--parts-shards`` (1) shard process a shard host). The bound: moving N
+   bytes up and N down over a full-duplex link of rate B takes at least N/B; a shard
+   host's link carries (worker hosts / shard hosts) × N each way, so the bound is N/B ×
+   max(1, workers/shard hosts). "all hosts": the round from the first start to the
+   last end over the reps, against the same bound (fair to hosts served unevenly).
 2. **gloo all-reduce** (as DDP does each step) of the same vector among the same
-   worker hosts (2 and 4) on the same links; its bound is 2N(p−1)/(pB). Against the
-   parameter server's combined exchange with as many shard hosts as worker hosts
-   (BytePS's regime: the shard hosts bring their own links).
+   worker hosts (2 and 4) on the same links, in f32 (DDP's default) and bf16; its bound
+   is 2N(p−1)/(pB). Against the parameter server's push-and-pull in parts with as many
+   shard hosts as worker hosts (BytePS's regime: the shard hosts bring their own
+   links), in the same wire type.
 3. **A real replica**: ``distbelief work`` (synthetic data, 32 px, ``--push-every 4``;
-   f32 as it is, with ``--overlap``, and with ``--overlap --wire-dtype bf16``) against
-   ``distbelief serve --shards 2`` on another host over a ``--rate-mbit`` link, and the
-   same two processes on loopback; images/s of both and their ratio.
+   ``REPLICA_VARIANTS``: f32 as it is, with ``--overlap``, with ``--overlap
+   --wire-dtype bf16``, and that with whole slices) against ``distbelief serve
+   --shards --replica-shards`` (2) on another host over a ``--rate-mbit`` link, and
+   the same two processes on loopback; images/s of both and their ratio.
 
 Usage: ``python -m bench.wire [--rate-mbit 1000] [--reps 6] [--shard-hosts 1,2,4]
 [--worker-hosts 1,2,4] [--parts exchange,allreduce,replica]``; about 10 minutes at the
@@ -60,6 +65,8 @@ REPLICA_VARIANTS = {
     "plain": ["--wire-dtype", "f32"],
     "overlap": ["--overlap", "--wire-dtype", "f32"],
     "overlap-bf16": ["--overlap", "--wire-dtype", "bf16"],
+    # the same with whole slices one shard after the other (parts are on between hosts)
+    "overlap-bf16-whole": ["--overlap", "--wire-dtype", "bf16", "--wire-parts", "off"],
 }
 
 
@@ -111,14 +118,17 @@ def exchange_main(args: argparse.Namespace) -> None:
 
 
 def allreduce_main(args: argparse.Namespace) -> None:
-    """gloo all-reduce of the vector among ``--world`` hosts, ``--reps`` times."""
+    """gloo all-reduce of the vector (``--dtype``) among ``--world`` hosts, ``--reps``
+    times."""
     import torch
     import torch.distributed as dist
+
+    from distbelief import protocol
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
     try:
-        tensor = torch.full((args.size,), 1e-9)
+        tensor = torch.full((args.size,), 1e-9, dtype=protocol.DTYPES[args.dtype][0])
         spent = []
         for rep in range(args.reps + 1):
             dist.barrier()
@@ -218,15 +228,35 @@ def busy_fraction(before: list[int], after: list[int]) -> float:
     return 1.0 - (spent[3] + spent[4]) / max(1, sum(spent))  # idle + iowait
 
 
-def measure_exchange(args, hs: int, hw: int, tmp: Path) -> dict[str, float]:
+def measure_exchange(
+    args, hs: int, hw: int, tmp: Path, dtype: str | None = None, modes: list[str] | None = None
+) -> dict[str, float]:
+    """Each of ``modes`` (default ``--exchange-modes``) with ``hs`` shard hosts and
+    ``hw`` worker hosts: the exchange's median time, the whole round's (``<mode> all``),
+    retries and this machine's CPU use. Whole slices run against ``--shards`` shard
+    processes spread over the shard hosts (their pipeline needs several a host);
+    ``parts`` against ``--parts-shards`` a host (parts pipeline within one shard, and
+    fewer flows a host burst less into its link's queue)."""
+    modes = modes or args.exchange_modes.split(",")
+    layouts = [(args.shards, [m for m in modes if m != "parts"])]
+    layouts.append((args.parts_shards * hs, [m for m in modes if m == "parts"]))
+    row: dict[str, float] = {"retries": 0, "cpu_busy": 0.0}
+    for shards, group in (layout for layout in layouts if layout[1]):
+        got = _measure_modes(args, hs, hw, tmp, dtype or args.dtype, group, shards)
+        row["retries"] += got.pop("retries")
+        row["cpu_busy"] = max(row["cpu_busy"], got.pop("cpu_busy"))
+        row |= got
+    return row
+
+
+def _measure_modes(args, hs, hw, tmp, dtype, modes, shards) -> dict[str, float]:
     shard_hosts = [f"ps{i}" for i in range(hs)]
     workers = [f"w{i}" for i in range(hw)]
-    modes = args.exchange_modes.split(",")
     with NetBed([*shard_hosts, *workers], rate_mbit=args.rate_mbit) as bed:
-        servers = start_shards(bed, shard_hosts, args.shards, args.num_classes, tmp)
+        servers = start_shards(bed, shard_hosts, shards, args.num_classes, tmp)
         argv = [*HERE, "exchange", "--servers", ",".join(servers), "--reps", str(args.reps)]
         argv += ["--num-classes", str(args.num_classes), "--modes", ",".join(modes)]
-        argv += ["--dtype", "f32", "--part-kib", str(args.part_kib)]
+        argv += ["--dtype", dtype, "--part-kib", str(args.part_kib)]
         results = run_all(bed, workers, [argv] * hw, tmp, modes)
     row = {}
     for mode in modes:
@@ -241,7 +271,7 @@ def measure_exchange(args, hs: int, hw: int, tmp: Path) -> dict[str, float]:
     return row
 
 
-def measure_allreduce(args, hw: int, size: int, tmp: Path) -> float:
+def measure_allreduce(args, hw: int, size: int, tmp: Path, dtype: str = "f32") -> float:
     workers = [f"w{i}" for i in range(hw)]
     with NetBed(workers, rate_mbit=args.rate_mbit) as bed:
         init = f"tcp://{bed.addresses['w0']}:{GLOO_PORT}"
@@ -249,7 +279,7 @@ def measure_allreduce(args, hw: int, size: int, tmp: Path) -> float:
         for rank, host in enumerate(workers):
             argv = ["env", f"GLOO_SOCKET_IFNAME={bed.devices[host][1]}", *HERE, "allreduce"]
             argv += ["--init", init, "--rank", str(rank), "--world", str(hw)]
-            argv += ["--size", str(size), "--reps", str(args.reps)]
+            argv += ["--size", str(size), "--reps", str(args.reps), "--dtype", dtype]
             argvs.append(argv)
         results = run_all(bed, workers, argvs, tmp)
     return statistics.median(t for r in results for t in r["times"])
@@ -358,16 +388,25 @@ def main(argv: list[str] | None = None) -> int:
         ("--world", int),
         ("--size", int),
         ("--reps", int),
+        ("--dtype", str),
         ("--out", str),
     ):
         ar.add_argument(name, type=kind, required=True)
     parser.add_argument("--rate-mbit", type=float, default=1000.0)
     parser.add_argument("--reps", type=int, default=6)
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--shards", type=int, default=8, help="shard processes in all")
+    parser.add_argument(
+        "--shards", type=int, default=8, help="shard processes in all, whole-slice modes"
+    )
+    parser.add_argument(
+        "--parts-shards", type=int, default=1, help="shard processes a shard host, parts mode"
+    )
     parser.add_argument("--shard-hosts", default="1,2,4")
     parser.add_argument("--worker-hosts", default="1,2,4")
     parser.add_argument("--parts", default="exchange,allreduce,replica")
+    parser.add_argument(
+        "--dtype", default="f32", help="of the exchange part (the bound is always f32's N/B)"
+    )
     parser.add_argument(
         "--part-kib", type=int, default=PART_BYTES // 1024, help="parts mode: KiB per part"
     )
@@ -400,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{size:,} parameters, N = {n_bytes / 1e6:.1f} MB as f32, N/B = {link_s * 1e3:.0f} ms; "
         f"{args.shards} shards, {args.reps} reps, medians"
     )
-    combined: dict[tuple[int, int], float] = {}
+    in_parts: dict[tuple[int, int], float] = {}
     with tempfile.TemporaryDirectory(prefix="db-wire-") as tmp_name:
         tmp = Path(tmp_name)
         if "exchange" in parts:
@@ -415,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                 for hw in (int(h) for h in args.worker_hosts.split(",")):
                     row = measure_exchange(args, hs, hw, tmp)
                     bound = link_s * max(1.0, hw / hs)
-                    combined[hs, hw] = min(row[m] for m in modes if m != "separate")
+                    if "parts" in row:
+                        in_parts[hs, hw] = row["parts"]
                     cells = " | ".join(
                         f"{row[m] * 1e3:.0f} ms | {row[m] / bound:.2f} | "
                         f"{row[m + ' all'] / bound:.2f}"
@@ -428,19 +468,22 @@ def main(argv: list[str] | None = None) -> int:
                     )
         if "allreduce" in parts:
             print(
-                "| worker hosts | gloo all-reduce | its bound 2N(p-1)/(pB) "
-                "| PS push-and-pull (as many shard hosts, the faster mode) | PS / gloo |"
+                "| worker hosts | wire type | gloo all-reduce | its bound 2N(p-1)/(pB) "
+                "| PS push-and-pull in parts (as many shard hosts) | PS / gloo |"
             )
-            print("|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|")
             for hw in (int(h) for h in args.worker_hosts.split(",") if int(h) >= 2):
-                gloo = measure_allreduce(args, hw, size, tmp)
-                ps = combined.get((hw, hw))
-                ours = f"{ps * 1e3:.0f} ms | {ps / gloo:.2f}" if ps else "not measured | -"
-                print(
-                    f"| {hw} | {gloo * 1e3:.0f} ms | {2 * link_s * (hw - 1) / hw * 1e3:.0f} ms | "
-                    f"{ours} |",
-                    flush=True,
-                )
+                for dtype in ("f32", "bf16"):  # DDP's default; distbelief's between hosts
+                    gloo = measure_allreduce(args, hw, size, tmp, dtype)
+                    ps = in_parts.get((hw, hw)) if dtype == args.dtype else None
+                    if ps is None:
+                        ps = measure_exchange(args, hw, hw, tmp, dtype, ["parts"])["parts"]
+                    bound = 2 * link_s * (hw - 1) / hw * (0.5 if dtype == "bf16" else 1.0)
+                    print(
+                        f"| {hw} | {dtype} | {gloo * 1e3:.0f} ms | {bound * 1e3:.0f} ms | "
+                        f"{ps * 1e3:.0f} ms | {ps / gloo:.2f} |",
+                        flush=True,
+                    )
         if "replica" in parts:
             for name in args.replica_variants.split(","):
                 flags = REPLICA_VARIANTS[name]
