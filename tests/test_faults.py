@@ -94,7 +94,33 @@ def test_a_push_whose_reply_is_lost_is_retried_and_applied_once(procs):
     assert stats["pushes"] == 1 and stats["duplicates"] == 1
 
 
-def test_a_slow_flaky_network_costs_retries_not_updates(procs, tmp_path):
+def test_a_push_in_parts_whose_reply_is_lost_is_retried_and_applied_once(procs):
+    """The reply to one part of a push in parts is lost: the client reopens the socket
+    and sends every part still unanswered again; those the shard applied already are
+    answered, not applied again, and the push counts once."""
+    (shard,) = procs.serve(1, "--num-classes", str(NUM_CLASSES), *PLAIN_SGD)
+    layout, initial = initial_weights("googlenet", NUM_CLASSES, 0)
+    g = gradient(layout)
+    port = int(shard.rsplit(":", 1)[1])
+    with FaultProxy(port, lose_replies=1) as proxy:
+        cfg = ClientConfig(
+            servers=(proxy.address,), timeout_s=3, retries=3, backoff_s=0.2, wire_parts="on"
+        )
+        with ParameterClient(cfg, layout) as client:
+            client.connect()
+            weights = torch.empty(layout.total)
+            client.pull(weights)
+            (result,) = client.push(g, examples=1, pull_into=weights)
+            assert proxy.lost_replies == 1 and client.retries_total == 1
+            assert result.version == 1 and client.part_counts[0] > 1
+    torch.testing.assert_close(weights, initial - g, rtol=0, atol=0)  # once, not twice
+    (stats,) = probe_stats([shard], 10)
+    assert stats["pushes"] == 1 and stats["parts"] == client.part_counts[0]
+    assert stats["duplicates"] >= 1 and stats["partial_pushes"] == 0
+
+
+@pytest.mark.parametrize("wire_parts", ["auto", "on"])  # whole slices on loopback; parts
+def test_a_slow_flaky_network_costs_retries_not_updates(procs, tmp_path, wire_parts):
     addresses = procs.serve(2, "--num-classes", str(NUM_CLASSES))
     port = int(addresses[1].rsplit(":", 1)[1])
     status_dir = tmp_path / "status"
@@ -104,7 +130,18 @@ def test_a_slow_flaky_network_costs_retries_not_updates(procs, tmp_path):
     bad = {"latency_s": 0.005, "bandwidth": 100e6, "cut_mean_bytes": 100e6, "seed": 7}
     with FaultProxy(port, **bad) as proxy:
         servers = f"{addresses[0]},{proxy.address}"
-        proc = start_work(procs, servers, status_dir, steps, "--timeout-s", "3", "--retries", "30")
+        proc = start_work(
+            procs,
+            servers,
+            status_dir,
+            steps,
+            "--timeout-s",
+            "3",
+            "--retries",
+            "30",
+            "--wire-parts",
+            wire_parts,
+        )
         assert proc.wait(300) == 0, proc.log_path.read_text()[-3000:]
         cuts = proxy.cuts
     status = read_json(status_dir / "replica-0.json")
@@ -115,6 +152,7 @@ def test_a_slow_flaky_network_costs_retries_not_updates(procs, tmp_path):
     # each step's push reached each shard exactly once, cuts or not
     assert [s["version"] for s in stats] == [steps, steps]
     assert [s["examples"] for s in stats] == [steps * 8] * 2
+    assert (stats[1]["parts"] > 0) is (wire_parts == "on")
 
 
 def test_a_shard_killed_with_kill_9_comes_back_from_its_checkpoint(procs, tmp_path):
