@@ -21,6 +21,15 @@ Contract:
   position shard 0 numbered this client at ``connect()`` (``arrival``), so replicas
   that connect one after the other upload to different hosts at the same moment.
   Requests without payload (through shared memory) go to all servers at once.
+  With a server on another host (``wire_parts``, ``"auto"``) whose ``hello`` said it
+  takes parts, the push-and-pull goes instead in parts of at most ``part_bytes``
+  (``protocol.part_range``), every part to every such server at once, each its own
+  request: the server applies each as it arrives and answers with its weights, so
+  the upload of the later parts and the download of the earlier ones share the link,
+  and replicas pushing together share every shard host's link (server/parts.py).
+  A timed-out request reopens its server's socket and sends every request still
+  waiting on it again (its parts included); the server answers repeats without
+  applying them again.
 - A server that does not answer within ``timeout_s`` is retried (Lazy Pirate): the
   socket is closed and reopened and the same request sent again after a back-off that
   doubles from ``backoff_s`` up to ``max_backoff_s``. A push keeps its ``(worker, seq)``
@@ -68,16 +77,16 @@ log = logging.getLogger(__name__)
 # enough for a link's bandwidth-delay product up to about 10 Gbit/s × 0.4 ms, small
 # enough that the slices of a push leave one after the other (bench/wire.py)
 SEND_BUFFER_BYTES = 256 * 1024
-# A push's next slice leaves beside the last one when that one, to another host, has
-# taken SLOW_SLICE times as long as at the fastest rate seen (ParameterClient._may_leave);
-# at most MAX_LEAVING at once. Slices under MIN_TIMED_BYTES leave through the kernel's
-# buffer too fast to time the link by.
 # A push-and-pull to a server on another host goes in parts of at most this many bytes
 # (ClientConfig.wire_parts): small enough that the last parts' answers, which follow
 # the whole upload, take a few percent of it; large enough that the per-part work
 # (a header, an update call, a reply) stays small beside the bytes (bench/wire.py)
 PART_BYTES = 256 * 1024
 WIRE_PARTS = ("auto", "on", "off")
+# A push's next slice leaves beside the last one when that one, to another host, has
+# taken SLOW_SLICE times as long as at the fastest rate seen (ParameterClient._may_leave);
+# at most MAX_LEAVING at once. Slices under MIN_TIMED_BYTES leave through the kernel's
+# buffer too fast to time the link by.
 SLOW_SLICE = 1.25
 MAX_LEAVING = 2
 MIN_TIMED_BYTES = 4 * SEND_BUFFER_BYTES
@@ -637,7 +646,7 @@ class ParameterClient:
                 tracker = self._send(p, now, track=track)
                 pending[key] = p
                 if tracker is not None and queued:
-                    leaving.append(_Leaving(key, tracker, now, sum(map(_nbytes, p.payload))))
+                    leaving.append(_Leaving(p.server, tracker, now, sum(map(_nbytes, p.payload))))
             if pending:
                 self._poll_once(pending, done, max_wait_s=0.001 if queued else None)
             elif queued:

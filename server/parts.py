@@ -40,10 +40,8 @@ class Stream:
     parts: int
     applied: Applied  # the rate and momentum every part is stepped with
     staleness: int
-    base_version: int
     examples: int
-    began: float  # time.monotonic() of its first part
-    touched: float  # of its last part
+    touched: float  # time.monotonic() of its last part
     done: set[int] = field(default_factory=set)
     apply_s: float = 0.0  # time spent applying its parts
     progress: list | None = None  # from part 0 (shard 0's dispatcher), credited at the end

@@ -601,17 +601,14 @@ class Shard(Service):
         staleness = max(0, self.version - header["base_version"])
         applied = self.updater.begin(examples_before=self.examples, staleness=staleness)
         self.metrics.observe_update(applied, self.updater)
-        now = time.monotonic()
         stream = Stream(
             worker=header["worker"],
             seq=header["seq"],
             parts=header["parts"],
             applied=applied,
             staleness=staleness,
-            base_version=header["base_version"],
             examples=header["examples"],
-            began=now,
-            touched=now,
+            touched=time.monotonic(),
         )
         for dropped in self.streams.open(stream):
             self._partial(dropped)
