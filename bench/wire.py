@@ -26,10 +26,13 @@ link a token bucket of ``--rate-mbit`` both ways; needs root), in one run:
    ``REPLICA_VARIANTS``: f32 as it is, with ``--overlap``, with ``--overlap
    --wire-dtype bf16``, and that with whole slices) against ``distbelief serve
    --shards --replica-shards`` (2) on another host over a ``--rate-mbit`` link, and
-   the same two processes on loopback; images/s of both and their ratio.
+   the same two processes on loopback; images/s of both and their ratio. With
+   ``--pin`` (the default) the replica runs on core 0 and the shards on core 1, on the
+   link and on loopback alike: two hosts do not share cores, and on this bed the
+   emulated shard host would otherwise take the replica's (``--no-pin``: shared).
 
 Usage: ``python -m bench.wire [--rate-mbit 1000] [--reps 6] [--shard-hosts 1,2,4]
-[--worker-hosts 1,2,4] [--parts exchange,allreduce,replica]``; about 10 minutes at the
+[--worker-hosts 1,2,4] [--parts exchange,allreduce,replica]``; about 20 minutes at the
 defaults. Internal: ``python -m bench.wire exchange|allreduce ...`` is what runs inside
 a host.
 """
@@ -38,6 +41,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -299,6 +304,10 @@ def replica_images_per_s(args, tmp: Path, rate_mbit: float | None, flags: list[s
     serve += ["--log-level", "WARNING"]
     status_dir = tmp / f"status-{rate_mbit}-{time.monotonic_ns()}"
     distbelief = [sys.executable, "-m", "distbelief"]
+    # --pin: each emulated host on a core of its own (the replica on core 0, the shards
+    # on core 1), on the link and on loopback alike, as two real hosts would not share
+    pinned = args.pin and shutil.which("taskset") and len(os.sched_getaffinity(0)) >= 2
+    pin_work, pin_serve = (["taskset", "-c", "0"], ["taskset", "-c", "1"]) if pinned else ([], [])
     if rate_mbit is None:
         from bench.common import random_port_start
         from distbelief.launcher import free_port_run
@@ -306,7 +315,7 @@ def replica_images_per_s(args, tmp: Path, rate_mbit: float | None, flags: list[s
         port = free_port_run(count, random_port_start())
         servers = [f"tcp://127.0.0.1:{port + i}" for i in range(count)]
         shard = subprocess.Popen(
-            [*distbelief, "serve", *serve, "--port", str(port)],
+            [*pin_serve, *distbelief, "serve", *serve, "--port", str(port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -315,6 +324,7 @@ def replica_images_per_s(args, tmp: Path, rate_mbit: float | None, flags: list[s
             _wait_answer(servers, [shard])
             subprocess.run(
                 [
+                    *pin_work,
                     *distbelief,
                     "work",
                     "--servers",
@@ -332,12 +342,17 @@ def replica_images_per_s(args, tmp: Path, rate_mbit: float | None, flags: list[s
             shard.wait(30)
     else:
         with NetBed(["ps", "w"], rate_mbit=rate_mbit) as bed:
-            bed.popen("ps", [*distbelief, "serve", *serve, "--bind", "0.0.0.0"], tmp / "serve.log")
+            bed.popen(
+                "ps",
+                [*pin_serve, *distbelief, "serve", *serve, "--bind", "0.0.0.0"],
+                tmp / "serve.log",
+            )
             servers = [f"tcp://{bed.addresses['ps']}:{PORT + i}" for i in range(count)]
             _wait_answer(servers, bed.started)
             proc = bed.popen(
                 "w",
                 [
+                    *pin_work,
                     *distbelief,
                     "work",
                     "--servers",
@@ -351,7 +366,8 @@ def replica_images_per_s(args, tmp: Path, rate_mbit: float | None, flags: list[s
             if proc.wait(RUN_TIMEOUT_S) != 0:
                 raise RuntimeError(f"work failed:\n{proc.log_path.read_text()[-2000:]}")
     status = json.loads((status_dir / "replica-0.json").read_text())
-    return {k: status[k] for k in ("images_per_s", "retries", "pushes", "pulls", "exchange_s")}
+    keys = ("images_per_s", "retries", "pushes", "pulls", "exchange_s")
+    return {k: status[k] for k in keys} | {"pinned": bool(pinned)}
 
 
 def _wait_answer(servers: list[str], procs) -> None:
@@ -418,6 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replica-steps", type=int, default=80)
     parser.add_argument("--replica-shards", type=int, default=2, help="serve --shards, replica")
     parser.add_argument("--replica-variants", default=",".join(REPLICA_VARIANTS))
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replica part: the replica on core 0 and the shards on core 1, as two hosts "
+        "would not share cores (needs taskset and 2 cores)",
+    )
     args = parser.parse_args(argv)
     if args.command == "exchange":
         exchange_main(args)
@@ -490,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
                 slow = replica_images_per_s(args, tmp, args.rate_mbit, flags)
                 fast = replica_images_per_s(args, tmp, None, flags)
                 print(
-                    f"replica {' '.join(flags) or '(no --overlap)'}, synthetic 32 px, batch 32, "
+                    f"replica {' '.join(flags) or '(no --overlap)'}"
+                    f"{', each host on a core of its own' if slow['pinned'] else ''}, "
+                    "synthetic 32 px, batch 32, "
                     f"--push-every 4 --fetch-every 4: {slow['images_per_s']:.1f} images/s on a "
                     f"{args.rate_mbit:g} Mbit/s link (exchange {slow['exchange_s']:.1f} s, "
                     f"retries {slow['retries']}), {fast['images_per_s']:.1f} on loopback "
