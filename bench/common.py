@@ -279,11 +279,12 @@ def one_cpu_replica(servers: list[str], transport: str, *flags: str, timeout_s: 
     return summary
 
 
-def replica_flags(args: argparse.Namespace) -> list[str]:
-    """``work``/``train`` flags for ``args``' data, image size, batch, steps and classes."""
+def replica_flags(args: argparse.Namespace, data: str | None = None) -> list[str]:
+    """``work``/``train`` flags for ``args``' data (or ``data``), image size, batch,
+    steps and classes."""
     return [
         "--data",
-        args.data,
+        data or args.data,
         "--image-size",
         str(args.image_size),
         "--batch-size",

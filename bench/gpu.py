@@ -70,7 +70,14 @@ from pathlib import Path
 
 import torch
 
-from bench.common import distbelief_cmd, machine, shards, throughput_line, work_flags
+from bench.common import (
+    distbelief_cmd,
+    machine,
+    replica_flags,
+    shards,
+    throughput_line,
+    work_flags,
+)
 from bench.jpegs import make_jpeg_folder
 
 LR = 0.005
@@ -184,16 +191,7 @@ def work_command(
         "--servers",
         ",".join(servers),
         *device_flags(args, run.replicas, run.stages),
-        "--data",
-        run.data,
-        "--image-size",
-        str(args.image_size),
-        "--batch-size",
-        str(args.batch_size),
-        "--steps",
-        str(args.steps),
-        "--num-classes",
-        str(args.num_classes),
+        *replica_flags(args, data=run.data),
         "--metrics-port",
         "0",
         "--max-restarts",

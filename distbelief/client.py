@@ -509,7 +509,7 @@ class ParameterClient:
         each part's weights taken into ``pull_into`` here; the server's version after
         its last part, applied when a part completed the push (its ``revoked`` with it)."""
         folded: dict[int, tuple[dict[str, Any], list | None]] = {}
-        for key, (h, payload) in sorted(replies.items(), key=lambda kv: _server(kv[0])):
+        for key, (h, payload) in replies.items():
             if isinstance(key, int):
                 folded[key] = (h, payload)
                 continue

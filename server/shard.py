@@ -330,10 +330,8 @@ class Shard(Service):
             return self._hold_piece(header, ranges, body, progress)
         if body is None:  # through shared memory: the client's f32 gradient, read in place
             grad = self._segment(header["shm"]).grads[self.start : self.stop]
-        elif header["dtype"] == "f32":
-            grad = protocol.from_wire(body, "f32")
         else:
-            grad = self.grad.copy_(protocol.from_wire(body, header["dtype"]))
+            grad = self._gradient(body, header["dtype"], 0, self.size)
         _check_finite(grad)
         staleness, revoked = self._apply(
             grad,
@@ -346,6 +344,13 @@ class Shard(Service):
         return self._update_reply(
             header, applied=True, staleness=staleness, revoked=revoked, shm=header.get("shm")
         )
+
+    def _gradient(self, body: Any, dtype: str, lo: int, hi: int) -> torch.Tensor:
+        """The f32 gradient of ``[lo, hi)`` from a push's bytes: a view of them for
+        f32, converted into the shard's gradient buffer for bf16/f16."""
+        if dtype == "f32":
+            return protocol.from_wire(body, "f32")
+        return self.grad[lo:hi].copy_(protocol.from_wire(body, dtype))
 
     def _is_duplicate(self, header: dict, piece: bool) -> bool:
         """A push applied already: its (worker, seq), or for a piece its step, was."""
@@ -547,10 +552,7 @@ class Shard(Service):
                 f"push {seq} of worker {worker} came in {stream.parts} parts, "
                 f"this part says {header['parts']}",
             )
-        if header["dtype"] == "f32":
-            grad = protocol.from_wire(body, "f32")
-        else:
-            grad = self.grad[lo:hi].copy_(protocol.from_wire(body, header["dtype"]))
+        grad = self._gradient(body, header["dtype"], lo, hi)
         _check_finite(grad)
         if stream is None:
             stream = self._open_stream(header)
@@ -627,21 +629,16 @@ class Shard(Service):
         stream: Stream | None,
         revoked: list[int] | None = None,
     ) -> list[Any]:
-        """A part's reply: the push's staleness, ``complete`` on its last part, and with
-        ``pull`` the part's weights after the update."""
-        more: dict[str, Any] = {"complete": applied and stream is not None and stream.complete}
-        if revoked:
-            more |= {"revoked": revoked, "generation": self.dispatcher.generation}
-        frames = []
-        if "pull" in header:
-            more["pull"], frames = self._weights_out(None, header["pull"], [part])
-        staleness = stream.staleness if stream is not None else 0
-        return [
-            protocol.reply(
-                header["rid"], version=self.version, applied=applied, staleness=staleness, **more
-            ),
-            *frames,
-        ]
+        """A part's reply: a push's (the push's staleness), ``complete`` on its last
+        part, and with ``pull`` the part's weights after the update."""
+        return self._update_reply(
+            header,
+            applied=applied,
+            staleness=stream.staleness if stream is not None else 0,
+            revoked=revoked,
+            ranges=[part],
+            complete=applied and stream is not None and stream.complete,
+        )
 
     def _update_reply(
         self,
@@ -652,12 +649,16 @@ class Shard(Service):
         revoked: list[int] | None = None,
         ranges: Ranges | None = None,
         shm: str | None = None,
+        **fields: Any,
     ) -> list[Any]:
-        """A push's or commit's reply; with ``pull``, the weights after the update over
-        ``ranges`` (or the whole range), or written into the segment ``shm``."""
-        # with the dispatcher's generation: chunks of another one (from before shard 0
-        # restarted) are all void, also those the replica has not pushed for yet
-        more = {"revoked": revoked, "generation": self.dispatcher.generation} if revoked else {}
+        """A push's or commit's reply (with ``fields`` besides); with ``pull``, the
+        weights after the update over ``ranges`` (or the whole range), or written into
+        the segment ``shm``."""
+        more = dict(fields)
+        if revoked:
+            # with the dispatcher's generation: chunks of another one (from before shard 0
+            # restarted) are all void, also those the replica has not pushed for yet
+            more |= {"revoked": revoked, "generation": self.dispatcher.generation}
         frames = []
         if "pull" in header:  # push-and-pull: the weights after this update come back
             more["pull"], frames = self._weights_out(shm, header["pull"], ranges)
