@@ -54,12 +54,15 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 import os
 import socket
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,6 +227,53 @@ class _Pending:
 
 # a request's key in an exchange: a server's index, or (server, part) for a push in parts
 Key = int | tuple[int, int]
+
+
+class _Waiting:
+    """An exchange's requests still waiting for their replies, by key and by request
+    id (a reply is matched in constant time: a push in parts has hundreds out), with
+    ``due``, the earliest moment one of them times out or is to be sent again (never
+    later than that; earlier after replies came, when a look finds nothing to do), and
+    ``listening``, the servers that may answer (a superset until the next look)."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[Key, _Pending] = {}
+        self.by_rid: dict[int, Key] = {}
+        self.due = math.inf
+        self.listening: set[int] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.by_key)
+
+    def add(self, key: Key, p: _Pending) -> None:
+        self.by_key[key] = p
+        self.by_rid[p.rid] = key
+        self.due = min(self.due, p.deadline)
+        self.listening.add(p.server)
+
+    def answered(self, server: int, rid: Any) -> Key | None:
+        """The key of our request ``rid`` to ``server``, no longer waiting; None for a
+        reply we do not wait for (a late one to a request retried since)."""
+        key = self.by_rid.get(rid) if isinstance(rid, int) else None
+        if key is None or self.by_key[key].server != server:
+            return None
+        del self.by_rid[rid], self.by_key[key]
+        return key
+
+    def look(self) -> None:
+        """``due`` and ``listening`` as they are now."""
+        waits = self.by_key.values()
+        self.due = min(
+            (p.deadline if p.resend_at is None else p.resend_at for p in waits), default=math.inf
+        )
+        self.listening = {p.server for p in waits if p.resend_at is None}
+
+
+# a request's payload frames, or what makes them as the request leaves (a part's wire type)
+Payload = list[Any] | Callable[[], list[Any]]
+# called with each reply as it arrives (key, header, payload frames); what it returns is
+# kept as the reply's payload (a push in parts takes each part's weights at once)
+Arrived = Callable[[Key, dict[str, Any], list[zmq.Frame]], Any]
 
 
 def _server(key: Key) -> int:
@@ -424,7 +474,7 @@ class ParameterClient:
                 continue
             values = grads[info.start : info.stop]
             if not self.shared[i] and pull_into is not None and self.in_parts[i]:
-                requests |= self._parts(i, fields, self._encode(i, values))
+                requests |= self._parts(i, fields, values)
                 continue
             if not self.shared[i]:
                 requests[i] = ("push", fields, [self._encode(i, values)])
@@ -432,22 +482,46 @@ class ParameterClient:
             if not _same_buffer(grads, self.segment.grads):  # the shard reads it in place
                 self.segment.grads[info.start : info.stop].copy_(values)
             requests[i] = ("push", fields | {"dtype": "f32", "shm": self.segment.name}, [])
-        return self._results(self._exchange(requests, stagger=True), pull_into)
+        arrived = None
+        if pull_into is not None:
+            # parts' weights are taken as they arrive: one that fails half-way leaves
+            # them half taken, to be pulled again
+            self.must_pull = True
+            arrived = self._part_arrived(pull_into)
+        return self._results(self._exchange(requests, stagger=True, arrived=arrived), pull_into)
 
     def _parts(
-        self, i: int, fields: dict[str, Any], wire: Any
-    ) -> dict[Key, tuple[str, dict[str, Any], list[Any]]]:
-        """Server ``i``'s push (``wire``: its slice, encoded) as parts of at most
-        ``part_bytes``, each its own request; ``progress`` with part 0 only."""
+        self, i: int, fields: dict[str, Any], values: torch.Tensor
+    ) -> dict[Key, tuple[str, dict[str, Any], Payload]]:
+        """Server ``i``'s push (``values``: its slice) as parts of at most
+        ``part_bytes`` in its wire type, each its own request, encoded as it leaves;
+        ``progress`` with part 0 only."""
         size = self.info[i].stop - self.info[i].start
-        n = self.part_counts[i] = protocol.parts_for(size, wire.nbytes, self.cfg.part_bytes)
+        nbytes = protocol.wire_bytes(self.dtypes[i], size)
+        n = self.part_counts[i] = protocol.parts_for(size, nbytes, self.cfg.part_bytes)
         rest = {k: v for k, v in fields.items() if k != "progress"}
-        requests: dict[Key, tuple[str, dict[str, Any], list[Any]]] = {}
+        requests: dict[Key, tuple[str, dict[str, Any], Payload]] = {}
         for k in range(n):
             lo, hi = protocol.part_range(size, n, k)
             more = {"part": k, "parts": n}
-            requests[(i, k)] = ("push", (fields if k == 0 else rest) | more, [wire[lo:hi]])
+            wire = functools.partial(self._encoded_part, i, values, lo, hi)
+            requests[(i, k)] = ("push", (fields if k == 0 else rest) | more, wire)
         return requests
+
+    def _encoded_part(self, i: int, values: torch.Tensor, lo: int, hi: int) -> list[Any]:
+        return [self._encode(i, values, lo, hi)]
+
+    def _part_arrived(self, weights: torch.Tensor) -> Arrived:
+        """What takes each part's weights into ``weights`` as its reply arrives (the
+        copy done while later parts are still on the wire); whole replies kept."""
+
+        def take(key: Key, header: dict[str, Any], payload: list[zmq.Frame]) -> Any:
+            if isinstance(key, int):
+                return payload
+            self._take_part(*key, header, payload, weights)
+            return None
+
+        return take
 
     def commit(
         self, pull_into: torch.Tensor | None = None, everywhere: bool = False
@@ -479,7 +553,7 @@ class ParameterClient:
         """What the servers answered a push (or a commit): weights taken into
         ``pull_into`` (from the servers in ``only``, when given), versions noted."""
         results = []
-        replies = self._fold_parts(replies, pull_into)
+        replies = self._fold_parts(replies)
         for i, (h, payload) in sorted(replies.items()):
             # our push came after our pull: applied, it leaves the version above what we
             # pulled; unless the server has lost versions since (a held piece: not yet)
@@ -503,19 +577,17 @@ class ParameterClient:
         return results
 
     def _fold_parts(
-        self, replies: dict[Key, tuple[dict[str, Any], list]], pull_into: torch.Tensor | None
+        self, replies: dict[Key, tuple[dict[str, Any], list]]
     ) -> dict[int, tuple[dict[str, Any], list | None]]:
-        """The answers to a push in parts, one per server as a whole push's would be:
-        each part's weights taken into ``pull_into`` here; the server's version after
-        its last part, applied when a part completed the push (its ``revoked`` with it)."""
+        """The answers to a push in parts, one per server as a whole push's would be
+        (each part's weights were taken as it arrived): the server's version after its
+        last part, applied when a part completed the push (its ``revoked`` with it)."""
         folded: dict[int, tuple[dict[str, Any], list | None]] = {}
         for key, (h, payload) in replies.items():
             if isinstance(key, int):
                 folded[key] = (h, payload)
                 continue
-            i, part = key
-            if pull_into is not None:
-                self._take_part(i, part, h, payload, pull_into)
+            i = key[0]
             seen = folded.get(i, ({"version": 0, "applied": False, "staleness": 0}, None))[0]
             merged = seen | {"version": max(seen["version"], h["version"])}
             merged["staleness"] = max(seen["staleness"], h["staleness"])
@@ -601,11 +673,16 @@ class ParameterClient:
         if not self.info:
             raise RuntimeError("call connect() first")
 
-    def _encode(self, i: int, values: torch.Tensor) -> Any:
+    def _encode(self, i: int, values: torch.Tensor, lo: int = 0, hi: int | None = None) -> Any:
+        """``values[lo:hi]`` (server ``i``'s slice) in its wire type: a view for f32,
+        else converted into the same place of that server's scratch buffer."""
         dtype = self.dtypes[i]
-        if dtype != "f32" and self._scratch[i] is None:
+        hi = values.numel() if hi is None else hi
+        if dtype == "f32":
+            return protocol.to_wire(values[lo:hi], dtype)
+        if self._scratch[i] is None:
             self._scratch[i] = torch.empty(values.numel(), dtype=protocol.DTYPES[dtype][0])
-        return protocol.to_wire(values, dtype, self._scratch[i])
+        return protocol.to_wire(values[lo:hi], dtype, self._scratch[i][lo:hi])
 
     def _open(self, address: str) -> zmq.Socket:
         return open_dealer(self.context, address, self.curve)
@@ -615,8 +692,11 @@ class ParameterClient:
         self.sockets[i] = self._open(self.cfg.servers[i])
 
     def _exchange(
-        self, requests: dict[Key, tuple[str, dict[str, Any], list[Any]]], stagger: bool = False
-    ) -> dict[Key, tuple[dict[str, Any], list[zmq.Frame]]]:
+        self,
+        requests: dict[Key, tuple[str, dict[str, Any], Payload]],
+        stagger: bool = False,
+        arrived: Arrived | None = None,
+    ) -> dict[Key, tuple[dict[str, Any], Any]]:
         """Send each request to its server, then collect every reply (with retries).
 
         A request's key is its server's index, or ``(server, part)`` for the parts of a
@@ -624,31 +704,33 @@ class ParameterClient:
         servers at once; with ``stagger``, whole pushes with a payload go one after the
         other in ``send_order``, each once the previous one's payload has left its
         socket (parts go at once: each is small, and every server answers them as they
-        arrive).
+        arrive). Each request is made as it leaves (its header, and its payload when
+        that is a function: the first part is on the wire while the last is encoded);
+        ``arrived`` sees each reply as it comes (while later ones are on the wire).
         """
         whole = [k for k in requests if isinstance(k, int)]
         parts = sorted((k for k in requests if not isinstance(k, int)), key=lambda k: (k[1], k[0]))
-        order = [i for i in self.send_order if i in whole] if stagger else sorted(whole)
-        queued: list[tuple[Key, _Pending]] = []
-        for key in parts + order:
-            op, fields, payload = requests[key]
-            self.rid += 1
-            header = protocol.request(op, self.rid, **fields)
-            queued.append((key, _Pending(_server(key), self.rid, header, payload, 0.0)))
-        pending: dict[Key, _Pending] = {}
-        done: dict[Key, tuple[dict[str, Any], list[zmq.Frame]]] = {}
+        queued = parts + ([i for i in self.send_order if i in whole] if stagger else sorted(whole))
+        queued.reverse()  # popped from the end
+        waiting = _Waiting()
+        done: dict[Key, tuple[dict[str, Any], Any]] = {}
         leaving: list[_Leaving] = []  # staggered payloads not yet out of their sockets
-        while queued or pending:
-            while queued and self._may_leave(leaving, _server(queued[0][0])):
-                key, p = queued.pop(0)
+        while queued or waiting:
+            while queued and self._may_leave(leaving, _server(queued[-1])):
+                key = queued.pop()
+                op, fields, payload = requests[key]
+                self.rid += 1
+                header = protocol.request(op, self.rid, **fields)
+                payload = payload() if callable(payload) else payload
+                p = _Pending(_server(key), self.rid, header, payload, 0.0)
                 now = time.monotonic()
                 track = stagger and isinstance(key, int) and bool(p.payload)
                 tracker = self._send(p, now, track=track)
-                pending[key] = p
+                waiting.add(key, p)
                 if tracker is not None and queued:
                     leaving.append(_Leaving(p.server, tracker, now, sum(map(_nbytes, p.payload))))
-            if pending:
-                self._poll_once(pending, done, max_wait_s=0.001 if queued else None)
+            if waiting:
+                self._poll_once(waiting, done, arrived, max_wait_s=0.001 if queued else None)
             elif queued:
                 time.sleep(0.001)
         return done
@@ -698,13 +780,15 @@ class ParameterClient:
         return tracker if track else None
 
     def _poll_once(
-        self, pending: dict[Key, _Pending], done: dict, max_wait_s: float | None = None
+        self,
+        waiting: _Waiting,
+        done: dict,
+        arrived: Arrived | None,
+        max_wait_s: float | None = None,
     ) -> None:
         now = time.monotonic()
-        wake = min(p.resend_at if p.resend_at is not None else p.deadline for p in pending.values())
-        if max_wait_s is not None:
-            wake = min(wake, now + max_wait_s)
-        listening = {p.server for p in pending.values() if p.resend_at is None}
+        wake = waiting.due if max_wait_s is None else min(waiting.due, now + max_wait_s)
+        listening = waiting.listening
         poller = zmq.Poller()
         for i in listening:
             poller.register(self.sockets[i], zmq.POLLIN)
@@ -713,18 +797,21 @@ class ParameterClient:
             time.sleep(max(0.0, wake - now))
         for i in listening:
             if self.sockets[i] in ready:
-                self._receive(i, pending, done)
+                self._receive(i, waiting, done, arrived)
         now = time.monotonic()
-        for p in list(pending.values()):
+        if now < waiting.due:
+            return
+        for p in list(waiting.by_key.values()):
             if p.resend_at is not None and now >= p.resend_at:
                 self._send(p, now)
             elif p.resend_at is None and now >= p.deadline:
-                self._retry_later(p.server, pending, now)
+                self._retry_later(p.server, waiting.by_key, now)
+        waiting.look()
 
-    def _receive(self, i: int, pending: dict[Key, _Pending], done: dict) -> None:
-        """Every reply waiting on server ``i``'s socket, matched to its request."""
-        waiting = {p.rid: k for k, p in pending.items() if p.server == i}
-        while waiting:
+    def _receive(self, i: int, waiting: _Waiting, done: dict, arrived: Arrived | None) -> None:
+        """Every reply waiting on server ``i``'s socket, matched to its request (and
+        handed to ``arrived``)."""
+        while True:
             try:
                 frames = self.sockets[i].recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -734,15 +821,14 @@ class ParameterClient:
             except ProtocolError as exc:
                 log.warning("dropping undecodable reply from server %d: %s", i, exc)
                 continue
-            key = waiting.pop(header.get("rid"), None)
+            key = waiting.answered(i, header.get("rid"))
             if key is None:
                 continue  # a late reply to a request we already retried
-            del pending[key]
             if not header.get("ok"):
                 raise ServerRefused(
                     i, self.cfg.servers[i], str(header.get("error")), str(header.get("message"))
                 )
-            done[key] = (header, frames[1:])
+            done[key] = (header, arrived(key, header, frames[1:]) if arrived else frames[1:])
 
     def _retry_later(self, i: int, pending: dict[Key, _Pending], now: float) -> None:
         """Server ``i`` did not answer in time: reopen its socket (which drops what was

@@ -15,6 +15,7 @@ import pytest
 import torch
 from distbelief.server.shard import initial_weights
 
+from distbelief import protocol
 from distbelief.cli import DEMO_JOIN_RAMP_EPOCHS, DEMO_STALENESS_POLICY
 from distbelief.client import ClientConfig, ParameterClient, ServerRefused
 from distbelief.layout import Layout
@@ -156,6 +157,36 @@ def test_concurrent_clients_lose_nothing_and_apply_retries_once(procs):
     for _ in range(pushes_each * num_clients):
         expected -= g
     assert torch.equal(weights, expected)
+
+
+def test_a_push_in_parts_refused_half_way_keeps_what_came_and_asks_for_a_pull(procs):
+    # each part's weights are taken as its reply arrives: a part refused half-way (NaN)
+    # leaves the parts before it applied and taken, the error clear, and a pull owed
+    addresses = procs.serve(1, "--num-classes", str(NUM_CLASSES), *PLAIN_SGD)
+    layout, initial = initial_weights("googlenet", NUM_CLASSES, 0)
+    g = torch.full((layout.total,), 2.0**-10)
+    g[layout.parameters :] = 0
+    with client_for(addresses, layout, wire_parts="on", part_bytes=1 << 20) as client:
+        assert client.in_parts == [True]
+        weights = torch.empty(layout.total)
+        client.pull(weights)
+        n = protocol.parts_for(layout.total, 4 * layout.total, 1 << 20)
+        bad_lo, _ = protocol.part_range(layout.total, n, n // 2)
+        g[bad_lo + 5] = float("nan")
+        with pytest.raises(ServerRefused, match="non_finite.*NaN"):
+            client.push(g, examples=1, pull_into=weights)
+        assert client.must_pull
+        # every part before the refused one came back updated, one step from the start
+        assert torch.equal(weights[:bad_lo], initial[:bad_lo] - g[:bad_lo])
+        fresh = torch.empty(layout.total)
+        client.pull(fresh)
+        assert not client.must_pull
+        assert torch.equal(fresh[:bad_lo], weights[:bad_lo])
+        assert torch.equal(fresh[bad_lo : bad_lo + 1024], initial[bad_lo : bad_lo + 1024])
+        stats = client.stats()[0]
+    assert stats["version"] == 0  # the push never completed: not counted
+    assert stats["parts"] >= n // 2
+    assert stats["rejected"]["non_finite"] == 1
 
 
 def test_wrong_layout_is_refused_with_a_clear_message(procs):
