@@ -76,10 +76,15 @@ from distbelief.protocol import ProtocolError
 
 log = logging.getLogger(__name__)
 
-# The kernel's send buffer of a TCP socket to a server (Linux doubles it to 512 KiB):
-# enough for a link's bandwidth-delay product up to about 10 Gbit/s × 0.4 ms, small
-# enough that the slices of a push leave one after the other (bench/wire.py)
+# The kernel's send buffer of a TCP socket to a server (Linux doubles it), which bounds
+# what the socket has in flight: on this host (loopback) 256 KiB, small enough that the
+# slices of a push leave one after the other; to another host 64 KiB, so that a push's
+# packets do not stand in the link's queue (at 1 Gbit/s, 256 KiB made a 4 x 4-host
+# exchange 3% slower and the 2 x 2 one 0.7%; bench/RESULTS.md, wire), yet enough for
+# 10 Gbit/s over a 100 us round trip on each connection (a push in parts keeps one to
+# every shard busy at once)
 SEND_BUFFER_BYTES = 256 * 1024
+LINK_SEND_BUFFER_BYTES = 64 * 1024
 # A push-and-pull to a server on another host goes in parts of at most this many bytes
 # (ClientConfig.wire_parts): small enough that the last parts' answers, which follow
 # the whole upload, take a few percent of it; large enough that the per-part work
@@ -914,8 +919,10 @@ def open_dealer(context: zmq.Context, address: str, curve: Curve | None) -> zmq.
     sock.setsockopt(zmq.LINGER, 0)
     if address.startswith("tcp://"):
         # a push's next slice starts once the last has left ZeroMQ for the kernel; with
-        # Linux's autotuned buffer (up to 4 MB) several would share the link at once
-        sock.setsockopt(zmq.SNDBUF, SEND_BUFFER_BYTES)
+        # Linux's autotuned buffer (up to 4 MB) several would share the link at once,
+        # and stand in its queue
+        local = on_this_host(address)
+        sock.setsockopt(zmq.SNDBUF, SEND_BUFFER_BYTES if local else LINK_SEND_BUFFER_BYTES)
     if curve:
         curve.secure_client(sock)
     sock.connect(address)
