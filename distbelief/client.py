@@ -77,12 +77,14 @@ from distbelief.protocol import ProtocolError
 log = logging.getLogger(__name__)
 
 # The kernel's send buffer of a TCP socket to a server (Linux doubles it), which bounds
-# what the socket has in flight: on this host (loopback) 256 KiB, small enough that the
-# slices of a push leave one after the other; to another host 64 KiB, so that a push's
-# packets do not stand in the link's queue (at 1 Gbit/s, 256 KiB made a 4 x 4-host
-# exchange 3% slower and the 2 x 2 one 0.7%; bench/RESULTS.md, wire), yet enough for
-# 10 Gbit/s over a 100 us round trip on each connection (a push in parts keeps one to
-# every shard busy at once)
+# what the socket has in flight: 256 KiB, small enough that the slices of a push leave
+# one after the other; and 64 KiB to a server on another host that takes pushes in
+# parts, so that a push's packets do not stand in the link's queue (at 1 Gbit/s,
+# 256 KiB made a 4 x 4-host exchange 3% slower and the 2 x 2 one 0.7%: bench/RESULTS.md,
+# wire), yet enough for 10 Gbit/s over a 100 us round trip on each connection (parts
+# keep the connections to every shard busy at once). Not for whole slices: one
+# connection at a time then, whose acknowledgements wait behind the last slice's
+# answer in the link's other direction (a 1 x 1-host exchange: 504 -> 555 ms).
 SEND_BUFFER_BYTES = 256 * 1024
 LINK_SEND_BUFFER_BYTES = 64 * 1024
 # A push-and-pull to a server on another host goes in parts of at most this many bytes
@@ -293,7 +295,12 @@ class ParameterClient:
         self.layout = layout
         self.curve = Curve.load(cfg.curve, server=False) if cfg.curve else None
         self.context = zmq.Context()
-        self.sockets: list[zmq.Socket] = [self._open(a) for a in cfg.servers]
+        # push-and-pull in parts (wire_parts): as the setting says until connect(), then
+        # with the servers whose hello said they can
+        self.in_parts = [
+            cfg.ranges is None and in_parts_for(cfg.wire_parts, a) for a in cfg.servers
+        ]
+        self.sockets: list[zmq.Socket] = [self._open(i) for i in range(len(cfg.servers))]
         self.info: list[ServerInfo] = []
         self.versions = [0] * len(cfg.servers)  # version of each server at our last pull
         self.seq = 0
@@ -309,8 +316,6 @@ class ParameterClient:
         self.fastest_bytes_per_s = 0.0  # of a staggered slice leaving its socket
         self.shared = [False] * len(cfg.servers)
         self.dtypes = [wire_dtype_for(cfg.wire_dtype, a) for a in cfg.servers]
-        # push-and-pull in parts (wire_parts), with the servers whose hello said they can
-        self.in_parts = [False] * len(cfg.servers)
         self.part_counts = [1] * len(cfg.servers)  # of the last push in parts, per server
         # with cfg.ranges: server -> its pieces (lo, hi, where they lie in our buffers)
         self.pieces: dict[int, list[tuple[int, int, int]]] = {}
@@ -346,10 +351,12 @@ class ParameterClient:
             )
         self.versions = [s.version for s in self.info]
         self.send_order = staggered_order(self.cfg.servers, replies[0][0].get("arrival", 0))
-        self.in_parts = [
-            bool(h.get("parts")) and in_parts_for(self.cfg.wire_parts, self.cfg.servers[i])
-            for i, (h, _) in sorted(replies.items())
-        ]
+        guessed, self.in_parts = (
+            self.in_parts,
+            [self.in_parts[i] and bool(h.get("parts")) for i, (h, _) in sorted(replies.items())],
+        )
+        for i in (i for i in self._all if self.in_parts[i] != guessed[i]):
+            self._reopen(i)  # whole slices: its send buffer as on this host
         if self.cfg.ranges is not None:
             self.pieces = cut_ranges(self.cfg.ranges, [(s.start, s.stop) for s in self.info])
             return self.info  # pieces travel over the wire only
@@ -689,12 +696,17 @@ class ParameterClient:
             self._scratch[i] = torch.empty(values.numel(), dtype=protocol.DTYPES[dtype][0])
         return protocol.to_wire(values[lo:hi], dtype, self._scratch[i][lo:hi])
 
-    def _open(self, address: str) -> zmq.Socket:
-        return open_dealer(self.context, address, self.curve)
+    def _open(self, i: int) -> zmq.Socket:
+        """A socket to server ``i``: with a small send buffer when its pushes go in parts
+        to another host (``LINK_SEND_BUFFER_BYTES``)."""
+        address = self.cfg.servers[i]
+        small = self.in_parts[i] and not on_this_host(address)
+        buffer = LINK_SEND_BUFFER_BYTES if small else SEND_BUFFER_BYTES
+        return open_dealer(self.context, address, self.curve, buffer)
 
     def _reopen(self, i: int) -> None:
         self.sockets[i].close(linger=0)
-        self.sockets[i] = self._open(self.cfg.servers[i])
+        self.sockets[i] = self._open(i)
 
     def _exchange(
         self,
@@ -913,16 +925,20 @@ def _same_buffer(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.numel() == b.numel()
 
 
-def open_dealer(context: zmq.Context, address: str, curve: Curve | None) -> zmq.Socket:
-    """A DEALER connected to ``address`` (speaking CURVE with ``curve``)."""
+def open_dealer(
+    context: zmq.Context,
+    address: str,
+    curve: Curve | None,
+    send_buffer: int = SEND_BUFFER_BYTES,
+) -> zmq.Socket:
+    """A DEALER connected to ``address`` (speaking CURVE with ``curve``; over TCP with
+    a kernel send buffer of ``send_buffer`` bytes)."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if address.startswith("tcp://"):
         # a push's next slice starts once the last has left ZeroMQ for the kernel; with
-        # Linux's autotuned buffer (up to 4 MB) several would share the link at once,
-        # and stand in its queue
-        local = on_this_host(address)
-        sock.setsockopt(zmq.SNDBUF, SEND_BUFFER_BYTES if local else LINK_SEND_BUFFER_BYTES)
+        # Linux's autotuned buffer (up to 4 MB) several would share the link at once
+        sock.setsockopt(zmq.SNDBUF, send_buffer)
     if curve:
         curve.secure_client(sock)
     sock.connect(address)

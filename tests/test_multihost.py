@@ -26,9 +26,13 @@ from bench import netbed
 from bench.netbed import NetBed
 from distbelief import protocol
 from distbelief.client import (
+    LINK_SEND_BUFFER_BYTES,
     MAX_LEAVING,
     PART_BYTES,
+    SEND_BUFFER_BYTES,
     SLOW_SLICE,
+    ClientConfig,
+    ParameterClient,
     beside_slow_slice,
     host_of,
     probe_stats,
@@ -229,6 +233,19 @@ def test_a_slices_order_takes_hosts_in_turn_from_the_replicas_arrival():
     assert staggered_order(servers, 0) == [0, 2, 1, 3]  # host 1, host 2, host 1, host 2
     assert staggered_order(servers, 1) == [2, 1, 3, 0]  # the next replica starts on host 2
     assert host_of(servers[2]) == "tcp://10.0.0.2" and host_of("ipc:///tmp/s.sock") == "local"
+
+
+def test_pushes_in_parts_to_another_host_keep_a_small_send_buffer():
+    """What a socket has in flight stands in the link's queue: parts to another host
+    go through a 64 KiB send buffer; whole slices, and anything on this host, 256 KiB
+    (until connect() the client goes by its setting; bench/RESULTS.md, wire)."""
+    import zmq
+
+    servers = ("tcp://10.0.0.1:5570", "tcp://127.0.0.1:5571", "ipc:///tmp/db-none.sock")
+    for setting, first in (("auto", LINK_SEND_BUFFER_BYTES), ("off", SEND_BUFFER_BYTES)):
+        with ParameterClient(ClientConfig(servers=servers, wire_parts=setting)) as client:
+            buffers = [s.getsockopt(zmq.SNDBUF) for s in client.sockets[:2]]
+            assert buffers == [first, SEND_BUFFER_BYTES], setting
 
 
 def test_a_second_slice_leaves_only_beside_a_slow_one_to_another_host():

@@ -189,6 +189,27 @@ def test_a_push_in_parts_refused_half_way_keeps_what_came_and_asks_for_a_pull(pr
     assert stats["rejected"]["non_finite"] == 1
 
 
+def test_a_shard_that_takes_no_parts_gets_whole_slices_on_a_fresh_socket(procs):
+    # adagrad reads the whole slice: its hello says parts false, and a client set to
+    # send parts reopens that socket (its send buffer is for whole slices) and pushes whole
+    addresses = procs.serve(1, "--num-classes", str(NUM_CLASSES), "--rule", "adagrad")
+    layout, initial = initial_weights("googlenet", NUM_CLASSES, 0)
+    with ParameterClient(
+        ClientConfig(servers=tuple(addresses), timeout_s=20, retries=1, wire_parts="on"), layout
+    ) as client:
+        assert client.in_parts == [True]  # the setting, until the shard says
+        before = client.sockets[0]
+        client.connect()
+        assert client.in_parts == [False] and client.sockets[0] is not before
+        weights = torch.empty(layout.total)
+        client.pull(weights)
+        assert torch.equal(weights, initial)
+        (result,) = client.push(torch.full((layout.total,), 1e-3), examples=1, pull_into=weights)
+        assert result.applied and result.version == 1
+        assert not torch.equal(weights, initial)
+        assert client.stats()[0]["parts"] == 0
+
+
 def test_wrong_layout_is_refused_with_a_clear_message(procs):
     addresses = procs.serve(1, "--num-classes", str(NUM_CLASSES))
     layout = Layout.of(build_model("googlenet", NUM_CLASSES + 1), "googlenet")
