@@ -495,8 +495,8 @@ class ParameterClient:
                 self.segment.grads[info.start : info.stop].copy_(values)
             requests[i] = ("push", fields | {"dtype": "f32", "shm": self.segment.name}, [])
         arrived = None
-        if pull_into is not None:
-            # parts' weights are taken as they arrive: one that fails half-way leaves
+        if pull_into is not None and any(not isinstance(k, int) for k in requests):
+            # parts' weights are taken as they arrive: a push that fails half-way leaves
             # them half taken, to be pulled again
             self.must_pull = True
             arrived = self._part_arrived(pull_into)
